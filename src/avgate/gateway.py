@@ -1,0 +1,131 @@
+"""The protocol-neutral pipeline every front-end calls: scan → policy → quarantine → log.
+
+A front-end spools what it received, builds a :class:`~avgate.policy.Context`, and calls
+:meth:`Gateway.process`. It gets back an :class:`Outcome` (the ScanResult, the Decision and
+the quarantine id) and applies the decision in its own protocol. The side effects that must
+happen before the client is answered (the quarantine write) happen here: if they fail, the
+decision becomes a tempfail, so nothing is acknowledged that was not kept.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .config import Config
+from .policy import Context, Decision, Disposition, Policy
+from .result import ScanResult
+from .scan import ScanService
+from .spool import Spool
+
+if TYPE_CHECKING:
+    from .observability import ScanLog
+    from .quarantine import QuarantineStore
+
+QUARANTINE_FAILED_REPLY = "451 4.3.0 Quarantine unavailable, try again later"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """SMTP-ish envelope of a message (empty for HTTP/ICAP objects)."""
+
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    client_addr: str = ""
+    helo: str = ""
+    listener: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    result: ScanResult
+    decision: Decision
+    quarantine_id: str | None = None
+
+
+@dataclass
+class Gateway:
+    """Shared by every front-end of one ``serve`` process (or one CLI command)."""
+
+    config: Config
+    scanner: ScanService
+    policy: Policy
+    log: ScanLog | None = None
+    _store: QuarantineStore | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_config(cls, config: Config, *, log: ScanLog | None = None) -> Gateway:
+        return cls(config, ScanService.from_config(config), Policy.from_config(config.policy),
+                   log=log)
+
+    async def start(self) -> None:
+        await self.scanner.start()
+
+    async def close(self) -> None:
+        await self.scanner.close()
+
+    @property
+    def store(self) -> QuarantineStore:
+        if self._store is None:
+            from .quarantine import QuarantineStore
+
+            self._store = QuarantineStore(self.config.quarantine_path)
+        return self._store
+
+    def new_spool(self) -> Spool:
+        return self.scanner.new_spool()
+
+    async def process(self, spool: Spool, ctx: Context, envelope: Envelope | None = None,
+                      ids: dict[str, str] | None = None) -> Outcome:
+        """Scan, decide, quarantine when the decision says so, log; never raises for a
+        scan failure (that is a result with status error, decided by policy)."""
+        started = time.perf_counter()
+        result = await self.scanner.scan(spool)
+        decision = self.policy.decide(result, ctx)
+        qid: str | None = None
+        if decision.quarantine:
+            env = envelope or Envelope(listener=ctx.listener)
+            try:
+                qid = self.store.put(spool, env, result, decision, frontend=ctx.frontend,
+                                     listener=ctx.listener)
+            except Exception as exc:  # noqa: BLE001 - any store failure must not lose mail
+                decision = Decision(Disposition.TEMPFAIL, QUARANTINE_FAILED_REPLY,
+                                    rule=f"{decision.rule}+quarantine-failed")
+                self._log_event({"event": "error", "frontend": ctx.frontend,
+                                 "error": f"quarantine write failed: {exc}"})
+        self._record(ctx, result, decision, qid, ids, time.perf_counter() - started)
+        return Outcome(result, decision, qid)
+
+    def _record(self, ctx: Context, result: ScanResult, decision: Decision, qid: str | None,
+                ids: dict[str, str] | None, elapsed: float) -> None:
+        try:
+            from .observability import record_scan
+        except ImportError:
+            record_scan = None
+        if record_scan is not None:
+            record_scan(ctx.frontend, result)
+        event: dict[str, Any] = {
+            "event": "scan",
+            "frontend": ctx.frontend,
+            "listener": ctx.listener,
+            "ids": {**(ids or {}), **({"quarantine": qid} if qid else {})},
+            "sha256": result.sha256,
+            "size": result.size,
+            "status": result.status.value,
+            "findings": [f.to_dict() for f in result.findings],
+            "reason": result.reason,
+            "engines": [e.to_dict() for e in result.engines],
+            "cached": result.cached,
+            "rule": decision.rule,
+            "actions": list(decision.actions),
+            "reply": decision.reply,
+            "elapsed_ms": round(elapsed * 1000, 3),
+        }
+        if decision.would is not None:
+            event["would"] = decision.would.to_dict()
+        self._log_event(event)
+
+    def _log_event(self, event: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.log(event)

@@ -1,0 +1,148 @@
+"""The one scan-result type every layer passes on.
+
+An engine returns a :class:`ScanResult`; the scan service merges the results of several
+engines into one; policy turns it into a decision; front-ends report it in their protocol.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class ScanStatus(enum.StrEnum):
+    """The five outcomes of a scan."""
+
+    CLEAN = "clean"  # scanned, nothing found
+    INFECTED = "infected"  # at least one finding
+    SKIPPED = "skipped"  # not scanned (over a limit, type excluded): not confirmed clean
+    UNKNOWN = "unknown"  # scanned but undecidable (encrypted archive, recursion limit, ...)
+    ERROR = "error"  # engine unreachable, timeout, protocol failure
+
+
+# When several results are merged, the most severe status wins. Infected wins over
+# everything; nothing that is not clean is ever turned into clean.
+_SEVERITY = {
+    ScanStatus.CLEAN: 0,
+    ScanStatus.SKIPPED: 1,
+    ScanStatus.UNKNOWN: 2,
+    ScanStatus.ERROR: 3,
+    ScanStatus.INFECTED: 4,
+}
+
+
+def worst(statuses: Iterable[ScanStatus]) -> ScanStatus:
+    """The most severe of ``statuses`` (clean for none)."""
+    return max(statuses, key=_SEVERITY.__getitem__, default=ScanStatus.CLEAN)
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One detection: signature name, the engine that found it, where inside the content."""
+
+    name: str
+    engine: str
+    part: str = ""  # e.g. "message/2/archive.zip/evil.exe"; "" for the object itself
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "engine": self.engine, "part": self.part}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """An engine that took part in a scan, with its version (program/signature DB)."""
+
+    name: str
+    version: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """The verdict on one object."""
+
+    status: ScanStatus
+    findings: tuple[Finding, ...] = ()
+    reason: str = ""  # why skipped / unknown / error ("" for clean/infected)
+    sha256: str = ""
+    size: int = 0
+    engines: tuple[EngineInfo, ...] = ()
+    elapsed: float = 0.0  # seconds
+    cached: bool = False
+    details: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (part, note) pairs
+
+    @property
+    def infected(self) -> bool:
+        return self.status is ScanStatus.INFECTED
+
+    @property
+    def virus(self) -> str:
+        """Name of the first finding, or "" when there is none."""
+        return self.findings[0].name if self.findings else ""
+
+    @property
+    def virus_names(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for f in self.findings:
+            seen.setdefault(f.name, None)
+        return tuple(seen)
+
+    def with_(self, **changes: Any) -> ScanResult:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status.value,
+            "infected": self.infected,
+            "findings": [f.to_dict() for f in self.findings],
+            "reason": self.reason,
+            "sha256": self.sha256,
+            "size": self.size,
+            "engines": [e.to_dict() for e in self.engines],
+            "elapsed_ms": round(self.elapsed * 1000, 3),
+            "cached": self.cached,
+        }
+
+    @classmethod
+    def clean(cls, **kw: Any) -> ScanResult:
+        return cls(ScanStatus.CLEAN, **kw)
+
+    @classmethod
+    def error(cls, reason: str, **kw: Any) -> ScanResult:
+        return cls(ScanStatus.ERROR, reason=reason, **kw)
+
+
+def merge(results: Iterable[ScanResult], *, sha256: str = "", size: int = 0) -> ScanResult:
+    """Merge several engines' results on the same object into one.
+
+    Infected wins; otherwise the most severe of error/unknown/skipped; clean only when
+    every result is clean. Findings and engines are concatenated; reasons are joined.
+    """
+    rs = list(results)
+    if not rs:
+        return ScanResult(ScanStatus.ERROR, reason="no engine scanned the object",
+                          sha256=sha256, size=size)
+    status = worst(r.status for r in rs)
+    findings = tuple(f for r in rs for f in r.findings)
+    engines = tuple(e for r in rs for e in r.engines)
+    reasons = [r.reason for r in rs if r.reason and r.status is not ScanStatus.CLEAN]
+    if status is ScanStatus.INFECTED:
+        reason = ""
+    else:
+        reason = "; ".join(dict.fromkeys(r.reason for r in rs if r.status is status and r.reason))
+        if not reason:
+            reason = "; ".join(dict.fromkeys(reasons))
+    return ScanResult(
+        status=status,
+        findings=findings,
+        reason=reason,
+        sha256=sha256 or rs[0].sha256,
+        size=size or rs[0].size,
+        engines=engines,
+        elapsed=max(r.elapsed for r in rs),
+        details=tuple(d for r in rs for d in r.details),
+    )

@@ -1,0 +1,148 @@
+"""The scan service: content in, engines, verdict cache, one ScanResult out.
+
+Front-ends never talk to engines directly: they spool what they receive and call
+:meth:`ScanService.scan`. Decomposition is each engine's business (the embedded engine
+decomposes; clamd and ICAP servers get the raw object and decompose on their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .engines.base import BaseEngine, EngineContext, build_engine
+from .errors import SpoolError
+from .result import ScanResult, ScanStatus, merge
+from .spool import Spool
+
+#: results worth remembering: deterministic for the same bytes and signatures
+_CACHEABLE = frozenset({ScanStatus.CLEAN, ScanStatus.INFECTED, ScanStatus.SKIPPED,
+                        ScanStatus.UNKNOWN})
+
+
+class VerdictCache:
+    """Bounded LRU of results keyed by (sha256, engine DB versions)."""
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._data: OrderedDict[tuple[str, str], ScanResult] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, str]) -> ScanResult | None:
+        result = self._data.get(key)
+        if result is None:
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return result
+
+    def put(self, key: tuple[str, str], result: ScanResult) -> None:
+        self._data[key] = result
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class ScanService:
+    """Runs the configured engines over an object and merges their verdicts."""
+
+    def __init__(self, engines: Sequence[BaseEngine], *, mode: str = "first_infected",
+                 cache: VerdictCache | None = None, spool_memory: int = 1 << 20,
+                 spool_dir: str | None = None) -> None:
+        if not engines:
+            raise ValueError("ScanService needs at least one engine")
+        self.engines = list(engines)
+        self.mode = mode
+        self.cache = cache
+        self.spool_memory = spool_memory
+        self.spool_dir = spool_dir
+        self._started = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> ScanService:
+        ctx = EngineContext(limits=config.limits, base_dir=config.base_dir)
+        engines = [build_engine(table, ctx) for table in config.engines]
+        cache = VerdictCache(config.scan.cache_size) if config.scan.cache else None
+        return cls(engines, mode=config.scan.mode, cache=cache,
+                   spool_memory=config.scan.spool_memory, spool_dir=config.scan.spool_dir)
+
+    async def start(self) -> None:
+        if not self._started:
+            await asyncio.gather(*(e.start() for e in self.engines))
+            self._started = True
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.close() for e in self.engines), return_exceptions=True)
+        self._started = False
+
+    async def __aenter__(self) -> ScanService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def new_spool(self) -> Spool:
+        """A spool with the service's memory threshold and directory."""
+        return Spool(memory_limit=self.spool_memory, directory=self.spool_dir)
+
+    def db_versions(self) -> str:
+        """All engines' DB versions in one string: the cache key's second half, the ICAP ISTag."""
+        return "|".join(f"{e.name}={e.db_version()}" for e in self.engines)
+
+    async def health(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(e.health() for e in self.engines)))
+
+    async def scan(self, spool: Spool) -> ScanResult:
+        """Scan one finished spool with every engine (per ``mode``)."""
+        start = time.perf_counter()
+        spool.finish()
+        key = (spool.sha256, self.db_versions()) if self.cache is not None else None
+        if key is not None:
+            assert self.cache is not None
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit.with_(cached=True, elapsed=time.perf_counter() - start)
+        if not self._started:
+            await self.start()
+        if self.mode == "all" and len(self.engines) > 1:
+            results = list(await asyncio.gather(*(e.scan(spool) for e in self.engines)))
+        else:
+            results = []
+            for engine in self.engines:
+                r = await engine.scan(spool)
+                results.append(r)
+                if r.status is ScanStatus.INFECTED:
+                    break
+        result = merge(results, sha256=spool.sha256, size=spool.size)
+        result = result.with_(elapsed=time.perf_counter() - start)
+        if key is not None and result.status in _CACHEABLE:
+            assert self.cache is not None
+            self.cache.put(key, result)
+        return result
+
+    async def scan_bytes(self, data: bytes) -> ScanResult:
+        with Spool.from_bytes(data) as spool:
+            return await self.scan(spool)
+
+    async def scan_path(self, path: str | Path) -> ScanResult:
+        """Scan a file in place (it is not copied; engines that need a path get this one)."""
+        try:
+            spool = Spool.from_path(path)
+        except SpoolError as exc:
+            return ScanResult.error(str(exc))
+        with spool:
+            return await self.scan(spool)

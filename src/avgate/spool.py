@@ -1,0 +1,169 @@
+"""Spool: content received from a client, in memory up to a threshold, then in a temp file.
+
+Every front-end streams what it receives into a :class:`Spool`; the sha256 and size are
+computed on the way in, so nobody reads the object twice for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from .errors import SpoolError
+from .limits import DEFAULT_SPOOL_MEMORY
+
+
+class Spool:
+    """A write-once byte container. ``write`` while receiving, then ``finish``, then read."""
+
+    def __init__(self, memory_limit: int = DEFAULT_SPOOL_MEMORY, directory: str | None = None):
+        self._memory_limit = memory_limit
+        self._directory = directory
+        self._buf: io.BytesIO | None = io.BytesIO()
+        self._file: BinaryIO | None = None
+        self._path: str | None = None
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._sha256: str | None = None
+        self._owned_path = True
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Spool:
+        s = cls(memory_limit=max(len(data), 1))
+        s.write(data)
+        s.finish()
+        return s
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str]) -> Spool:
+        """Wrap an existing file without copying it (the file is not deleted on close)."""
+        s = cls(memory_limit=0)
+        s._buf = None
+        s._path = os.fspath(path)
+        s._owned_path = False
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(s._path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            raise SpoolError(f"cannot read {s._path}: {exc.strerror}") from exc
+        s._size = size
+        s._sha256 = h.hexdigest()
+        return s
+
+    # -- writing ------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sha256 is not None:
+            raise SpoolError("spool already finished")
+        self._hash.update(data)
+        self._size += len(data)
+        try:
+            if self._buf is not None:
+                self._buf.write(data)
+                if self._buf.tell() > self._memory_limit:
+                    self._to_file()
+            else:
+                assert self._file is not None
+                self._file.write(data)
+        except OSError as exc:
+            raise SpoolError(f"cannot spool content: {exc.strerror or exc}") from exc
+
+    def _to_file(self) -> None:
+        assert self._buf is not None
+        fd, path = tempfile.mkstemp(prefix="avgate-spool-", dir=self._directory)
+        self._path = path
+        self._file = os.fdopen(fd, "w+b")
+        self._file.write(self._buf.getbuffer())
+        self._buf = None
+
+    def finish(self) -> Spool:
+        if self._sha256 is None:
+            self._sha256 = self._hash.hexdigest()
+            if self._file is not None:
+                try:
+                    self._file.flush()
+                except OSError as exc:
+                    raise SpoolError(f"cannot spool content: {exc.strerror}") from exc
+        return self
+
+    # -- reading ------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def sha256(self) -> str:
+        if self._sha256 is None:
+            raise SpoolError("spool not finished")
+        return self._sha256
+
+    @property
+    def in_memory(self) -> bool:
+        return self._buf is not None
+
+    def getvalue(self) -> bytes:
+        """The whole content as bytes (reads the file if spooled to disk)."""
+        if self._buf is not None:
+            return self._buf.getvalue()
+        with self.open() as f:
+            return f.read()
+
+    def getbuffer(self) -> memoryview | bytes:
+        if self._buf is not None:
+            return self._buf.getbuffer()
+        return self.getvalue()
+
+    def open(self) -> BinaryIO:
+        """A new independent reader positioned at the start."""
+        if self._buf is not None:
+            return io.BytesIO(self._buf.getvalue())
+        assert self._path is not None
+        return open(self._path, "rb")
+
+    def chunks(self, size: int = 1 << 16) -> Iterator[bytes]:
+        with self.open() as f:
+            while chunk := f.read(size):
+                yield chunk
+
+    def path(self) -> str:
+        """A filesystem path holding the content (moves memory content to a temp file)."""
+        if self._path is None:
+            assert self._buf is not None
+            self._to_file()
+            assert self._file is not None
+            self._file.flush()
+        assert self._path is not None
+        return self._path
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None and self._owned_path:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+            self._path = None
+        self._buf = None
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._owned_path and self._path is not None:
+            try:
+                os.unlink(self._path)
+            except OSError:
+                pass

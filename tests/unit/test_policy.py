@@ -1,0 +1,200 @@
+import pytest
+
+from avgate import config
+from avgate.errors import ConfigError
+from avgate.policy import Context, Disposition, Policy, validate
+from avgate.result import EngineInfo, Finding, ScanResult, ScanStatus
+
+S = ScanStatus
+D = Disposition
+SMTP = Context("smtp", listener="in", sender="a@example.org", recipients=("b@example.net",))
+
+
+def res(status: ScanStatus, *viruses: str, reason: str = "", size: int = 100) -> ScanResult:
+    return ScanResult(status, tuple(Finding(v, "embedded", "") for v in viruses), reason=reason,
+                      size=size, engines=(EngineInfo("embedded", "1"),))
+
+
+INFECTED = res(S.INFECTED, "Eicar-Test-Signature")
+
+
+def pol(**table) -> Policy:
+    return Policy.from_config(table)
+
+
+@pytest.mark.parametrize(("status", "disp", "reply"), [
+    (S.INFECTED, D.REJECT, "550 5.7.1 Virus found: Eicar-Test-Signature"),
+    (S.ERROR, D.TEMPFAIL, "451 4.7.1 Virus scanner unavailable, try again later"),
+    (S.SKIPPED, D.ACCEPT, ""),
+    (S.UNKNOWN, D.ACCEPT, ""),
+    (S.CLEAN, D.ACCEPT, ""),
+])
+def test_defaults(status, disp, reply):
+    r = res(status, *(["Eicar-Test-Signature"] if status is S.INFECTED else []))
+    d = Policy().decide(r, SMTP)
+    assert d.disposition is disp and d.reply == reply
+    assert d.rule == f"default:{status.value}"
+    if disp is D.ACCEPT:
+        word = {S.CLEAN: "Clean", S.SKIPPED: "Skipped", S.UNKNOWN: "Unknown"}[status]
+        assert dict(d.headers)["X-Virus-Status"] == word
+        assert dict(d.headers)["X-Virus-Scanned"].startswith("avgate ")
+
+
+def test_code_and_text():
+    d = Policy().decide(INFECTED, SMTP)
+    assert d.code == 550 and d.text == "5.7.1 Virus found: Eicar-Test-Signature"
+
+
+@pytest.mark.parametrize(("shortcut", "disp", "quarantine"), [
+    ("reject", D.REJECT, False), ("keep", D.ACCEPT, False), ("tempfail", D.TEMPFAIL, False),
+    ("discard", D.DISCARD, False), ("quarantine", D.DISCARD, True),
+])
+def test_virus_action_shortcut(shortcut, disp, quarantine):
+    d = pol(virus_action=shortcut).decide(INFECTED, SMTP)
+    assert d.disposition is disp and d.quarantine is quarantine
+    if shortcut == "keep":
+        assert ("X-Virus-Status", "Infected (Eicar-Test-Signature)") in d.headers
+
+
+@pytest.mark.parametrize(("shortcut", "disp"), [
+    ("reject", D.REJECT), ("keep", D.ACCEPT), ("tempfail", D.TEMPFAIL), ("discard", D.DISCARD),
+])
+def test_failure_action_shortcut(shortcut, disp):
+    d = pol(failure_action=shortcut).decide(res(S.ERROR, reason="clamd down"), SMTP)
+    assert d.disposition is disp
+    if disp is D.REJECT:
+        assert d.code // 100 == 5
+    if disp is D.ACCEPT:
+        assert ("X-Virus-Status", "Error") in d.headers
+
+
+def test_first_match_wins_and_conditions():
+    p = pol(rules=[
+        {"name": "outbound-pass", "direction": "outbound", "action": "accept"},
+        {"name": "test-virus", "status": "infected", "virus": "Eicar-*",
+         "action": ["accept", "quarantine", "tag"]},
+        {"name": "all-infected", "status": ["infected"], "action": "reject",
+         "reply": "550 5.7.1 FilterVerdictPositive"},
+    ])
+    assert p.decide(INFECTED, Context("smtp", direction="outbound")).rule == "outbound-pass"
+    d = p.decide(INFECTED, SMTP)
+    assert d.rule == "test-virus" and d.disposition is D.ACCEPT and d.quarantine
+    assert dict(d.headers)["X-Virus-Status"] == "Infected (Eicar-Test-Signature)"
+    d = p.decide(res(S.INFECTED, "Win.Trojan.X"), SMTP)
+    assert d.rule == "all-infected" and d.reply == "550 5.7.1 FilterVerdictPositive"
+    assert p.decide(res(S.CLEAN), SMTP).rule == "default:clean"
+
+
+@pytest.mark.parametrize(("cond", "ctx", "matches"), [
+    ({"frontend": "icap"}, SMTP, False),
+    ({"frontend": ["smtp", "milter"]}, SMTP, True),
+    ({"listener": "in"}, SMTP, True),
+    ({"listener": "submission"}, SMTP, False),
+    ({"sender": "*@EXAMPLE.org"}, SMTP, True),
+    ({"sender": "*@other.org"}, SMTP, False),
+    ({"recipient": "b@*"}, SMTP, True),
+    ({"recipient": "c@*"}, SMTP, False),
+    ({"size": "0-99"}, SMTP, False),
+    ({"size": "100-"}, SMTP, True),
+    ({"size": [50, 150]}, SMTP, True),
+    ({"status": ["clean", "skipped"]}, SMTP, False),
+])
+def test_conditions(cond, ctx, matches):
+    p = pol(rules=[{"name": "r", "action": "discard", **cond}])
+    assert (p.decide(INFECTED, ctx).rule == "r") is matches
+
+
+def test_discard_quarantine_and_quarantine_only():
+    d = pol(rules=[{"action": ["discard", "quarantine"]}]).decide(INFECTED, SMTP)
+    assert d.disposition is D.DISCARD and d.quarantine and d.rule == "rule1"
+    d = pol(rules=[{"action": "quarantine"}]).decide(INFECTED, SMTP)
+    assert d.disposition is D.DISCARD and d.quarantine
+
+
+def test_replace_prefix_copy():
+    p = pol(copy_to="admin@example.org", rules=[
+        {"status": "infected", "action": ["replace", "prefix_subject", "copy_to", "tag"],
+         "subject_prefix": "[{virus}] "}])
+    d = p.decide(INFECTED, SMTP)
+    assert d.disposition is D.ACCEPT and d.replace and "{virus}" in d.notice  # per part
+    assert d.subject_prefix == "[Eicar-Test-Signature] "
+    assert d.copy_to == ("admin@example.org",)
+    assert d.actions == ("accept", "replace", "tag", "prefix_subject", "copy_to")
+
+
+def test_shadow_accepts_but_records():
+    d = pol(shadow=True).decide(INFECTED, SMTP)
+    assert d.disposition is D.ACCEPT and d.shadow
+    assert d.would is not None and d.would.disposition is D.REJECT
+    d = pol(rules=[{"status": "infected", "action": "reject", "shadow": True}]).decide(
+        INFECTED, SMTP)
+    assert d.shadow and d.would.disposition is D.REJECT
+    assert pol(rules=[{"status": "clean", "action": "reject", "shadow": True}]).decide(
+        INFECTED, SMTP).disposition is D.REJECT
+
+
+def test_header_styles():
+    assert pol(header_style="qhpsi").headers_for(INFECTED) == (("X-QHPSI", "virus found"),)
+    assert pol(header_style="qhpsi").headers_for(res(S.CLEAN)) == (("X-QHPSI", "clean"),)
+    assert pol(header_style="qhpsi").headers_for(res(S.ERROR)) == (("X-QHPSI", "error"),)
+    cv = {"header_style": "clamav-verdict"}
+    assert pol(**cv).headers_for(INFECTED) == (("Virus-Test", "True ; Eicar-Test-Signature"),)
+    assert pol(**cv).headers_for(res(S.CLEAN)) == (("Virus-Test", "False"),)
+    assert pol(**cv, verdict_mode=0).headers_for(INFECTED) == (("Virus-Test", "virus"),)
+    assert pol(**cv, verdict_mode=0).headers_for(res(S.CLEAN)) == ()
+    assert pol(**cv, verdict_mode=1).headers_for(INFECTED) == (
+        ("Virus-Test", "True ; Eicar-Test-Signature"),)
+    assert pol(**cv, verdict_mode=1).headers_for(res(S.CLEAN)) == ()
+    assert pol(**cv, verdict_mode=3, verdict_text="yes").headers_for(INFECTED) == (
+        ("Virus-Test", "yes"),)
+    assert pol(**cv, verdict_mode=3).headers_for(res(S.CLEAN)) == (("Virus-Test", "False"),)
+    assert pol(**cv, verdict_prefix="X-AV").headers_for(res(S.CLEAN)) == (("X-AV", "False"),)
+    custom = pol(headers={"X-Scan": "{status} {virus}"})
+    assert custom.headers_for(INFECTED) == (("X-Scan", "infected Eicar-Test-Signature"),)
+
+
+def test_virus_name_cannot_inject_header_lines():
+    r = res(S.INFECTED, "Evil\r\nBcc: victim@example.org")
+    for name, value in pol(virus_action="keep").decide(r, SMTP).headers:
+        assert "\r" not in value and "\n" not in value
+    assert "\n" not in Policy().decide(r, SMTP).reply
+
+
+def test_direction():
+    p = pol(internal_networks=["10.0.0.0/8", "2001:db8::/32"])
+    assert p.direction_for("outbound") == "outbound"
+    assert p.direction_for("auto", "10.1.2.3") == "outbound"
+    assert p.direction_for("auto", "192.0.2.1") == "inbound"
+    assert p.direction_for("auto", "[2001:db8::1]") == "outbound"
+    assert p.direction_for("auto", "192.0.2.1", authenticated=True) == "outbound"
+    assert p.direction_for("auto", "garbage") == "inbound"
+
+
+@pytest.mark.parametrize(("table", "fragment"), [
+    ({"rules": [{"action": "explode"}]}, "unknown action"),
+    ({"rules": [{"action": ["reject", "accept"]}]}, "more than one"),
+    ({"rules": [{"action": ["reject", "tag"]}]}, "cannot be combined"),
+    ({"rules": [{"action": "reject", "reply": "451 4.7.1 no"}]}, "must be 5xx"),
+    ({"rules": [{"action": "tempfail", "reply": "550 x"}]}, "must be 4xx"),
+    ({"rules": [{"action": "reject", "reply": "hello"}]}, "not an SMTP reply"),
+    ({"rules": [{"status": "dirty", "action": "accept"}]}, "dirty"),
+    ({"rules": [{"frontend": "ftp", "action": "accept"}]}, "ftp"),
+    ({"rules": [{"size": "big", "action": "accept"}]}, "min-max"),
+    ({"rules": [{"colour": "red", "action": "accept"}]}, "unknown key"),
+    ({"rules": [{"status": "clean"}]}, "needs an action"),
+    ({"verdict_mode": 7}, "0, 1, 2 or 3"),
+    ({"internal_networks": ["10.0.0.300/8"]}, "not a network"),
+])
+def test_validation(table, fragment):
+    problems = validate(table)
+    assert any(fragment in msg for _, msg in problems), problems
+    with pytest.raises(ConfigError):
+        Policy.from_config(table)
+
+
+def test_config_file_reports_policy_problems_with_line():
+    text = '[policy]\nvirus_action = "reject"\n\n[[policy.rules]]\nstatus = "infected"\n' \
+           'action = "launch"\n'
+    with pytest.raises(ConfigError) as ei:
+        config.loads(text)
+    assert any("policy.rules[0].action (line 6)" in m for m in ei.value.problems), ei.value
