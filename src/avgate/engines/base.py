@@ -42,6 +42,7 @@ class Engine(Protocol):
     async def scan(self, spool: Spool) -> ScanResult: ...
     async def health(self) -> dict[str, Any]: ...
     def db_version(self) -> str: ...
+    def version(self) -> str: ...
     def info(self) -> EngineInfo: ...
 
 
@@ -92,6 +93,8 @@ class BaseEngine(abc.ABC):
             result = ScanResult.error(f"{self.name}: {exc}")
         except EngineError as exc:
             result = ScanResult.error(f"{self.name}: {exc}")
+        except OSError as exc:  # safety net: engines translate their own I/O errors
+            result = ScanResult.error(f"{self.name}: {exc.strerror or exc}")
         elapsed = time.perf_counter() - start
         engines = result.engines or (self.info(),)
         return result.with_(elapsed=elapsed, engines=engines,

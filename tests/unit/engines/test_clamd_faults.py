@@ -1,0 +1,394 @@
+"""ClamdEngine fault handling against fake clamd servers (fault injection only).
+
+The fakes speak the protocol through avgate's own server-side codec, then misbehave on
+purpose: refuse, hang, answer garbage, close mid-stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from avgate.engines.base import EngineContext, build_engine
+from avgate.engines.clamd import ClamdEngine, ClamdServer
+from avgate.errors import ConfigError
+from avgate.protocols import clamd as proto
+from avgate.result import ScanStatus
+from avgate.spool import Spool
+
+pytestmark = pytest.mark.timeout(20)
+
+CTX = EngineContext()
+VERSION = "ClamAV 1.4.6/27000/Mon Nov 23 09:18:14 2024"
+
+
+class FakeClamd:
+    """A TCP fake clamd. ``behaviour`` says how it answers INSTREAM."""
+
+    def __init__(self, behaviour: str = "ok", virus: str = "Fake.Virus") -> None:
+        self.behaviour = behaviour
+        self.virus = virus
+        self.version = VERSION
+        self.connections = 0
+        self.received = 0  # stream bytes of the last INSTREAM
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"tcp://127.0.0.1:{port}"
+
+    async def start(self) -> FakeClamd:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        try:
+            await self._converse(reader, writer)
+        except (ConnectionError, proto.ClamdProtocolError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _converse(self, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        parser = proto.ServerParser(stream_max_length=1 << 30)
+        self.received = 0
+        while True:
+            data = await reader.read(65536)
+            parser.receive_data(data)
+            while (ev := parser.next_event()) is not proto.NEED_DATA:
+                if isinstance(ev, proto.ConnectionClosed):
+                    return
+                if isinstance(ev, proto.Command) and ev.name == "PING":
+                    writer.write(ev.reply(proto.PONG))
+                    return
+                if isinstance(ev, proto.Command) and ev.name == "VERSION":
+                    writer.write(ev.reply(self.version))
+                    return
+                if isinstance(ev, proto.InstreamChunk):
+                    self.received += len(ev.data)
+                    if self.behaviour == "close_mid" and self.received > 100_000:
+                        return  # drop the connection without a reply
+                if isinstance(ev, proto.InstreamEnd):
+                    await self._reply(ev.command, writer)
+                    return
+
+    async def _reply(self, command: proto.Command, writer: asyncio.StreamWriter) -> None:
+        b = self.behaviour
+        if b == "hang":
+            await asyncio.Event().wait()
+        replies = {
+            "ok": command.reply(proto.ok_reply()),
+            "found": command.reply(proto.found_reply(self.virus)),
+            "garbage": b"HELLO THERE\0",
+            "noterm": b"stream: OK",  # no terminator, then close
+            "error": command.reply(proto.error_reply("Can't allocate memory", "stream")),
+            "size": command.reply(proto.SIZE_LIMIT_EXCEEDED),
+            "pong": command.reply(proto.PONG),
+        }
+        writer.write(replies[b])
+        await writer.drain()
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[list[FakeClamd]]:
+    """Started fakes are registered here and stopped after the test."""
+    started: list[FakeClamd] = []
+    yield started
+    for fake in started:
+        await fake.stop()
+
+
+async def fake(fakes: list[FakeClamd], behaviour: str = "ok", **kw: Any) -> FakeClamd:
+    f = await FakeClamd(behaviour, **kw).start()
+    fakes.append(f)
+    return f
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"tcp://127.0.0.1:{port}"  # nothing listens there now: connection refused
+
+
+def engine(*servers: str, **kw: Any) -> ClamdEngine:
+    kw.setdefault("connect_timeout", 0.5)
+    kw.setdefault("scan_timeout", 0.5)
+    return ClamdEngine("clamd", CTX, servers=list(servers), **kw)
+
+
+SMALL = Spool.from_bytes(b"hello world")
+
+
+# -- single server faults -----------------------------------------------------------------
+
+async def test_fake_verdicts_pass_through(fakes: list[FakeClamd]) -> None:
+    found = await fake(fakes, "found", virus="Win.Trojan.Agent-1")
+    result = await engine(found.url).scan(SMALL)
+    assert result.status is ScanStatus.INFECTED
+    assert [(f.name, f.engine) for f in result.findings] == [("Win.Trojan.Agent-1", "clamd")]
+    ok = await fake(fakes, "ok")
+    assert (await engine(ok.url).scan(SMALL)).status is ScanStatus.CLEAN
+    assert ok.received == len(b"hello world")
+
+
+async def test_connection_refused_is_an_error() -> None:
+    result = await engine(closed_port_url()).scan(SMALL)
+    assert result.status is ScanStatus.ERROR
+    assert "cannot connect" in result.reason
+
+
+async def test_missing_unix_socket_is_an_error() -> None:
+    result = await engine("unix:/nonexistent/clamd.sock").scan(SMALL)
+    assert result.status is ScanStatus.ERROR and "cannot connect" in result.reason
+
+
+async def test_hanging_server_times_out_quickly(fakes: list[FakeClamd]) -> None:
+    hang = await fake(fakes, "hang")
+    start = time.monotonic()
+    result = await engine(hang.url, scan_timeout=0.2).scan(SMALL)
+    assert result.status is ScanStatus.ERROR
+    assert "no reply within 0.2s" in result.reason
+    assert time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    ("garbage", "unexpected INSTREAM reply 'HELLO THERE'"),
+    ("noterm", "connection closed without a reply after b'stream: OK'"),
+    ("pong", "unexpected INSTREAM reply 'PONG'"),
+])
+async def test_garbage_replies_are_errors(fakes: list[FakeClamd], behaviour: str,
+                                          reason: str) -> None:
+    f = await fake(fakes, behaviour)
+    result = await engine(f.url).scan(SMALL)
+    assert result.status is ScanStatus.ERROR
+    assert reason in result.reason
+
+
+async def test_server_closing_mid_stream_is_an_error(fakes: list[FakeClamd]) -> None:
+    f = await fake(fakes, "close_mid")
+    result = await engine(f.url, stream_chunk_size=16384).scan(Spool.from_bytes(b"x" * 2_000_000))
+    assert result.status is ScanStatus.ERROR
+    assert "connection" in result.reason
+
+
+async def test_error_reply_is_an_error_not_clean(fakes: list[FakeClamd]) -> None:
+    f = await fake(fakes, "error")
+    result = await engine(f.url).scan(SMALL)
+    assert result.status is ScanStatus.ERROR
+    assert "Can't allocate memory ERROR" in result.reason
+
+
+async def test_size_limit_reply_is_skipped_not_clean(fakes: list[FakeClamd]) -> None:
+    f = await fake(fakes, "size")
+    result = await engine(f.url).scan(SMALL)
+    assert result.status is ScanStatus.SKIPPED
+    assert "StreamMaxLength" in result.reason
+
+
+async def test_large_object_arrives_complete_in_chunks(fakes: list[FakeClamd]) -> None:
+    f = await fake(fakes, "ok")
+    data = bytes(range(256)) * 4000 + b"tail"  # not a multiple of the chunk size
+    result = await engine(f.url, stream_chunk_size=10_000).scan(Spool.from_bytes(data))
+    assert result.status is ScanStatus.CLEAN
+    assert f.received == len(data)
+
+
+# -- several servers ----------------------------------------------------------------------
+
+async def test_failover_uses_the_next_server_verdict(fakes: list[FakeClamd]) -> None:
+    second = await fake(fakes, "found", virus="From.Second")
+    eng = engine(closed_port_url(), second.url)
+    result = await eng.scan(SMALL)
+    assert result.status is ScanStatus.INFECTED and result.virus == "From.Second"
+    assert eng.servers[0].down_until > time.monotonic()  # marked down after 1 failure
+    assert eng.servers[1].failures == 0
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "hang", "close_mid"])
+async def test_failover_after_bad_reply(fakes: list[FakeClamd], behaviour: str) -> None:
+    bad = await fake(fakes, behaviour)
+    good = await fake(fakes, "found", virus="Good.Answer")
+    eng = engine(bad.url, good.url, scan_timeout=0.2)
+    result = await eng.scan(Spool.from_bytes(b"y" * 300_000))
+    assert result.status is ScanStatus.INFECTED and result.virus == "Good.Answer"
+    assert bad.connections == 1 and good.connections == 1
+
+
+async def test_all_servers_failing_reports_each() -> None:
+    a, b = closed_port_url(), "unix:/nonexistent/clamd.sock"
+    result = await engine(a, b).scan(SMALL)
+    assert result.status is ScanStatus.ERROR
+    assert a in result.reason and b in result.reason
+
+
+async def test_error_reply_does_not_fail_over(fakes: list[FakeClamd]) -> None:
+    # the server is alive and gave a verdict about this object: not a server failure
+    bad = await fake(fakes, "error")
+    good = await fake(fakes, "ok")
+    eng = engine(bad.url, good.url)
+    assert (await eng.scan(SMALL)).status is ScanStatus.ERROR
+    assert good.connections == 0 and eng.servers[0].failures == 0
+
+
+async def test_round_robin_distributes(fakes: list[FakeClamd]) -> None:
+    servers = [await fake(fakes, "ok") for _ in range(3)]
+    eng = engine(*(s.url for s in servers), strategy="round_robin")
+    for _ in range(6):
+        assert (await eng.scan(SMALL)).status is ScanStatus.CLEAN
+    assert [s.connections for s in servers] == [2, 2, 2]
+
+
+async def test_failover_strategy_sticks_to_the_first(fakes: list[FakeClamd]) -> None:
+    servers = [await fake(fakes, "ok") for _ in range(2)]
+    eng = engine(*(s.url for s in servers))
+    for _ in range(4):
+        await eng.scan(SMALL)
+    assert [s.connections for s in servers] == [4, 0]
+
+
+async def test_down_server_is_skipped_until_retry_after(fakes: list[FakeClamd]) -> None:
+    bad = await fake(fakes, "garbage")
+    good = await fake(fakes, "ok")
+    eng = engine(bad.url, good.url, retry_after=0.3)
+    assert (await eng.scan(SMALL)).status is ScanStatus.CLEAN
+    assert bad.connections == 1
+    assert (await eng.scan(SMALL)).status is ScanStatus.CLEAN
+    assert bad.connections == 1  # skipped while down
+    await asyncio.sleep(0.35)
+    bad.behaviour = "found"  # it recovered
+    result = await eng.scan(SMALL)
+    assert bad.connections == 2 and result.status is ScanStatus.INFECTED
+    assert eng.servers[0].failures == 0 and eng.servers[0].down_until == 0
+
+
+async def test_max_failures_counts_consecutive_failures(fakes: list[FakeClamd]) -> None:
+    bad = await fake(fakes, "garbage")
+    good = await fake(fakes, "ok")
+    eng = engine(bad.url, good.url, max_failures=2, retry_after=60)
+    await eng.scan(SMALL)
+    await eng.scan(SMALL)
+    assert bad.connections == 2  # one failure was not enough to mark it down
+    await eng.scan(SMALL)
+    assert bad.connections == 2
+
+
+async def test_all_servers_down_fails_fast(fakes: list[FakeClamd]) -> None:
+    bad = await fake(fakes, "garbage")
+    eng = engine(bad.url, retry_after=60)
+    assert (await eng.scan(SMALL)).status is ScanStatus.ERROR
+    result = await eng.scan(SMALL)
+    assert result.status is ScanStatus.ERROR and "marked down" in result.reason
+    assert bad.connections == 1
+
+
+# -- version, health ----------------------------------------------------------------------
+
+async def test_version_and_db_version_follow_the_server(fakes: list[FakeClamd]) -> None:
+    f = await fake(fakes, "ok")
+    eng = engine(f.url, version_ttl=0.1)
+    assert eng.version() == "" and eng.db_version() == ""  # before start
+    await eng.start()
+    assert eng.version() == VERSION
+    assert eng.db_version() == "27000/Mon Nov 23 09:18:14 2024"
+    f.version = "ClamAV 1.4.6/27001/Tue Nov 24 09:00:00 2024"  # freshclam + RELOAD
+    await asyncio.sleep(0.15)
+    eng.db_version()  # stale: schedules a background refresh
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if eng.db_version().startswith("27001/"):
+            break
+    assert eng.db_version() == "27001/Tue Nov 24 09:00:00 2024"
+    assert eng.info().version.startswith("ClamAV 1.4.6/27001/")
+    await eng.close()
+
+
+async def test_start_tolerates_a_down_server(fakes: list[FakeClamd]) -> None:
+    f = await fake(fakes, "ok")
+    eng = engine(closed_port_url(), f.url)
+    await eng.start()
+    assert eng.version() == VERSION
+    assert "VERSION" in eng.servers[0].last_error
+
+
+async def test_health_pings_each_server(fakes: list[FakeClamd]) -> None:
+    ok = await fake(fakes, "ok")
+    refused = closed_port_url()
+    health = await engine(ok.url, refused).health()
+    assert health["ok"] is True
+    reports = {r["server"]: r for r in health["servers"]}
+    assert reports[ok.url]["ok"] and "latency_ms" in reports[ok.url]
+    assert not reports[refused]["ok"] and "cannot connect" in reports[refused]["error"]
+    assert (await engine(refused).health())["ok"] is False
+
+
+# -- config -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("tcp://127.0.0.1:3310", ("127.0.0.1", 3310, "")),
+    ("tcp://[::1]:3310", ("::1", 3310, "")),
+    ("clamd.example:3310", ("clamd.example", 3310, "")),
+    ("unix:/run/clamav/clamd.ctl", ("", 0, "/run/clamav/clamd.ctl")),
+    ("unix:///run/clamav/clamd.ctl", ("", 0, "/run/clamav/clamd.ctl")),
+    ("/run/clamav/clamd.ctl", ("", 0, "/run/clamav/clamd.ctl")),
+])
+def test_server_urls(url: str, expected: tuple[str, int, str]) -> None:
+    s = ClamdServer.parse(url)
+    assert (s.host, s.port, s.path) == expected
+
+
+@pytest.mark.parametrize(("table", "key"), [
+    ({"servers": []}, "servers"),
+    ({"servers": ["http://x:1"]}, "http://x:1"),
+    ({"servers": ["tcp://x"]}, "missing port"),
+    ({"servers": ["unix:relative"]}, "absolute"),
+    ({"strategy": "random"}, "strategy"),
+    ({"connect_timeout": 0}, "connect_timeout"),
+    ({"scan_timeout": "fast"}, "scan_timeout"),
+    ({"max_failures": 0}, "max_failures"),
+    ({"stream_chunk_size": 0}, "stream_chunk_size"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_config_errors_name_the_key(table: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        build_engine({"type": "clamd", **table}, CTX)
+
+
+def test_config_defaults_and_values() -> None:
+    eng = build_engine({"type": "clamd"}, CTX)
+    assert isinstance(eng, ClamdEngine)
+    assert [s.url for s in eng.servers] == ["tcp://127.0.0.1:3310", "unix:/run/clamav/clamd.ctl"]
+    assert (eng.strategy, eng.max_failures, eng.retry_after) == ("failover", 1, 10.0)
+    eng = build_engine({"type": "clamd", "servers": "unix:/s", "strategy": "round_robin",
+                        "stream_chunk_size": "256 KiB", "scan_timeout": 30,
+                        "connect_timeout": 1.5, "retry_after": 5, "max_failures": 3}, CTX)
+    assert isinstance(eng, ClamdEngine)
+    assert (eng.chunk_size, eng.scan_timeout, eng.connect_timeout) == (262144, 30.0, 1.5)
+    assert (eng.strategy, eng.max_failures, eng.retry_after) == ("round_robin", 3, 5.0)
+    # the engine-wide bound covers one full failover round
+    assert eng.timeouts.scan == pytest.approx(31.5)
