@@ -1,0 +1,308 @@
+"""The embedded engine: YARA-X rules, ClamAV hash/body signatures and built-in EICAR, in-process.
+
+Config (``[[engines]] type = "embedded"``, the default engine)::
+
+    rules = ["rules/", "extra.yar"]        # YARA files, or directories of *.yar / *.yara
+    signatures = ["/var/lib/avgate/sigs"]  # ClamAV .hdb/.hsb/.ndb files or directories
+    builtin = true                         # built-in EICAR detection, "Eicar-Test-Signature"
+
+Relative paths are resolved against ``EngineContext.base_dir``. Everything is loaded and
+compiled once, in :meth:`EmbeddedEngine.load` (called by ``start``); reloading means building
+a new engine. The engine decomposes content itself (:func:`avgate.content.decompose`) and
+matches every part: hash signatures, then one YARA-X scan over the compiled rule set.
+
+Finding names: a ClamAV signature reports its name as written in its file (no
+``.UNOFFICIAL`` suffix); a YARA rule reports its ``meta: name = "..."`` when it has one (so
+rules can carry dotted ClamAV-style names, which are not identifiers), else its identifier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.metadata
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yara_x
+
+from .. import __version__
+from ..errors import ConfigError, ContentError, EngineError, EngineTimeout, SignatureError
+from ..result import Finding, ScanResult, ScanStatus, worst
+from ..spool import Spool
+from .base import BaseEngine, EngineContext
+from .signatures import NDB_NAMESPACE, SignatureSet, signature_files
+
+EICAR_NAME = "Eicar-Test-Signature"
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+# The EICAR file may be followed by whitespace up to 128 bytes in all (the EICAR definition);
+# Ctrl-Z is allowed too, as DOS editors append it.
+_EICAR_MAX = 128
+_EICAR_TRAILER = b" \t\r\n\x1a"
+
+YARA_SUFFIXES = frozenset({".yar", ".yara"})
+# Small leaf objects are scanned on the event loop: measured with 2,000 body + 100,000 hash
+# signatures, the thread hop roughly halves throughput (1 KB: 17,000 vs 7,800 scans/s;
+# 20 KB: 14,000 vs 3,900) while an inline scan of 64 KB blocks the loop for ~0.1 ms.
+# Archives always go to a thread: a small zip may legitimately expand to megabytes.
+INLINE_SCAN_LIMIT = 64 * 1024
+
+try:
+    _YARA_X_VERSION = importlib.metadata.version("yara-x")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - odd installs only
+    _YARA_X_VERSION = "?"
+
+
+def is_eicar(data: bytes) -> bool:
+    """True for the EICAR test file: the 68-byte string at offset 0, then only whitespace."""
+    return (data.startswith(EICAR) and len(data) <= _EICAR_MAX
+            and not data[len(EICAR):].strip(_EICAR_TRAILER))
+
+
+def _string_list(table: Mapping[str, Any], key: str, prefix: str) -> list[str]:
+    value = table.get(key, [])
+    if isinstance(value, str):
+        value = [value]  # a single path is a common shorthand
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{prefix}{key}: expected a list of paths, got {value!r}")
+    return list(value)
+
+
+class EmbeddedEngine(BaseEngine):
+    """In-process scanning with YARA-X and ClamAV hash/body signatures."""
+
+    type_name = "embedded"
+    config_keys = frozenset({"rules", "signatures", "builtin"})
+
+    def __init__(self, name: str, ctx: EngineContext, *, rules: list[str] | None = None,
+                 signatures: list[str] | None = None, builtin: bool = True) -> None:
+        super().__init__(name, ctx)
+        base = Path(ctx.base_dir)
+        self.rule_paths = [base / p for p in rules or []]
+        self.signature_paths = [base / p for p in signatures or []]
+        self.builtin = builtin
+        self._sigs = SignatureSet()
+        self._rules: yara_x.Rules | None = None
+        self._body_names: list[str] = []
+        self._db_version = ""
+        self._loaded = False
+
+    @classmethod
+    def from_config(cls, table: Mapping[str, Any], ctx: EngineContext) -> EmbeddedEngine:
+        """Build from an ``[[engines]]`` table; ``ConfigError`` names the bad key."""
+        index = table.get("_index")
+        prefix = f"engines[{index}]." if index is not None else ""
+        rules = _string_list(table, "rules", prefix)
+        signatures = _string_list(table, "signatures", prefix)
+        builtin = table.get("builtin", True)
+        if not isinstance(builtin, bool):
+            raise ConfigError(f"{prefix}builtin: expected true or false, got {builtin!r}")
+        name = table.get("name", cls.type_name)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{prefix}name: expected a non-empty string, got {name!r}")
+        return cls(name, ctx, rules=rules, signatures=signatures, builtin=builtin)
+
+    # -- loading --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load and compile every rule and signature (in a thread: it is CPU-bound)."""
+        if not self._loaded:
+            await asyncio.to_thread(self.load)
+
+    def load(self) -> None:
+        """Load and compile synchronously; raises ``SignatureError`` naming file and line."""
+        version = hashlib.sha256(b"builtin=%d\n" % self.builtin)
+        sigs = SignatureSet()
+        for root in self.signature_paths:
+            if not root.exists():
+                raise SignatureError(f"{root}: no such signature file or directory")
+            for path in signature_files(root):
+                raw = sigs.load_file(path)
+                version.update(b"sig %s %d\n" % (str(path).encode(), len(raw)))
+                version.update(raw)
+        rule_files: list[tuple[Path, str]] = []
+        for root in self.rule_paths:
+            if not root.exists():
+                raise SignatureError(f"{root}: no such rule file or directory")
+            files = (sorted(p for p in root.rglob("*")
+                            if p.is_file() and p.suffix.lower() in YARA_SUFFIXES)
+                     if root.is_dir() else [root])
+            for path in files:
+                try:
+                    source = path.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise SignatureError(f"{path}: cannot read: {exc}") from exc
+                version.update(b"yara %s\n" % str(path).encode())
+                version.update(source.encode())
+                rule_files.append((path, source))
+        self._rules = _build_rules(sigs, rule_files)
+        self._sigs = sigs
+        self._body_names = [b.name for b in sigs.bodies]
+        self._db_version = version.hexdigest()[:16]
+        self._loaded = True
+
+    def db_version(self) -> str:
+        """First 16 hex digits of a sha256 over every loaded file and the builtin flag."""
+        return self._db_version
+
+    def version(self) -> str:
+        return f"avgate-embedded {__version__} yara-x {_YARA_X_VERSION}/{self._db_version}"
+
+    async def health(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type_name, "ok": self._loaded,
+                "db_version": self._db_version, "hash_signatures": len(self._sigs.hashes),
+                "body_signatures": len(self._sigs.bodies), "builtin": self.builtin}
+
+    # -- scanning -------------------------------------------------------------------------
+    async def _scan(self, spool: Spool) -> ScanResult:
+        limits = self.ctx.limits
+        if spool.size > limits.max_scan_size:
+            return ScanResult(ScanStatus.SKIPPED, reason=(
+                f"size limit: {spool.size} bytes > max_scan_size {limits.max_scan_size}"))
+        if not self._loaded:
+            raise EngineError("engine not started (signatures not loaded)")
+        data = spool.getvalue()
+        deadline = time.monotonic() + self.timeouts.scan
+        if _cheap_to_decompose(data):
+            return self.scan_bytes(data, deadline=deadline)
+        return await asyncio.to_thread(self.scan_bytes, data, deadline=deadline)
+
+    def _new_scanner(self) -> list[yara_x.Scanner]:
+        """A fresh YARA-X scanner in a one-item list (empty without rules).
+
+        yara_x.Scanner is "unsendable": it must be freed by the thread that made it, so a
+        scanner lives for one object, in one thread, and callers empty the list in a
+        ``finally`` (a traceback keeping a frame alive would otherwise free it elsewhere).
+        Making one costs about as much as ``Rules.scan`` does internally.
+        """
+        if self._rules is None:
+            return []
+        scanner = yara_x.Scanner(self._rules)
+        # The asyncio timeout cannot stop a worker thread; this stops YARA-X itself.
+        scanner.set_timeout(max(1, math.ceil(self.timeouts.scan)))
+        return [scanner]
+
+    def match_part(self, data: bytes) -> list[str]:
+        """Names of every signature and rule matching one part (no decomposition)."""
+        slot = self._new_scanner()
+        try:
+            return self._match(data, slot)
+        finally:
+            slot.clear()
+
+    def _match(self, data: bytes, slot: list[yara_x.Scanner]) -> list[str]:
+        names = []
+        if self.builtin and is_eicar(data):
+            names.append(EICAR_NAME)
+        names.extend(self._sigs.hashes.lookup(data))
+        for scanner in slot:
+            try:
+                results = scanner.scan(data)
+            except yara_x.TimeoutError:
+                raise EngineTimeout("YARA-X scan timeout") from None
+            except yara_x.ScanError as exc:
+                raise EngineError(f"YARA-X scan failed: {exc}") from exc
+            for rule in results.matching_rules:
+                if rule.namespace == NDB_NAMESPACE:
+                    names.append(self._body_names[int(rule.identifier[1:])])
+                else:
+                    meta = dict(rule.metadata)
+                    label = meta.get("name")
+                    names.append(label if isinstance(label, str) and label else rule.identifier)
+        return names
+
+    def scan_bytes(self, data: bytes, *, deadline: float | None = None) -> ScanResult:
+        """Decompose ``data`` and match every part (synchronous; CPU-bound).
+
+        Every finding in every part is collected; decomposition enforces the limits
+        (max_files, max_recursion, ...) and reports what it did not scan as Problems.
+        """
+        # Imported here: content decomposition is a sibling package that imports heavier
+        # parsers; loading the engine (e.g. ``avgate config check``) should not need them.
+        from ..content import Part, Problem, decompose
+
+        limits = self.ctx.limits
+        findings: list[Finding] = []
+        problems: list[tuple[str, ScanStatus, str]] = []
+        slot = self._new_scanner()
+        try:
+            for item in decompose(data, limits, name=""):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EngineTimeout(f"scan timeout after {self.timeouts.scan:g}s")
+                if isinstance(item, Problem):
+                    problems.append((item.path, item.status, item.reason))
+                    continue
+                assert isinstance(item, Part)
+                findings.extend(Finding(name, self.name, item.path)
+                                for name in self._match(item.data, slot))
+        except ContentError as exc:
+            status = ScanStatus(getattr(exc, "status", ScanStatus.UNKNOWN))
+            problems.append(("", status, str(exc)))
+        except EngineError:
+            raise
+        except Exception as exc:
+            # A parser bug must not pass for clean (nor crash the front-end): report an error.
+            raise EngineError(f"decomposition failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            slot.clear()
+        details = tuple((path, f"{status.value}: {reason}") for path, status, reason in problems)
+        if findings:
+            return ScanResult(ScanStatus.INFECTED, findings=tuple(findings), details=details)
+        if problems:
+            status = worst(s for _, s, _ in problems)
+            reason = "; ".join(dict.fromkeys(
+                f"{path}: {why}" if path else why for path, s, why in problems if s is status))
+            return ScanResult(status, reason=reason, details=details)
+        return ScanResult(ScanStatus.CLEAN, details=details)
+
+
+def _cheap_to_decompose(data: bytes) -> bool:
+    """True for objects small enough to scan on the event loop (see INLINE_SCAN_LIMIT)."""
+    if len(data) >= INLINE_SCAN_LIMIT:
+        return False
+    from ..content.filetype import Kind, detect
+
+    return detect(data) in (Kind.OTHER, Kind.MAIL)
+
+
+def _build_rules(sigs: SignatureSet, rule_files: list[tuple[Path, str]]) -> yara_x.Rules | None:
+    """Compile the translated body signatures and the YARA rule files into one rule set."""
+    if not sigs.bodies and not rule_files:
+        return None
+    # One source for all body signatures: compiling 2,000 rules in one call is ~10x faster
+    # than one add_source per rule. Only when it fails do we look for the culprit.
+    ndb_source = "\n".join(b.yara_rule(f"r{i}") for i, b in enumerate(sigs.bodies))
+    compiler = yara_x.Compiler()
+    try:
+        if sigs.bodies:
+            compiler.new_namespace(NDB_NAMESPACE)
+            try:
+                compiler.add_source(ndb_source, origin="ClamAV body signatures")
+            except yara_x.CompileError as exc:
+                _raise_first_bad_body(sigs)
+                # Every rule compiles alone but not together (should not happen): say so.
+                raise SignatureError(f"ClamAV body signatures: {exc}") from None
+        for index, (path, source) in enumerate(rule_files):
+            # One namespace per file: rule names need only be unique within their file.
+            compiler.new_namespace(f"rules{index}")
+            try:
+                compiler.add_source(source, origin=str(path))
+            except yara_x.CompileError as exc:
+                raise SignatureError(f"{path}: {exc}") from None
+        return compiler.build()
+    finally:
+        # yara_x.Compiler must be freed in this thread (see _new_scanner), not by whoever
+        # ends up holding a traceback that references this frame.
+        del compiler
+
+
+def _raise_first_bad_body(sigs: SignatureSet) -> None:
+    """Raise SignatureError naming the first body signature YARA-X does not accept."""
+    for body in sigs.bodies:
+        try:
+            yara_x.compile(body.yara_rule("r0"))
+        except yara_x.CompileError as exc:
+            raise SignatureError(f"{body.where()}: YARA-X rejects the translation: "
+                                 f"{str(exc).splitlines()[0]}") from None
