@@ -15,6 +15,7 @@ import typer
 
 from . import __version__
 from . import config as config_mod
+from .cli_quarantine import quarantine_app
 from .errors import AvgateError, ConfigError
 from .result import ScanStatus
 
@@ -22,6 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="avgate: antivirus content-scanning gateway.")
 config_app = typer.Typer(no_args_is_help=True, help="Show or check the configuration.")
 app.add_typer(config_app, name="config")
+app.add_typer(quarantine_app, name="quarantine")
 
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config file (TOML).",
                                                envvar=None)]
@@ -65,8 +67,18 @@ def scan(
     2 error (like clamscan)."""
     import time
 
-    from .ondemand import (ACTIONS, ActionOutcome, Actions, Summary, format_time,
-                           iter_targets, parse_since, read_state, scan_targets, write_state)
+    from .ondemand import (
+        ACTIONS,
+        ActionOutcome,
+        Actions,
+        Summary,
+        format_time,
+        iter_targets,
+        parse_since,
+        read_state,
+        scan_targets,
+        write_state,
+    )
     from .scan import ScanService
 
     cfg = _load_config(config)

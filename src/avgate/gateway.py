@@ -9,12 +9,15 @@ decision becomes a tempfail, so nothing is acknowledged that was not kept.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .observability import record_scan, scan_event
 from .policy import Context, Decision, Disposition, Policy
+from .quarantine.store import Envelope  # re-exported: front-ends import it from here
 from .result import ScanResult
 from .scan import ScanService
 from .spool import Spool
@@ -24,17 +27,6 @@ if TYPE_CHECKING:
     from .quarantine import QuarantineStore
 
 QUARANTINE_FAILED_REPLY = "451 4.3.0 Quarantine unavailable, try again later"
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """SMTP-ish envelope of a message (empty for HTTP/ICAP objects)."""
-
-    sender: str = ""
-    recipients: tuple[str, ...] = ()
-    client_addr: str = ""
-    helo: str = ""
-    listener: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +79,10 @@ class Gateway:
         if decision.quarantine:
             env = envelope or Envelope(listener=ctx.listener)
             try:
-                qid = self.store.put(spool, env, result, decision, frontend=ctx.frontend,
-                                     listener=ctx.listener)
-            except Exception as exc:  # noqa: BLE001 - any store failure must not lose mail
+                # fsync-heavy: keep it off the event loop
+                qid = await asyncio.to_thread(self.store.put, spool, env, result, decision,
+                                              frontend=ctx.frontend, listener=ctx.listener)
+            except Exception as exc:  # any store failure: tempfail, never accept-and-lose
                 decision = Decision(Disposition.TEMPFAIL, QUARANTINE_FAILED_REPLY,
                                     rule=f"{decision.rule}+quarantine-failed")
                 self._log_event({"event": "error", "frontend": ctx.frontend,
@@ -99,31 +92,14 @@ class Gateway:
 
     def _record(self, ctx: Context, result: ScanResult, decision: Decision, qid: str | None,
                 ids: dict[str, str] | None, elapsed: float) -> None:
-        try:
-            from .observability import record_scan
-        except ImportError:
-            record_scan = None
-        if record_scan is not None:
-            record_scan(ctx.frontend, result)
-        event: dict[str, Any] = {
-            "event": "scan",
-            "frontend": ctx.frontend,
-            "listener": ctx.listener,
-            "ids": {**(ids or {}), **({"quarantine": qid} if qid else {})},
-            "sha256": result.sha256,
-            "size": result.size,
-            "status": result.status.value,
-            "findings": [f.to_dict() for f in result.findings],
-            "reason": result.reason,
-            "engines": [e.to_dict() for e in result.engines],
-            "cached": result.cached,
-            "rule": decision.rule,
-            "actions": list(decision.actions),
-            "reply": decision.reply,
-            "elapsed_ms": round(elapsed * 1000, 3),
-        }
+        record_scan(ctx.frontend, result)
+        extra: dict[str, Any] = {"reply": decision.reply} if decision.reply else {}
         if decision.would is not None:
-            event["would"] = decision.would.to_dict()
+            extra["would"] = decision.would.to_dict()
+        event = scan_event(result, frontend=ctx.frontend, listener=ctx.listener,
+                           ids={**(ids or {}), **({"quarantine": qid} if qid else {})},
+                           rule=decision.rule, actions=decision.actions, **extra)
+        event["elapsed_ms"] = round(elapsed * 1000, 3)
         self._log_event(event)
 
     def _log_event(self, event: dict[str, Any]) -> None:

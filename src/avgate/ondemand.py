@@ -259,8 +259,10 @@ def iter_targets(paths: Iterable[str], summary: Summary,
             yield Target("stdin", None)
             continue
         if os.path.isdir(p):
-            for root, dirs, files in os.walk(p, onerror=lambda e: on_error(
-                    e.filename or p, e.strerror or str(e))):
+            def walk_error(exc: OSError, top: str = p) -> None:
+                on_error(exc.filename or top, exc.strerror or str(exc))
+
+            for root, dirs, files in os.walk(p, onerror=walk_error):
                 summary.directories += 1
                 dirs.sort()
                 if MAILDIR_SUBDIRS <= set(dirs):

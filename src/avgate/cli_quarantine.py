@@ -1,0 +1,217 @@
+"""``avgate quarantine ...``: list, show, export, release, delete, purge, report.
+
+Exit codes: 0 ok, 1 not found or refused (e.g. a second release without ``--force``),
+2 error (bad config, store or SMTP failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from . import config as config_mod
+from .errors import AvgateError, ConfigError, NotFound
+from .quarantine import DEFAULT_NEXT_HOP, QuarantineStore, iso_utc
+from .quarantine.release import AlreadyReleased, release, report
+
+quarantine_app = typer.Typer(no_args_is_help=True,
+                             help="Inspect, release and purge the quarantine.")
+
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config file (TOML).")]
+IdArg = Annotated[str, typer.Argument(help="Quarantine id (see `avgate quarantine list`).")]
+
+EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
+
+
+def _config(path: str | None) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            typer.echo(f"config error: {line}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+@contextmanager
+def _store(cfg: config_mod.Config) -> Iterator[QuarantineStore]:
+    """Open the store; translate the error tree into exit codes in one place."""
+    try:
+        store = QuarantineStore(cfg.quarantine_path)
+    except AvgateError as exc:
+        typer.echo(f"avgate: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    try:
+        yield store
+    except (NotFound, AlreadyReleased) as exc:
+        typer.echo(f"avgate: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+    except AvgateError as exc:
+        typer.echo(f"avgate: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    finally:
+        store.close()
+
+
+def _next_hop(cfg: config_mod.Config) -> str:
+    return str(cfg.quarantine.get("next_hop") or DEFAULT_NEXT_HOP)
+
+
+@quarantine_app.command("list")
+def list_(config: ConfigOpt = None,
+          json_out: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
+          virus: Annotated[str | None, typer.Option(
+              "--virus", help="Only records with a finding matching this glob.")] = None,
+          since: Annotated[str | None, typer.Option(
+              "--since", help="Only records quarantined after TIME (ISO 8601, @EPOCH, 3d)."
+          )] = None) -> None:
+    """List quarantined objects, oldest first."""
+    from .ondemand import parse_since
+
+    cfg = _config(config)
+    try:
+        since_ts = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        typer.echo(f"avgate: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    with _store(cfg) as store:
+        records = store.list(virus=virus, since=since_ts)
+        for rec in records:
+            if json_out:
+                d = rec.to_dict()
+                d.pop("result")
+                typer.echo(json.dumps(d))
+            else:
+                released = " released" if rec.released is not None else ""
+                typer.echo(f"{rec.id}  {iso_utc(rec.created)[:19]}Z  {rec.size:>9}  "
+                           f"{rec.status:<8} {','.join(rec.viruses) or '-'}  "
+                           f"{rec.envelope.sender or '<>'} -> "
+                           f"{','.join(rec.envelope.recipients) or '-'}{released}")
+        if not json_out:
+            typer.echo(f"{len(records)} record(s)", err=True)
+
+
+@quarantine_app.command()
+def show(record_id: IdArg, config: ConfigOpt = None,
+         json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Metadata of one record and a summary of its parts."""
+    cfg = _config(config)
+    with _store(cfg) as store:
+        rec = store.get(record_id)
+        parts = _parts(store.read_raw(record_id), cfg)
+        if json_out:
+            typer.echo(json.dumps({**rec.to_dict(), "parts": parts}))
+            return
+        d = rec.to_dict()
+        for key in ("id", "created", "frontend", "listener", "client_addr", "helo", "sender"):
+            typer.echo(f"{key + ':':<13} {d[key] or '-'}")
+        typer.echo(f"{'recipients:':<13} {', '.join(rec.envelope.recipients) or '-'}")
+        typer.echo(f"{'status:':<13} {rec.status}")
+        for f in rec.result.get("findings", []):
+            typer.echo(f"{'finding:':<13} {f['name']} ({f['engine']}) in "
+                       f"{f['part'] or '(whole object)'}")
+        engines = ", ".join(f"{e['name']} {e['version']}" for e in rec.result.get("engines", []))
+        typer.echo(f"{'engines:':<13} {engines or '-'}")
+        typer.echo(f"{'rule:':<13} {rec.rule or '-'}")
+        typer.echo(f"{'actions:':<13} {', '.join(rec.actions) or '-'}")
+        typer.echo(f"{'size:':<13} {rec.size}")
+        typer.echo(f"{'sha256:':<13} {rec.sha256}")
+        typer.echo(f"{'released:':<13} {d['released'] or 'no'}"
+                   + (f" to {', '.join(rec.released_to)}" if rec.released_to else ""))
+        typer.echo("parts:")
+        for p in parts:
+            extra = f"{p['size']} bytes" if "size" in p else f"{p['status']}: {p['reason']}"
+            typer.echo(f"  {p['path'] or '(message)'}  {extra}")
+
+
+def _parts(data: bytes, cfg: config_mod.Config) -> list[dict[str, object]]:
+    """The decomposition of a record, as avgate.content sees it (paths match findings)."""
+    try:
+        from .content import Part, decompose
+    except ImportError:
+        return []
+    out: list[dict[str, object]] = []
+    try:
+        for item in decompose(data, cfg.limits, name=""):
+            if isinstance(item, Part):
+                out.append({"path": item.path, "size": len(item.data), "depth": item.depth})
+            else:
+                out.append({"path": item.path, "status": item.status.value,
+                            "reason": item.reason})
+    except Exception as exc:  # a summary only: a parser problem must not hide the metadata
+        out.append({"path": "", "status": "error", "reason": str(exc)})
+    return out
+
+
+@quarantine_app.command()
+def export(record_id: IdArg, config: ConfigOpt = None) -> None:
+    """Write the object, byte-for-byte, to stdout (``> file.eml``)."""
+    cfg = _config(config)
+    with _store(cfg) as store, store.open_raw(record_id) as f:
+        out = sys.stdout.buffer
+        while chunk := f.read(1 << 16):
+            out.write(chunk)
+        out.flush()
+
+
+@quarantine_app.command("release")
+def release_(record_id: IdArg, config: ConfigOpt = None,
+             to: Annotated[list[str] | None, typer.Option(
+                 "--to", help="Send to this address instead of the original recipients "
+                              "(repeatable).")] = None,
+             force: Annotated[bool, typer.Option(
+                 "--force", help="Release even if it was released before.")] = False) -> None:
+    """Re-inject the object over SMTP to [quarantine] next_hop with its original envelope."""
+    cfg = _config(config)
+    with _store(cfg) as store:
+        rec = asyncio.run(release(store, record_id, _next_hop(cfg), to=to or None,
+                                  force=force))
+        typer.echo(f"{rec.id}: released to {', '.join(rec.released_to)} via {_next_hop(cfg)}")
+
+
+@quarantine_app.command()
+def delete(record_id: IdArg, config: ConfigOpt = None) -> None:
+    """Delete one record and its content."""
+    cfg = _config(config)
+    with _store(cfg) as store:
+        store.delete(record_id)
+        typer.echo(f"{record_id}: deleted")
+
+
+@quarantine_app.command()
+def purge(older_than: Annotated[float, typer.Option(
+              "--older-than", min=0, help="Delete records older than DAYS.")],
+          config: ConfigOpt = None) -> None:
+    """Delete every record quarantined more than DAYS days ago."""
+    cfg = _config(config)
+    with _store(cfg) as store:
+        ids = store.purge(older_than)
+        typer.echo(f"purged {len(ids)} record(s)")
+
+
+@quarantine_app.command("report")
+def report_(record_id: IdArg, config: ConfigOpt = None,
+            false_positive: Annotated[bool, typer.Option("--false-positive")] = False,
+            false_negative: Annotated[bool, typer.Option("--false-negative")] = False) -> None:
+    """Send the object (attached as message/rfc822) to [quarantine] report_to."""
+    if false_positive == false_negative:
+        typer.echo("avgate: give exactly one of --false-positive, --false-negative", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    cfg = _config(config)
+    report_to = str(cfg.quarantine.get("report_to", ""))
+    report_from = str(cfg.quarantine.get("report_from", "") or "avgate@localhost")
+    if not report_to:
+        typer.echo("avgate: [quarantine] report_to is not configured", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    kind = "false-positive" if false_positive else "false-negative"
+    with _store(cfg) as store:
+        asyncio.run(report(store, record_id, kind, _next_hop(cfg), report_from, report_to))
+        typer.echo(f"{record_id}: {kind} report sent to {report_to}")
+
+
+__all__ = ["quarantine_app"]

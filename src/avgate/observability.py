@@ -1,0 +1,136 @@
+"""Scan log (JSON lines) and Prometheus metrics.
+
+The scan log is the audit trail: one JSON object per line for every scan and every action,
+written by one writer per process and flushed per line, so ``tail -f`` and log shippers see
+whole lines. Metrics live in a module-level registry (not the prometheus-client default
+one, so tests and embedding applications do not collide); the HTTP front-end exposes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .result import ScanResult
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def utc_now() -> str:
+    """Current time as ISO 8601 UTC (milliseconds, trailing Z)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def scan_event(result: ScanResult, *, frontend: str, listener: str = "",
+               ids: dict[str, str] | None = None, rule: str = "",
+               actions: list[str] | tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    """The standard scan-log event for one result (the caller adds what it knows)."""
+    event: dict[str, Any] = {
+        "event": "scan",
+        "frontend": frontend,
+        "listener": listener,
+        "ids": {k: v for k, v in (ids or {}).items() if v},
+        "sha256": result.sha256,
+        "size": result.size,
+        "status": result.status.value,
+        "findings": [f.to_dict() for f in result.findings],
+        "engines": [e.to_dict() for e in result.engines],
+        "rule": rule,
+        "actions": list(actions),
+        "elapsed_ms": round(result.elapsed * 1000, 3),
+        "cached": result.cached,
+    }
+    if result.reason:
+        event["reason"] = result.reason
+    event.update(extra)
+    return event
+
+
+class ScanLog:
+    """JSON-lines writer: ``path`` (appended to, created 0o600) or stdout when None."""
+
+    def __init__(self, path: str | None = None, level: str = "info") -> None:
+        if level not in _LEVELS:
+            raise ValueError(f"unknown log level {level!r}")
+        self.level = level
+        self._lock = threading.Lock()  # front-ends may log from executor threads
+        self._own = path is not None
+        self._stream: IO[str]
+        if path is None:
+            self._stream = sys.stdout
+        else:
+            import os
+
+            # the log names senders and recipients: not world-readable
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._stream = open(fd, "a", encoding="utf-8", buffering=1)
+
+    @property
+    def debug_enabled(self) -> bool:
+        return _LEVELS[self.level] <= _LEVELS["debug"]
+
+    def log(self, event: dict[str, Any], level: str = "info") -> None:
+        """Write one event as a JSON line (``time`` added when missing)."""
+        if _LEVELS.get(level, 20) < _LEVELS[self.level]:
+            return
+        line = json.dumps({"time": utc_now(), **event} if "time" not in event else event,
+                          separators=(",", ":"), default=str, ensure_ascii=False)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    def debug(self, event: dict[str, Any]) -> None:
+        """A debug line (engine dialogue — never content bytes); dropped unless level=debug."""
+        if self.debug_enabled:
+            self.log({"level": "debug", **event}, level="debug")
+
+    def close(self) -> None:
+        """Close the file (stdout is left open)."""
+        if self._own:
+            with self._lock:
+                self._stream.close()
+
+
+# -- metrics --------------------------------------------------------------------------------
+registry = CollectorRegistry(auto_describe=True)
+
+scans_total = Counter("avgate_scans", "Objects scanned, by front-end and status",
+                      ["frontend", "status"], registry=registry)
+findings_total = Counter("avgate_findings", "Findings, by signature name", ["name"],
+                         registry=registry)
+engine_latency = Histogram("avgate_engine_latency_seconds", "Scan latency, by engine",
+                           ["engine"], registry=registry,
+                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120))
+engine_errors_total = Counter("avgate_engine_errors", "Scans an engine could not decide",
+                              ["engine"], registry=registry)
+cache_hits_total = Counter("avgate_cache_hits", "Verdict cache hits", registry=registry)
+quarantine_records = Gauge("avgate_quarantine_records", "Records in the quarantine",
+                           registry=registry)
+quarantine_bytes = Gauge("avgate_quarantine_bytes", "Bytes in the quarantine",
+                         registry=registry)
+
+
+def record_scan(frontend: str, result: ScanResult) -> None:
+    """Update the scan metrics for one merged result."""
+    scans_total.labels(frontend=frontend, status=result.status.value).inc()
+    for name in result.virus_names:
+        findings_total.labels(name=name).inc()
+    if result.cached:
+        cache_hits_total.inc()
+        return  # a cache hit asked no engine: no engine latency to record
+    for engine in result.engines:
+        # the merged result has one elapsed time; engines ran within it
+        engine_latency.labels(engine=engine.name).observe(result.elapsed)
+        if result.status.value == "error":
+            engine_errors_total.labels(engine=engine.name).inc()
+
+
+def set_quarantine_size(records: int, size: int) -> None:
+    """Publish the quarantine's size (the store calls this after every change)."""
+    quarantine_records.set(records)
+    quarantine_bytes.set(size)

@@ -1,0 +1,9 @@
+"""Quarantine: a store of objects held back by policy, and their release."""
+
+from __future__ import annotations
+
+from .release import DEFAULT_NEXT_HOP, AlreadyReleased, build_report, release, report, send
+from .store import Envelope, QuarantineStore, Record, iso_utc, new_id
+
+__all__ = ["DEFAULT_NEXT_HOP", "AlreadyReleased", "Envelope", "QuarantineStore", "Record",
+           "build_report", "iso_utc", "new_id", "release", "report", "send"]

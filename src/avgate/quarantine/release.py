@@ -1,0 +1,141 @@
+"""Getting objects out of quarantine: release (re-inject over SMTP) and FP/FN reports.
+
+Both talk SMTP with aiosmtplib to the configured next hop (``[quarantine] next_hop``, default
+``127.0.0.1:10026``: the MTA's re-injection port, which does not scan again).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from email.utils import formatdate, make_msgid
+
+import aiosmtplib
+
+from ..errors import QuarantineError
+from .store import QuarantineStore, Record, iso_utc
+
+DEFAULT_NEXT_HOP = "127.0.0.1:10026"
+
+
+class AlreadyReleased(QuarantineError):
+    """A second release without ``force`` (the CLI answers it with exit code 1)."""
+SMTP_TIMEOUT = 60.0
+
+
+def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` → (host, port)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, _, port = value.partition(":")
+    else:
+        host, port = value, ""
+    if not host or (port and not port.isdigit()):
+        raise QuarantineError(f"bad next hop {value!r}: expected host:port")
+    return host, int(port) if port else default_port
+
+
+async def send(next_hop: str, sender: str, recipients: Sequence[str], data: bytes) -> None:
+    """One SMTP transaction; raises QuarantineError when any recipient is refused."""
+    if not recipients:
+        raise QuarantineError("no recipients to send to")
+    host, port = parse_hostport(next_hop)
+    try:
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, timeout=SMTP_TIMEOUT,
+                               start_tls=False, use_tls=False)
+        async with smtp:
+            refused, _ = await smtp.sendmail(sender, list(recipients), data)
+    except aiosmtplib.SMTPException as exc:
+        raise QuarantineError(f"SMTP to {next_hop} failed: {exc}") from exc
+    except OSError as exc:
+        raise QuarantineError(f"cannot connect to {next_hop}: {exc}") from exc
+    if refused:
+        raise QuarantineError("recipients refused: " + ", ".join(
+            f"{r} ({resp.code} {resp.message})" for r, resp in refused.items()))
+
+
+async def release(store: QuarantineStore, record_id: str, next_hop: str,
+                  to: Sequence[str] | None = None, force: bool = False) -> Record:
+    """Send a record with its original envelope (or to ``to``); refuse a second release.
+
+    Raises NotFound, QuarantineError (already released without ``force``, SMTP failure).
+    """
+    record = store.get(record_id)
+    if record.released is not None and not force:
+        raise AlreadyReleased(
+            f"{record_id} was already released at {iso_utc(record.released)} "
+            f"(use --force to release it again)")
+    recipients = list(to) if to else list(record.envelope.recipients)
+    await send(next_hop, record.envelope.sender, recipients, store.read_raw(record_id))
+    store.mark_released(record_id, recipients)
+    return store.get(record_id)
+
+
+def build_report(record: Record, raw: bytes, kind: str, report_from: str,
+                 report_to: str) -> bytes:
+    """A multipart/mixed report with the original attached as message/rfc822, verbatim.
+
+    The attachment is written by hand, not through the email package, so the original bytes
+    are not re-encoded (message/rfc822 must not be base64-encoded, RFC 2046 5.2.1).
+    """
+    label = "false positive" if kind == "false-positive" else "false negative"
+    boundary = "avgate-report-" + secrets.token_hex(12)
+    while boundary.encode() in raw:  # practically never; cheap to guarantee
+        boundary = "avgate-report-" + secrets.token_hex(12)
+    summary = "\r\n".join([
+        f"avgate {label} report",
+        "",
+        f"Quarantine id: {record.id}",
+        f"Quarantined:   {iso_utc(record.created)}",
+        f"Status:        {record.status}",
+        f"Findings:      {', '.join(record.viruses) or '-'}",
+        f"Rule:          {record.rule or '-'}",
+        f"Front-end:     {record.frontend or '-'} ({record.envelope.listener or '-'})",
+        f"Sender:        {record.envelope.sender or '<>'}",
+        f"Recipients:    {', '.join(record.envelope.recipients) or '-'}",
+        f"SHA-256:       {record.sha256}",
+        f"Size:          {record.size}",
+        "",
+    ])
+    head = "\r\n".join([
+        f"From: {report_from}",
+        f"To: {report_to}",
+        f"Subject: [avgate] {label}: {', '.join(record.viruses) or record.status} "
+        f"({record.id})",
+        f"Date: {formatdate(time.time(), localtime=False)}",
+        f"Message-ID: {make_msgid('avgate-report')}",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/mixed; boundary="{boundary}"',
+        "",
+        "This is a MIME-formatted message.",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        summary,
+        f"--{boundary}",
+        "Content-Type: message/rfc822",
+        "Content-Transfer-Encoding: 8bit",
+        f'Content-Disposition: attachment; filename="{record.id}.eml"',
+        "",
+        "",
+    ]).encode("utf-8")
+    tail = b"" if raw.endswith(b"\n") else b"\r\n"
+    return head + raw + tail + f"--{boundary}--\r\n".encode()
+
+
+async def report(store: QuarantineStore, record_id: str, kind: str, next_hop: str,
+                 report_from: str, report_to: str) -> bytes:
+    """Send a false-positive/false-negative report about a record; return what was sent."""
+    if kind not in ("false-positive", "false-negative"):
+        raise ValueError(f"unknown report kind {kind!r}")
+    if not report_to:
+        raise QuarantineError("[quarantine] report_to is not configured")
+    record = store.get(record_id)
+    data = build_report(record, store.read_raw(record_id), kind, report_from, report_to)
+    await send(next_hop, report_from, [report_to], data)
+    return data

@@ -1,0 +1,424 @@
+"""The quarantine store: an SQLite index plus one content file per record.
+
+Layout under the configured directory (mode 0o700)::
+
+    index.sqlite3          one row per record (envelope, result, rule, actions, times)
+    objects/<id>           the content, byte-for-byte as received (mode 0o600)
+    objects/.tmp-<pid>-<id>  a write in progress
+    lock                   fcntl lock serialising "publish" steps between processes
+
+Write order (``put``): stream into a temp file, fsync, rename to ``objects/<id>``, fsync the
+directory, then insert the row in a transaction — all of the rename + insert under the store
+lock. A crash can therefore leave a temp file (its writer's pid is dead) or a complete file
+without a row, never a row without content nor a half-written ``objects/<id>``. Opening the
+store removes both kinds of leftovers; the lock keeps it from racing a live writer.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import errno
+import fcntl
+import fnmatch
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+from ..errors import NotFound, QuarantineError
+from ..result import ScanResult
+from ..spool import Spool
+
+if TYPE_CHECKING:
+    from ..policy import Decision
+
+_CHUNK = 1 << 16
+_ID_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{16}$")
+_TMP_PREFIX = ".tmp-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id          TEXT PRIMARY KEY,
+    created     REAL NOT NULL,
+    sender      TEXT NOT NULL,
+    recipients  TEXT NOT NULL,      -- JSON array
+    client_addr TEXT NOT NULL,
+    helo        TEXT NOT NULL,
+    listener    TEXT NOT NULL,
+    frontend    TEXT NOT NULL,
+    sha256      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    status      TEXT NOT NULL,
+    viruses     TEXT NOT NULL,      -- JSON array of finding names
+    result      TEXT NOT NULL,      -- ScanResult.to_dict() as JSON
+    rule        TEXT NOT NULL,
+    actions     TEXT NOT NULL,      -- JSON array
+    released    REAL,               -- time of the last release, NULL if never
+    released_to TEXT                -- JSON array of the recipients of the last release
+);
+CREATE INDEX IF NOT EXISTS records_created ON records(created);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Where a quarantined message came from and where it was going."""
+
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    client_addr: str = ""
+    helo: str = ""
+    listener: str = ""
+
+
+class EnvelopeLike(Protocol):
+    """Anything with an envelope's fields (front-ends may keep their own envelope type)."""
+
+    @property
+    def sender(self) -> str: ...
+    @property
+    def recipients(self) -> Sequence[str]: ...
+    @property
+    def client_addr(self) -> str: ...
+    @property
+    def helo(self) -> str: ...
+    @property
+    def listener(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One quarantined object's metadata (the content is read with ``open_raw``)."""
+
+    id: str
+    created: float
+    envelope: Envelope
+    frontend: str
+    sha256: str
+    size: int
+    status: str
+    viruses: tuple[str, ...]
+    result: dict[str, Any]
+    rule: str
+    actions: tuple[str, ...]
+    released: float | None = None
+    released_to: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON output."""
+        return {
+            "id": self.id,
+            "created": iso_utc(self.created),
+            "sender": self.envelope.sender,
+            "recipients": list(self.envelope.recipients),
+            "client_addr": self.envelope.client_addr,
+            "helo": self.envelope.helo,
+            "listener": self.envelope.listener,
+            "frontend": self.frontend,
+            "sha256": self.sha256,
+            "size": self.size,
+            "status": self.status,
+            "viruses": list(self.viruses),
+            "rule": self.rule,
+            "actions": list(self.actions),
+            "released": iso_utc(self.released) if self.released is not None else None,
+            "released_to": list(self.released_to),
+            "result": self.result,
+        }
+
+
+def iso_utc(ts: float) -> str:
+    """An epoch time as ISO 8601 UTC with a trailing Z."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id(now: float | None = None) -> str:
+    """A sortable, unguessable id: UTC time to the microsecond, then 64 random bits."""
+    now = time.time() if now is None else now
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S%f")
+    return f"{stamp}Z-{secrets.token_hex(8)}"
+
+
+def decision_actions(decision: Decision | None) -> tuple[str, tuple[str, ...]]:
+    """(rule, actions) of a policy decision; an on-demand quarantine has no decision."""
+    if decision is None:
+        return "", ("quarantine",)
+    return decision.rule, tuple(decision.actions)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+class QuarantineStore:
+    """SQLite-indexed quarantine directory. One instance per process is enough."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.objects = self.path / "objects"
+        try:
+            # 0o700: quarantined mail is private; mkdir's mode is masked by umask, so chmod.
+            for d in (self.path, self.objects):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(d, 0o700)
+            self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+            db = self.path / "index.sqlite3"
+            fresh = not db.exists()
+            self._db = sqlite3.connect(db, timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            if fresh:
+                os.chmod(db, 0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
+        self.cleanup()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the index and the lock file."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> QuarantineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of crashed writers; return the names removed."""
+        removed: list[str] = []
+        with self._locked():
+            known = {row[0] for row in self._db.execute("SELECT id FROM records")}
+            for entry in os.scandir(self.objects):
+                name = entry.name
+                if name.startswith(_TMP_PREFIX):
+                    pid_text = name[len(_TMP_PREFIX):].partition("-")[0]
+                    # a temp file of a live writer is still being filled: leave it alone
+                    if pid_text.isdigit() and _pid_alive(int(pid_text)):
+                        continue
+                elif name in known:
+                    continue
+                # a complete file without a row: its writer died between rename and insert
+                # (we hold the lock, so no live writer is in that step now)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                removed.append(name)
+        return removed
+
+    # -- writing --------------------------------------------------------------------------
+    def put(self, content: Spool | bytes, envelope: EnvelopeLike, result: ScanResult,
+            decision: Decision | None = None, frontend: str = "", listener: str = "",
+            *, rule: str | None = None, actions: Sequence[str] | None = None) -> str:
+        """Store ``content`` byte-for-byte with its metadata; return the new id.
+
+        ``rule``/``actions`` override what is derived from ``decision`` (e.g. on-demand scans
+        have no decision). Raises QuarantineError (disk full included: front-ends tempfail).
+        """
+        record_id = new_id()
+        d_rule, d_actions = decision_actions(decision)
+        rule = d_rule if rule is None else rule
+        actions = d_actions if actions is None else tuple(actions)
+        envelope = Envelope(envelope.sender, tuple(envelope.recipients), envelope.client_addr,
+                            envelope.helo, listener or envelope.listener)
+        tmp = self.objects / f"{_TMP_PREFIX}{os.getpid()}-{record_id}"
+        final = self.objects / record_id
+        try:
+            size, sha = self._write_temp(tmp, content)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            raise QuarantineError(f"cannot write quarantine file: {why}") from exc
+        row = (record_id, time.time(), envelope.sender, json.dumps(list(envelope.recipients)),
+               envelope.client_addr, envelope.helo, envelope.listener, frontend, sha, size,
+               result.status.value, json.dumps(list(result.virus_names)),
+               json.dumps(result.to_dict()), rule, json.dumps(list(actions)))
+        try:
+            with self._locked():
+                os.replace(tmp, final)
+                self._fsync_dir()
+                try:
+                    with self._db:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        self._db.execute(
+                            "INSERT INTO records (id, created, sender, recipients, client_addr,"
+                            " helo, listener, frontend, sha256, size, status, viruses, result,"
+                            " rule, actions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+                except sqlite3.Error:
+                    with contextlib.suppress(OSError):
+                        os.unlink(final)
+                    raise
+        except (OSError, sqlite3.Error) as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            why = ("disk full" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+                   else str(exc))
+            raise QuarantineError(f"cannot store quarantine record: {why}") from exc
+        self._update_metrics()
+        return record_id
+
+    def _write_temp(self, tmp: Path, content: Spool | bytes) -> tuple[int, str]:
+        import hashlib
+
+        h = hashlib.sha256()
+        size = 0
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            chunks: Iterator[bytes] | Sequence[bytes]
+            # a Spool may be a large file: copy it in chunks, never as one bytes object
+            chunks = content.chunks(_CHUNK) if isinstance(content, Spool) else (content,)
+            for chunk in chunks:
+                out.write(chunk)
+                h.update(chunk)
+                size += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        return size, h.hexdigest()
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.objects, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- reading --------------------------------------------------------------------------
+    def _check_id(self, record_id: str) -> str:
+        # ids become file names: refuse anything that is not exactly our format
+        if not _ID_RE.match(record_id):
+            raise NotFound(f"no quarantine record {record_id!r}")
+        return record_id
+
+    def get(self, record_id: str) -> Record:
+        """The record's metadata; NotFound if there is none."""
+        self._check_id(record_id)
+        row = self._db.execute("SELECT * FROM records WHERE id = ?", (record_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no quarantine record {record_id!r}")
+        return self._record(row)
+
+    def content_path(self, record_id: str) -> Path:
+        """Path of the content file of an existing record."""
+        self.get(record_id)
+        return self.objects / record_id
+
+    def open_raw(self, record_id: str) -> BinaryIO:
+        """The content exactly as received, opened for reading."""
+        path = self.content_path(record_id)
+        try:
+            return open(path, "rb")  # the caller closes it
+        except OSError as exc:
+            raise QuarantineError(f"cannot read {path}: {exc.strerror}") from exc
+
+    def read_raw(self, record_id: str) -> bytes:
+        """The whole content as bytes (for release and report, which send it in one piece)."""
+        with self.open_raw(record_id) as f:
+            return f.read()
+
+    def list(self, *, virus: str | None = None, since: float | None = None,
+             limit: int | None = None) -> list[Record]:
+        """Records oldest first; ``virus`` is a glob on finding names, ``since`` an epoch."""
+        sql = "SELECT * FROM records"
+        args: list[Any] = []
+        if since is not None:
+            sql += " WHERE created >= ?"
+            args.append(since)
+        sql += " ORDER BY id"
+        out: list[Record] = []
+        for row in self._db.execute(sql, args):
+            rec = self._record(row)
+            if virus is not None and not any(
+                    fnmatch.fnmatchcase(v.lower(), virus.lower()) for v in rec.viruses):
+                continue
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    def stats(self) -> tuple[int, int]:
+        """(records, bytes) in the store."""
+        n, total = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records"
+                                    ).fetchone()
+        return int(n), int(total)
+
+    @staticmethod
+    def _record(row: tuple[Any, ...]) -> Record:
+        (rid, created, sender, rcpts, client, helo, listener, frontend, sha, size, status,
+         viruses, result, rule, actions, released, released_to) = row
+        return Record(
+            id=rid, created=created,
+            envelope=Envelope(sender, tuple(json.loads(rcpts)), client, helo, listener),
+            frontend=frontend, sha256=sha, size=size, status=status,
+            viruses=tuple(json.loads(viruses)), result=json.loads(result), rule=rule,
+            actions=tuple(json.loads(actions)), released=released,
+            released_to=tuple(json.loads(released_to)) if released_to else ())
+
+    # -- changing -------------------------------------------------------------------------
+    def mark_released(self, record_id: str, recipients: Sequence[str],
+                      when: float | None = None) -> None:
+        """Record that the object was released to ``recipients``."""
+        self.get(record_id)
+        with self._db:
+            self._db.execute("UPDATE records SET released = ?, released_to = ? WHERE id = ?",
+                             (time.time() if when is None else when,
+                              json.dumps(list(recipients)), record_id))
+
+    async def release(self, record_id: str, next_hop: str, to: Sequence[str] | None = None,
+                      force: bool = False) -> Record:
+        """Re-inject the object over SMTP with its original envelope (see release.py)."""
+        from .release import release
+
+        return await release(self, record_id, next_hop, to=to, force=force)
+
+    def delete(self, record_id: str) -> None:
+        """Remove a record and its content; NotFound if there is none."""
+        self.get(record_id)
+        with self._locked():
+            # row first: a crash after it leaves an orphan file (cleaned on open), never a row
+            # whose content is gone
+            with self._db:
+                self._db.execute("DELETE FROM records WHERE id = ?", (record_id,))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.objects / record_id)
+        self._update_metrics()
+
+    def purge(self, older_than_days: float, now: float | None = None) -> builtins.list[str]:
+        """Delete every record created more than ``older_than_days`` ago; return their ids."""
+        cutoff = (time.time() if now is None else now) - older_than_days * 86400
+        ids = [r[0] for r in self._db.execute(
+            "SELECT id FROM records WHERE created < ? ORDER BY id", (cutoff,))]
+        for rid in ids:
+            self.delete(rid)
+        return ids
+
+    def _update_metrics(self) -> None:
+        from ..observability import set_quarantine_size
+
+        set_quarantine_size(*self.stats())

@@ -1,0 +1,164 @@
+"""Message editing: headers and subject textually, part replacement via the email package."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from email.header import decode_header, make_header
+from email.message import EmailMessage
+
+import pytest
+
+from avgate import config
+from avgate.mailedit import add_headers, edit_message, prefix_subject
+from avgate.policy import Decision, Disposition
+from avgate.result import Finding, ScanResult, ScanStatus
+from avgate.scan import ScanService
+
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+CLEAN = ScanResult(ScanStatus.CLEAN)
+PLAIN = b"From: a@example.org\r\nSubject: Hello there\r\n\r\nbody \xff\r\n\r\n.\r\nend"
+
+
+def decision(**kw: object) -> Decision:
+    return Decision(disposition=Disposition.ACCEPT, **kw)  # type: ignore[arg-type]
+
+
+def subject_of(data: bytes) -> str:
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    return str(make_header(decode_header(msg["Subject"])))
+
+
+def test_headers_added_on_top_rest_byte_identical() -> None:
+    out = edit_message(PLAIN, decision(headers=(("X-Virus-Scanned", "avgate 0.1"),
+                                                ("X-Virus-Status", "Clean"))), CLEAN)
+    assert out == b"X-Virus-Scanned: avgate 0.1\r\nX-Virus-Status: Clean\r\n" + PLAIN
+
+
+def test_lf_messages_get_lf_headers() -> None:
+    data = PLAIN.replace(b"\r\n", b"\n")
+    out = add_headers(data, [("X-A", "1")])
+    assert out == b"X-A: 1\n" + data
+
+
+def test_header_values_cannot_inject_and_are_encoded() -> None:
+    out = add_headers(b"Subject: s\n\nb", [("X-Virus-Status", "Infected (a\r\nBcc: x@y)"),
+                                            ("X-Note", "Vírus")])
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert msg["Bcc"] is None
+    assert msg["X-Virus-Status"] == "Infected (a Bcc: x@y)"
+    assert msg["X-Note"] == "Vírus"
+    assert out.isascii() or out.endswith(b"b")
+    with pytest.raises(ValueError):
+        add_headers(b"\n", [("Bad Name", "v")])
+
+
+def test_subject_prefix_plain() -> None:
+    out = edit_message(PLAIN, decision(subject_prefix="***VIRUS*** "), CLEAN)
+    assert out == PLAIN.replace(b"Subject: Hello", b"Subject: ***VIRUS*** Hello")
+    # a second pass does not prefix twice
+    assert prefix_subject(out, "***VIRUS*** ") == out
+
+
+def test_subject_prefix_before_encoded_words() -> None:
+    data = (b"Subject: =?UTF-8?B?R3LDvMOfZQ==?=\r\n =?UTF-8?Q?_aus_K=C3=B6ln?=\r\n"
+            b"From: a@b\r\n\r\nbody")
+    out = prefix_subject(data, "[SPAM]")
+    assert subject_of(out) == "[SPAM] Grüße aus Köln"
+    # the encoded words themselves are untouched
+    assert b"=?UTF-8?B?R3LDvMOfZQ==?=\r\n =?UTF-8?Q?_aus_K=C3=B6ln?=" in out
+    out2 = prefix_subject(data, "[VÍRUS]")
+    assert subject_of(out2) == "[VÍRUS] Grüße aus Köln"
+    out3 = prefix_subject(PLAIN, "[VÍRUS]")
+    assert subject_of(out3) == "[VÍRUS] Hello there"
+
+
+def test_missing_subject_is_added() -> None:
+    out = prefix_subject(b"From: a@b\n\nbody\n", "***VIRUS*** ")
+    assert out == b"Subject: ***VIRUS***\nFrom: a@b\n\nbody\n"
+
+
+def _multipart() -> bytes:
+    msg = EmailMessage()
+    msg["From"] = "a@example.org"
+    msg["To"] = "b@example.org"
+    msg["Subject"] = "report"
+    msg.set_content("Please see the attachments.\n")
+    msg.add_attachment(b"harmless", maintype="application", subtype="octet-stream",
+                       filename="ok.bin")
+    msg.add_attachment(EICAR, maintype="application", subtype="octet-stream",
+                       filename="eicar.com")
+    return msg.as_bytes(policy=email.policy.SMTP)
+
+
+async def _scan(data: bytes) -> ScanResult:
+    service = ScanService.from_config(config.defaults())
+    try:
+        return await service.scan_bytes(data)
+    finally:
+        await service.close()
+
+
+async def test_replace_infected_attachment() -> None:
+    data = _multipart()
+    result = await _scan(data)
+    assert result.status is ScanStatus.INFECTED
+    dec = decision(replace=True, notice="Removed {virus} ({filename}).",
+                   headers=(("X-Virus-Status", "Infected"),), subject_prefix="[V]")
+    out = edit_message(data, dec, result)
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert msg["X-Virus-Status"] == "Infected"
+    assert msg["Subject"] == "[V] report"
+    parts = list(msg.iter_parts())
+    assert len(parts) == 3
+    assert parts[0].get_content().rstrip() == "Please see the attachments."
+    assert parts[1].get_filename() == "ok.bin"
+    assert parts[1].get_content() == b"harmless"
+    assert parts[2].get_content_type() == "text/plain"
+    assert parts[2].get_content() == "Removed Eicar-Test-Signature (eicar.com)."
+    assert b"\r\n" in out and b"\n" not in out.replace(b"\r\n", b"")
+    # the edited message is clean now
+    assert (await _scan(out)).status is ScanStatus.CLEAN
+
+
+async def test_replace_whole_body_of_single_part_message() -> None:
+    data = b"From: a@b\nSubject: s\nContent-Type: application/octet-stream\n\n" + EICAR + b"\n"
+    result = await _scan(data)
+    assert result.findings and result.findings[0].part == "1"
+    out = edit_message(data, decision(replace=True, notice="Virus {virus} removed."), result)
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert msg["Subject"] == "s" and msg["From"] == "a@b"
+    assert msg.get_content_type() == "text/plain"
+    assert msg.get_content().strip() == "Virus Eicar-Test-Signature removed."
+    assert (await _scan(out)).status is ScanStatus.CLEAN
+
+
+async def test_replace_attached_message() -> None:
+    inner = EmailMessage()
+    inner["Subject"] = "inner"
+    inner.set_content(EICAR.decode() + "\n")
+    outer = EmailMessage()
+    outer["Subject"] = "fwd"
+    outer.set_content("see attached\n")
+    outer.add_attachment(inner)
+    data = outer.as_bytes()
+    result = await _scan(data)
+    assert result.status is ScanStatus.INFECTED
+    out = edit_message(data, decision(replace=True, notice="gone: {virus}"), result)
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    parts = list(msg.iter_parts())
+    assert parts[0].get_content() == "see attached\n"
+    assert parts[1].get_content() == "gone: Eicar-Test-Signature"
+    assert (await _scan(out)).status is ScanStatus.CLEAN
+
+
+def test_unresolvable_path_replaces_whole_body() -> None:
+    data = _multipart()
+    result = ScanResult(ScanStatus.INFECTED,
+                        findings=(Finding("X", "e", "~boundary2/9/evil.exe"),))
+    out = edit_message(data, decision(replace=True, notice="removed {virus}"), result)
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert not msg.is_multipart()
+    assert msg.get_content().strip() == "removed X"
+    assert msg["Subject"] == "report"
+    assert EICAR not in out and b"harmless" not in out

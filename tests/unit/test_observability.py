@@ -1,0 +1,104 @@
+"""Scan log lines and metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from avgate import observability as obs
+from avgate.result import EngineInfo, Finding, ScanResult, ScanStatus
+
+RESULT = ScanResult(ScanStatus.INFECTED, findings=(Finding("Eicar-Test-Signature", "emb", "1"),),
+                    sha256="ab" * 32, size=68, engines=(EngineInfo("emb", "1.0"),), elapsed=0.25)
+
+
+def test_scan_log_writes_one_json_line_per_event(tmp_path: Path) -> None:
+    path = tmp_path / "scan.log"
+    log = obs.ScanLog(str(path), "info")
+    log.log(obs.scan_event(RESULT, frontend="smtp", listener="in",
+                           ids={"queue_id": "Q1", "message_id": "", "quarantine_id": "R1"},
+                           rule="default:infected", actions=("reject",)))
+    log.debug({"event": "engine", "said": "OK"})  # level info: dropped
+    log.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    ev = json.loads(lines[0])
+    assert ev["time"].endswith("Z")
+    assert ev["frontend"] == "smtp" and ev["listener"] == "in"
+    assert ev["ids"] == {"queue_id": "Q1", "quarantine_id": "R1"}
+    assert ev["sha256"] == "ab" * 32 and ev["size"] == 68
+    assert ev["status"] == "infected"
+    assert ev["findings"][0]["name"] == "Eicar-Test-Signature"
+    assert ev["engines"] == [{"name": "emb", "version": "1.0"}]
+    assert ev["rule"] == "default:infected" and ev["actions"] == ["reject"]
+    assert ev["elapsed_ms"] == 250.0
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_debug_level_and_threads(tmp_path: Path) -> None:
+    path = tmp_path / "d.log"
+    log = obs.ScanLog(str(path), "debug")
+
+    def work(n: int) -> None:
+        for i in range(200):
+            log.debug({"event": "engine", "thread": n, "i": i, "pad": "x" * 500})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    log.close()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(events) == 800  # no torn or merged lines
+    assert all(e["level"] == "debug" for e in events)
+
+
+def test_stdout_default(capsys: pytest.CaptureFixture[str]) -> None:
+    log = obs.ScanLog(None)
+    log.log({"event": "action", "action": "quarantine"})
+    out = capsys.readouterr().out
+    assert json.loads(out)["action"] == "quarantine"
+
+
+def test_unknown_level() -> None:
+    with pytest.raises(ValueError):
+        obs.ScanLog(None, "loud")
+
+
+def _value(name: str, labels: dict[str, str] | None = None) -> float:
+    v = obs.registry.get_sample_value(name, labels or {})
+    return 0.0 if v is None else v
+
+
+def test_record_scan_updates_metrics() -> None:
+    before_scans = _value("avgate_scans_total", {"frontend": "icap", "status": "infected"})
+    before_find = _value("avgate_findings_total", {"name": "Eicar-Test-Signature"})
+    before_lat = _value("avgate_engine_latency_seconds_count", {"engine": "emb"})
+    before_hits = _value("avgate_cache_hits_total")
+    obs.record_scan("icap", RESULT)
+    obs.record_scan("icap", RESULT.with_(cached=True))
+    assert _value("avgate_scans_total",
+                  {"frontend": "icap", "status": "infected"}) == before_scans + 2
+    assert _value("avgate_findings_total",
+                  {"name": "Eicar-Test-Signature"}) == before_find + 2
+    assert _value("avgate_engine_latency_seconds_count", {"engine": "emb"}) == before_lat + 1
+    assert _value("avgate_cache_hits_total") == before_hits + 1
+    before_err = _value("avgate_engine_errors_total", {"engine": "clamd"})
+    obs.record_scan("smtp", ScanResult.error("down", engines=(EngineInfo("clamd", "?"),)))
+    assert _value("avgate_engine_errors_total", {"engine": "clamd"}) == before_err + 1
+
+
+def test_quarantine_gauges(tmp_path: Path) -> None:
+    from avgate.quarantine import Envelope, QuarantineStore
+
+    with QuarantineStore(tmp_path / "q") as store:
+        store.put(b"12345", Envelope(), RESULT)
+        store.put(b"123", Envelope(), RESULT)
+        assert _value("avgate_quarantine_records") == 2
+        assert _value("avgate_quarantine_bytes") == 8
