@@ -382,10 +382,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 def defaults() -> Config:
     """Built-in defaults: embedded engine, every front-end on its default loopback listener."""
-    return Config(
-        smtp_listeners=(dict(DEFAULT_SMTP_LISTENER),),
-        **{k: dict(v) for k, v in DEFAULT_FRONTENDS.items()},
-    )
+    fe = {k: dict(v) for k, v in DEFAULT_FRONTENDS.items()}
+    return Config(smtp_listeners=(dict(DEFAULT_SMTP_LISTENER),), milter=fe["milter"],
+                  icap=fe["icap"], http=fe["http"], clamd_listener=fe["clamd_listener"])
 
 
 def loads(text: str, source: str | None = None) -> Config:
@@ -499,7 +498,10 @@ def from_dict(data: Mapping[str, Any], *, source: str | None = None, base_dir: s
         serve=sections.get("serve", {}),
         source=source,
         base_dir=base_dir,
-        **frontends,
+        milter=frontends["milter"],
+        icap=frontends["icap"],
+        http=frontends["http"],
+        clamd_listener=frontends["clamd_listener"],
     )
 
 

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from .observability import ScanLog
     from .quarantine import QuarantineStore
 
+__all__ = ["Envelope", "Gateway", "Outcome"]
+
 QUARANTINE_FAILED_REPLY = "451 4.3.0 Quarantine unavailable, try again later"
 
 
