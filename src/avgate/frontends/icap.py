@@ -1,0 +1,470 @@
+"""ICAP server front-end (RFC 3507) for proxies such as Squid: OPTIONS, RESPMOD, REQMOD.
+
+A thin asyncio adapter: bytes go into :class:`avgate.protocols.icap.IcapParser`, the body
+streams into a :class:`~avgate.spool.Spool` as it arrives, and :meth:`Gateway.process` gives the
+decision, which is answered in ICAP:
+
+==========================  ===============================================================
+decision                    ICAP answer
+==========================  ===============================================================
+accept                      ``204 No Content`` if the client allows it (``Allow: 204``, or
+                            the whole body came in the preview), else ``200`` echoing the
+                            object unmodified
+infected (any disposition   ``200`` wrapping ``HTTP 403 Forbidden`` with the block page, plus
+other than accept)          ``X-Infection-Found: Type=0; Resolution=2; Threat=NAME;`` and
+                            ``X-Virus-ID: NAME``
+tempfail (scanner error)    ``200`` wrapping ``HTTP 503 Service Unavailable`` (Retry-After):
+                            never an ICAP 5xx, because a proxy configured with ``bypass=on``
+                            would then pass the unscanned object to the user
+reject (not infected)       ``200`` wrapping ``HTTP 403`` with the policy's reason
+==========================  ===============================================================
+
+Preview: the preview data is spooled too; a content type listed in ``skip_content_types``
+gets ``204`` at once (nothing scanned, logged as ``icap-skip``); otherwise ``100 Continue``.
+Nothing of the object is sent back before the verdict (no trickling), so unscanned bytes of
+an infected object never reach the proxy. Protocol errors (bad chunk sizes, missing
+Encapsulated header, header over ``max_header_size``) get ``400`` and the connection is
+closed; a connection silent for ``idle_timeout`` seconds is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import html
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import __version__
+from ..errors import AvgateError, ConfigError
+from ..limits import KiB
+from ..policy import Context, Disposition
+from ..protocols import icap as proto
+from ..result import ScanStatus
+
+if TYPE_CHECKING:
+    from ..gateway import Gateway, Outcome
+    from ..spool import Spool
+
+DEFAULT_LISTEN = "127.0.0.1:1344"
+DEFAULT_SERVICE = "avscan"
+DEFAULT_PREVIEW = 1024
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_OPTIONS_TTL = 3600
+DEFAULT_MAX_HEADER_SIZE = 64 * KiB
+DEFAULT_MAX_REQUESTS = 1000
+DEFAULT_IDLE_TIMEOUT = 60.0
+READ_SIZE = 64 * KiB
+SEND_CHUNK = 64 * KiB
+
+DEFAULT_BLOCK_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Blocked: virus found</title></head>
+<body><h1>Access denied: virus found</h1>
+<p>The object <code>{url}</code> contains the virus <strong>{virus}</strong>
+and was blocked by avgate.</p></body></html>
+"""
+UNAVAILABLE_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Virus scanner unavailable</title></head>
+<body><h1>Virus scanner unavailable</h1>
+<p>The object <code>{url}</code> could not be scanned ({reason}).
+Please try again later.</p></body></html>
+"""
+REFUSED_PAGE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Blocked</title></head>
+<body><h1>Access denied</h1>
+<p>The object <code>{url}</code> was blocked by avgate ({reason}).</p></body></html>
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class IcapSettings:
+    """The ``[icap]`` section, with defaults filled in."""
+
+    listen: str = DEFAULT_LISTEN
+    service: str = DEFAULT_SERVICE
+    preview: int = DEFAULT_PREVIEW
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    options_ttl: int = DEFAULT_OPTIONS_TTL
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    max_requests_per_connection: int = DEFAULT_MAX_REQUESTS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    block_page: str = DEFAULT_BLOCK_PAGE  # the template text, not the path
+    skip_content_types: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, table: dict[str, Any], base_dir: str = ".") -> IcapSettings:
+        """Build from the validated ``[icap]`` table; reads the block page template file."""
+        kw: dict[str, Any] = {k: v for k, v in table.items()
+                              if k in cls.__dataclass_fields__ and k != "block_page"}
+        if "skip_content_types" in kw:
+            kw["skip_content_types"] = tuple(t.lower() for t in kw["skip_content_types"])
+        if "idle_timeout" in kw:
+            kw["idle_timeout"] = float(kw["idle_timeout"])
+        if table.get("block_page"):
+            path = Path(base_dir, table["block_page"])
+            try:
+                kw["block_page"] = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ConfigError(f"icap: block_page: cannot read {path}: {exc.strerror}") from exc
+        return cls(**kw)
+
+
+def _render(template: str, **values: str) -> bytes:
+    # str.replace, not str.format: a page's CSS braces must not be taken for fields
+    out = template
+    for key, value in values.items():
+        out = out.replace("{" + key + "}", html.escape(value))
+    return out.encode("utf-8")
+
+
+class IcapServer:
+    """One listening ICAP socket; ``describe()`` and ``aclose()`` for ``avgate serve``."""
+
+    def __init__(self, gateway: Gateway, settings: IcapSettings) -> None:
+        self.gateway = gateway
+        self.settings = settings
+        self._server: asyncio.Server | None = None
+        self._active = 0
+        self._busy: set[asyncio.Task[Any]] = set()
+        self._idle: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._istag_src = ""
+        self._istag = ""
+        self.address = ""
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        listen = self.settings.listen
+        if listen.startswith("unix:"):
+            path = listen[5:]
+            self._server = await asyncio.start_unix_server(self._connection, path)
+            self.address = listen
+        else:
+            host, _, port = listen.rpartition(":")
+            host = host.strip("[]") or "127.0.0.1"
+            self._server = await asyncio.start_server(self._connection, host, int(port))
+            sock = self._server.sockets[0].getsockname()
+            self.address = f"{host}:{sock[1]}"
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    def describe(self) -> str:
+        return f"icap://{self.address}/{self.settings.service}"
+
+    async def aclose(self, grace: float = 30.0) -> None:
+        """Stop accepting; close idle connections; let requests in flight finish."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._idle):
+            task.cancel()
+        busy = [t for t in self._busy if not t.done()]
+        if busy:
+            await asyncio.wait(busy, timeout=grace)
+        for task in list(self._busy | self._idle):
+            task.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    # -- ISTag -------------------------------------------------------------------------
+    def istag(self) -> str:
+        """Quoted, ≤ 32 characters, changes whenever an engine's signatures change."""
+        src = self.gateway.scanner.db_versions()
+        if src != self._istag_src:
+            digest = hashlib.sha256(f"{__version__}|{src}".encode()).hexdigest()[:30]
+            self._istag, self._istag_src = f'"{digest}"', src
+        return self._istag
+
+    def _common(self) -> list[tuple[str, str]]:
+        return [("ISTag", self.istag()), ("Service", f"avgate/{__version__}")]
+
+    # -- connections -------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if self._active >= self.settings.max_connections or self._closing:
+            writer.write(proto.encode_response(503, [*self._common(), ("Connection", "close")]))
+            await self._close(writer)
+            return
+        self._active += 1
+        peer = writer.get_extra_info("peername")
+        client = peer[0] if isinstance(peer, tuple) else ""
+        conn = _Conn(self, reader, writer, client, task)
+        try:
+            await conn.run()
+        except asyncio.CancelledError:
+            pass  # aclose() ends idle connections (and busy ones after the grace period)
+        finally:
+            self._active -= 1
+            self._busy.discard(task)
+            self._idle.discard(task)
+            await self._close(writer)
+
+    @staticmethod
+    async def _close(writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+class _Conn:
+    """One client connection: a loop of requests on one parser."""
+
+    def __init__(self, server: IcapServer, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, client: str, task: asyncio.Task[Any]) -> None:
+        self.server = server
+        self.s = server.settings
+        self.gateway = server.gateway
+        self.reader = reader
+        self.writer = writer
+        self.client = client
+        self.task = task
+        self.parser = proto.IcapParser("server", max_header_size=self.s.max_header_size)
+
+    async def run(self) -> None:
+        served = 0
+        try:
+            while not self.server._closing:
+                self._set_idle(True)
+                ev = await self._event(idle=True)
+                if ev is None:
+                    return
+                self._set_idle(False)
+                if not isinstance(ev, proto.Request):
+                    raise proto.IcapProtocolError(f"unexpected {type(ev).__name__}")
+                served += 1
+                last = (served >= self.s.max_requests_per_connection or not ev.keep_alive
+                        or self.server._closing)
+                keep = await self._request(ev, last)
+                await self.writer.drain()
+                if not keep or last:
+                    return
+        except proto.IcapProtocolError as exc:
+            await self._error(exc.status, str(exc))
+        except TimeoutError:
+            if not self.parser.idle:
+                await self._error(408, "idle timeout in the middle of a request")
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except AvgateError as exc:  # spool failure (disk full, ...): nothing was scanned
+            await self._error(500, str(exc))
+
+    def _set_idle(self, idle: bool) -> None:
+        (self.server._idle if idle else self.server._busy).add(self.task)
+        (self.server._busy if idle else self.server._idle).discard(self.task)
+
+    async def _event(self, idle: bool = False) -> proto.Event | None:
+        """The next parser event, reading as needed; None on a clean close between requests."""
+        parser = self.parser
+        while True:
+            ev = parser.next_event()
+            if ev is not proto.NEED_DATA:
+                return ev  # type: ignore[return-value]
+            async with asyncio.timeout(self.s.idle_timeout):
+                data = await self.reader.read(READ_SIZE)
+            if not data and parser.idle:
+                return None
+            parser.receive_data(data)
+
+    async def _error(self, status: int, message: str) -> None:
+        detail = message[:200].replace("\r", " ").replace("\n", " ")
+        headers = [*self.server._common(), ("Connection", "close"), ("X-Avgate-Error", detail)]
+        with contextlib.suppress(Exception):
+            self.writer.write(proto.encode_response(status, headers))
+            await self.writer.drain()
+
+    # -- requests ----------------------------------------------------------------------
+    async def _request(self, req: proto.Request, last: bool) -> bool:
+        """Serve one request; False when the connection must be closed."""
+        if req.method not in ("OPTIONS", "REQMOD", "RESPMOD"):
+            await self._error(501, f"method {req.method[:20]} not implemented")
+            return False
+        if req.service != self.s.service:
+            await self._error(404, f"no service {req.service[:40]!r} (try /{self.s.service})")
+            return False
+        if req.method == "OPTIONS":
+            await self._drain_body(req)
+            self.writer.write(self._options(last))
+            return True
+        return await self._modify(req, last)
+
+    def _options(self, last: bool) -> bytes:
+        s = self.s
+        headers = [("Methods", "RESPMOD, REQMOD"), *self.server._common(),
+                   ("Max-Connections", str(s.max_connections)),
+                   ("Options-TTL", str(s.options_ttl)), ("Allow", "204"),
+                   ("Preview", str(s.preview)), ("Transfer-Preview", "*"),
+                   ("Date", _http_date())]
+        if last:
+            headers.append(("Connection", "close"))
+        return proto.encode_response(200, headers)
+
+    async def _drain_body(self, req: proto.Request) -> None:
+        if not req.has_body:
+            return
+        while not isinstance(await self._event(), proto.BodyEnd):
+            pass
+
+    async def _modify(self, req: proto.Request, last: bool) -> bool:
+        http = req.res_hdr if req.method == "RESPMOD" else req.req_hdr
+        skip = bool(self.s.skip_content_types) and self._skipped_type(http)
+        preview = req.preview is not None
+        may_204 = req.allow_204
+        spool = self.gateway.new_spool()
+        try:
+            if req.has_body:
+                ev = await self._event()
+                while isinstance(ev, proto.BodyChunk):
+                    spool.write(ev.data)
+                    ev = await self._event()
+                if isinstance(ev, proto.PreviewEnd):
+                    if ev.ieof:
+                        may_204 = True  # the whole object was in the preview
+                        await self._event()  # the BodyEnd that follows
+                    elif skip:
+                        self.parser.skip_body()
+                        self._log_skip(req)
+                        self.writer.write(self._no_content(last))
+                        return True
+                    else:
+                        self.writer.write(proto.CONTINUE)
+                        self.parser.continue_body()
+                        ev = await self._event()
+                        while isinstance(ev, proto.BodyChunk):
+                            spool.write(ev.data)
+                            ev = await self._event()
+                if not isinstance(ev, proto.BodyEnd | proto.PreviewEnd):
+                    raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+            elif preview:
+                may_204 = True
+            spool.finish()
+            if skip or not req.has_body:
+                if skip:
+                    self._log_skip(req)
+                await self._accept(req, spool, may_204, last)
+                return True
+            ctx = Context(frontend="icap", listener="icap", client_addr=self.client,
+                          size=spool.size)
+            url = _url_of(req)
+            outcome = await self.gateway.process(spool, ctx, ids={"url": url} if url else None)
+            await self._answer(req, spool, outcome, may_204, last)
+            return True
+        finally:
+            spool.close()
+
+    def _skipped_type(self, http: bytes) -> bool:
+        if not http:
+            return False
+        try:
+            media = proto.HttpHead.parse(http).media_type
+        except proto.IcapProtocolError:
+            return False
+        return bool(media) and any(fnmatch.fnmatchcase(media, p)
+                                   for p in self.s.skip_content_types)
+
+    def _log_skip(self, req: proto.Request) -> None:
+        log = self.gateway.log
+        if log is not None:
+            log.log({"event": "icap-skip", "frontend": "icap", "url": _url_of(req),
+                     "reason": "content type in skip_content_types"})
+
+    def _no_content(self, last: bool) -> bytes:
+        headers = self.server._common()
+        if last:
+            headers.append(("Connection", "close"))
+        return proto.encode_response(204, headers)
+
+    async def _answer(self, req: proto.Request, spool: Spool, outcome: Outcome,
+                      may_204: bool, last: bool) -> None:
+        result, decision = outcome.result, outcome.decision
+        if decision.disposition is Disposition.ACCEPT:
+            await self._accept(req, spool, may_204, last)
+            return
+        url = _url_of(req)
+        extra: list[tuple[str, str]] = []
+        if result.status is ScanStatus.INFECTED:
+            virus = result.virus or "unknown"
+            safe = virus.replace(";", "_")
+            extra = [("X-Infection-Found", f"Type=0; Resolution=2; Threat={safe};"),
+                     ("X-Virus-ID", safe)]
+            status, body = 403, _render(self.s.block_page, virus=virus, url=url)
+        elif decision.disposition is Disposition.TEMPFAIL:
+            status = 503
+            body = _render(UNAVAILABLE_PAGE, url=url,
+                           reason=result.reason or decision.text or result.status.value)
+        else:
+            status = 403
+            body = _render(REFUSED_PAGE, url=url,
+                           reason=decision.text or result.reason or result.status.value)
+        http_headers = [("Content-Type", "text/html; charset=utf-8"),
+                        ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
+        if status == 503:
+            http_headers.append(("Retry-After", "60"))
+        headers = self.server._common() + extra
+        if last:
+            headers.append(("Connection", "close"))
+        res_hdr = proto.encode_http_response(status, http_headers)
+        self.writer.write(proto.encode_response(200, headers, res_hdr=res_hdr, body="res-body")
+                          + proto.encode_body(body))
+
+    async def _accept(self, req: proto.Request, spool: Spool, may_204: bool,
+                      last: bool) -> None:
+        if may_204:
+            self.writer.write(self._no_content(last))
+            return
+        headers = self.server._common()
+        if last:
+            headers.append(("Connection", "close"))
+        # echo unmodified: the same HTTP headers and body
+        if req.method == "RESPMOD":
+            head = proto.encode_response(200, headers, res_hdr=req.res_hdr, body=req.body)
+        else:
+            head = proto.encode_response(200, headers, req_hdr=req.req_hdr, body=req.body)
+        if not req.has_body:
+            self.writer.write(head)
+            return
+        if spool.size <= SEND_CHUNK:
+            self.writer.write(head + proto.encode_body(spool.getvalue()))
+            return
+        self.writer.write(head)
+        for chunk in spool.chunks(SEND_CHUNK):
+            self.writer.write(proto.encode_chunk(chunk))
+            await self.writer.drain()
+        self.writer.write(proto.LAST_CHUNK)
+
+
+def _url_of(req: proto.Request) -> str:
+    if not req.req_hdr:
+        return ""
+    try:
+        return proto.HttpHead.parse(req.req_hdr).url
+    except proto.IcapProtocolError:
+        return ""
+
+
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date() -> str:
+    t = time.gmtime()
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
+async def start(gateway: Gateway) -> Sequence[IcapServer]:
+    """Start the ICAP listener from ``gateway.config.icap`` (see :class:`IcapSettings`)."""
+    table = gateway.config.icap or {}
+    settings = IcapSettings.from_config(dict(table), gateway.config.base_dir)
+    server = IcapServer(gateway, settings)
+    await server.start()
+    return [server]

@@ -1,0 +1,229 @@
+"""Our ICAP server in-process over real sockets: protocol errors → 400 and close (never a
+hang), keep-alive and request limits, preview decisions, the unavailable page, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from avgate.config import Config
+from avgate.frontends import icap as fe
+from avgate.gateway import Gateway
+from avgate.limits import Limits, MiB
+from avgate.protocols import icap as proto
+from tests.clamd_daemon import EICAR
+
+pytestmark = pytest.mark.timeout(60)
+
+REQ_HDR = b"GET http://origin.test/f HTTP/1.1\r\nHost: origin.test\r\n\r\n"
+
+
+def res_hdr(n: int, ctype: str = "application/octet-stream") -> bytes:
+    return f"HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {n}\r\n\r\n".encode()
+
+
+def respmod(body: bytes, *, allow_204: bool = True, preview: int | None = None,
+            ctype: str = "application/octet-stream") -> bytes:
+    headers = [("Host", "t")]
+    if allow_204:
+        headers.append(("Allow", "204"))
+    if preview is not None:
+        headers.append(("Preview", str(preview)))
+    return proto.encode_request("RESPMOD", "icap://t/avscan", headers, req_hdr=REQ_HDR,
+                                res_hdr=res_hdr(len(body), ctype), body="res-body")
+
+
+async def make_server(**icap: object) -> tuple[Gateway, fe.IcapServer]:
+    table = {"listen": "127.0.0.1:0", "idle_timeout": 2, **icap}
+    cfg = dataclasses.replace(Config(), icap=table,
+                              limits=Limits(max_scan_size=8 * MiB))
+    gw = Gateway.from_config(cfg)
+    await gw.start()
+    [srv] = await fe.start(gw)
+    return gw, srv
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[fe.IcapServer]:
+    gw, srv = await make_server(max_requests_per_connection=3, max_header_size=4096,
+                                skip_content_types=["image/*"])
+    yield srv
+    await srv.aclose()
+    await gw.close()
+
+
+async def exchange(srv: fe.IcapServer, data: bytes) -> tuple[list[object], bool]:
+    """Send ``data``, read until the server closes; (events, closed)."""
+    r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+    w.write(data)
+    await w.drain()
+    p = proto.IcapParser("client")
+    out: list[object] = []
+    closed = False
+    try:
+        while True:
+            chunk = await asyncio.wait_for(r.read(65536), 3)
+            if not chunk:
+                closed = True
+                break
+            p.receive_data(chunk)
+            out.extend(p)
+    except TimeoutError:
+        pass
+    w.close()
+    return out, closed
+
+
+def responses(evs: list[object]) -> list[proto.Response]:
+    return [e for e in evs if isinstance(e, proto.Response)]
+
+
+@pytest.mark.parametrize("wire", [
+    b"RESPMOD icap://t/avscan ICAP/1.0\r\nHost: t\r\n\r\n",  # no Encapsulated
+    b"RESPMOD icap://t/avscan ICAP/1.0\r\nEncapsulated: res-body=0\r\n\r\nxyz\r\n",  # chunk size
+    b"OPTIONS icap://t/avscan ICAP/1.0\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n",  # header size
+    b"OPTIONS icap://t/avscan ICAP/1.0\r\nX-Big: " + b"a" * 10000,  # no end, over the limit
+])
+async def test_bad_input_gets_400_and_close(server: fe.IcapServer, wire: bytes) -> None:
+    evs, closed = await exchange(server, wire)
+    assert [r.status for r in responses(evs)] == [400]
+    assert closed
+
+
+async def test_incomplete_request_times_out_with_close(server: fe.IcapServer) -> None:
+    evs, closed = await exchange(server, respmod(b"abc")[:-10])
+    assert closed  # idle_timeout = 2 s; exchange() waits 3 s per read
+    assert [r.status for r in responses(evs)] == [408]
+
+
+async def test_keepalive_and_request_limit(server: fe.IcapServer) -> None:
+    one = respmod(b"clean data") + proto.encode_body(b"clean data")
+    evs, closed = await exchange(server, one * 4)  # limit is 3 per connection
+    rs = responses(evs)
+    assert [r.status for r in rs] == [204, 204, 204]
+    assert rs[-1].headers.get("connection") == "close" and closed
+
+
+async def test_unknown_service_404(server: fe.IcapServer) -> None:
+    evs, closed = await exchange(server, b"OPTIONS icap://t/other ICAP/1.0\r\n\r\n")
+    assert [r.status for r in responses(evs)] == [404] and closed
+
+
+async def test_preview_continue_then_block(server: fe.IcapServer) -> None:
+    body = EICAR  # the first 10 bytes in the preview, the signature completes after 100
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    w.write(respmod(body, preview=10) + proto.encode_chunk(body[:10]) + proto.LAST_CHUNK)
+    assert await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 3) == proto.CONTINUE
+    w.write(proto.encode_chunk(body[10:]) + proto.LAST_CHUNK)
+    p = proto.IcapParser("client")
+    evs: list[object] = []
+    for _ in range(50):
+        if any(isinstance(e, proto.BodyEnd) for e in evs):
+            break
+        data = await asyncio.wait_for(r.read(65536), 3)
+        assert data, f"closed after {evs}"
+        p.receive_data(data)
+        evs.extend(p)
+    w.close()
+    resp = responses(evs)[0]
+    assert resp.status == 200 and resp.headers.get("x-virus-id") == "Eicar-Test-Signature"
+    assert resp.res_hdr.startswith(b"HTTP/1.1 403 Forbidden")
+    page = b"".join(e.data for e in evs if isinstance(e, proto.BodyChunk))
+    assert b"Eicar-Test-Signature" in page and b"http://origin.test/f" in page
+
+
+async def test_preview_skip_content_type_early_204(server: fe.IcapServer) -> None:
+    body = EICAR * 100
+    wire = respmod(body, preview=16, ctype="image/png") + proto.encode_chunk(body[:16]) \
+        + proto.LAST_CHUNK
+    # the rest is never sent: the early 204 must come after the preview alone
+    wire += b"OPTIONS icap://t/avscan ICAP/1.0\r\n\r\n"
+    evs, _ = await exchange(server, wire)
+    assert [r.status for r in responses(evs)] == [204, 200]
+
+
+async def test_clean_without_allow_204_is_echoed(server: fe.IcapServer) -> None:
+    body = os.urandom(200_000)
+    evs, _ = await exchange(server, respmod(body, allow_204=False) + proto.encode_body(body)
+                            + b"OPTIONS icap://t/avscan ICAP/1.0\r\nConnection: close\r\n\r\n")
+    rs = responses(evs)
+    assert rs[0].status == 200 and rs[0].res_hdr == res_hdr(len(body))
+    echoed = b"".join(e.data for e in evs if isinstance(e, proto.BodyChunk))
+    assert echoed == body
+
+
+async def test_reqmod_upload_blocked(server: fe.IcapServer) -> None:
+    req_hdr = (b"POST http://origin.test/up HTTP/1.1\r\nHost: origin.test\r\n"
+               b"Content-Length: 68\r\n\r\n")
+    wire = proto.encode_request("REQMOD", "icap://t/avscan", [("Allow", "204")], req_hdr=req_hdr,
+                                body="req-body") + proto.encode_body(EICAR)
+    evs, _ = await exchange(server, wire)
+    resp = responses(evs)[0]
+    assert resp.status == 200 and resp.headers.get("x-virus-id") == "Eicar-Test-Signature"
+    assert resp.res_hdr.startswith(b"HTTP/1.1 403")
+
+
+async def test_istag_changes_with_db_versions(server: fe.IcapServer) -> None:
+    first = server.istag()
+    assert first.startswith('"') and first.endswith('"') and len(first) <= 32
+    server.gateway.scanner.db_versions = lambda: "embedded=changed"  # type: ignore[method-assign]
+    assert server.istag() != first
+
+
+async def test_scanner_error_gives_503_page_not_a_pass() -> None:
+    """failure_action tempfail (default): the proxy gets an HTTP 503 page, never the object."""
+    cfg = dataclasses.replace(
+        Config(), icap={"listen": "127.0.0.1:0"},
+        engines=({"type": "icap", "name": "down", "url": "icap://127.0.0.1:1/x",
+                  "connect_timeout": 1},))
+    gw = Gateway.from_config(cfg)
+    await gw.start()
+    [srv] = await fe.start(gw)
+    try:
+        body = b"would pass unscanned"
+        evs, _ = await exchange(srv, respmod(body) + proto.encode_body(body)
+                                + b"OPTIONS icap://t/avscan ICAP/1.0\r\nConnection: close\r\n\r\n")
+        resp = responses(evs)[0]
+        assert resp.status == 200 and resp.res_hdr.startswith(b"HTTP/1.1 503")
+        assert body not in b"".join(e.data for e in evs if isinstance(e, proto.BodyChunk))
+    finally:
+        await srv.aclose()
+        await gw.close()
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+async def test_large_object_streams_with_bounded_memory(server: fe.IcapServer) -> None:
+    """~300 MB through the server: spooled to disk, skipped (> max_scan_size), 204; the
+    process RSS grows by less than 64 MiB."""
+    total = int(os.environ.get("AVGATE_ICAP_BIG_MB", "300")) * MiB
+    piece = os.urandom(256 * 1024)
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    before = _rss()
+    w.write(proto.encode_request("RESPMOD", "icap://t/avscan", [("Allow", "204")],
+                                 res_hdr=res_hdr(total), body="res-body"))
+    sent, peak = 0, 0
+    while sent < total:
+        w.write(proto.encode_chunk(piece))
+        await w.drain()
+        sent += len(piece)
+        if sent % (32 * MiB) == 0:
+            peak = max(peak, _rss())
+    w.write(proto.LAST_CHUNK)
+    await w.drain()
+    line = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 30)
+    peak = max(peak, _rss())
+    w.close()
+    assert line.startswith(b"ICAP/1.0 204")
+    print(f"ICAP {total // MiB} MiB object: RSS growth {(peak - before) / MiB:.1f} MiB")
+    assert peak - before < 64 * MiB, f"RSS grew by {(peak - before) / MiB:.1f} MiB"
