@@ -1,0 +1,1 @@
+"""Front-ends: thin asyncio adapters between sockets (or pipes) and the Gateway."""
