@@ -304,6 +304,14 @@ def serve(config: ConfigOpt = None) -> None:
     raise typer.Exit(run(cfg))
 
 
+@app.command("qmail-queue")
+def qmail_queue(config: ConfigOpt = None) -> None:
+    """Drop-in for qmail-queue (QMAILQUEUE): message on fd 0, envelope on fd 1."""
+    from .frontends.qmail import qmail_queue_command
+
+    raise typer.Exit(qmail_queue_command(config))
+
+
 @app.command()
 def version() -> None:
     """Print the avgate version."""

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -168,6 +169,7 @@ class QuarantineStore:
     """SQLite-indexed quarantine directory. One instance per process is enough."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._thread_lock = threading.RLock()
         self.path = Path(path)
         self.objects = self.path / "objects"
         try:
@@ -205,11 +207,14 @@ class QuarantineStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        # flock excludes other processes; the RLock excludes other threads of this one
+        # (gateway writes from worker threads, and they share one sqlite connection).
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def cleanup(self) -> list[str]:
         """Remove leftovers of crashed writers; return the names removed."""

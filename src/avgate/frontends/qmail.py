@@ -1,0 +1,233 @@
+"""``avgate qmail-queue``: a drop-in for qmail-queue (set ``QMAILQUEUE`` to it).
+
+qmail-smtpd (and qmail-inject, via ``QMAILQUEUE``) runs qmail-queue with the message on
+fd 0 and the envelope on fd 1: ``F<sender>\\0``, then ``T<recipient>\\0`` per recipient, then
+a final ``\\0``. This wrapper reads both, scans the message through the Gateway, and then:
+
+* queues it: the verdict headers of the policy's ``header_style`` are added (``qhpsi``
+  gives ``X-QHPSI: clean`` / ``X-QHPSI: virus found``) and the real qmail-queue
+  (``[qmail] real_queue``, default ``/var/qmail/bin/qmail-queue-real``) is exec'd with the
+  tagged message on fd 0 and the envelope, unchanged, on fd 1 — its exit code is ours;
+* or, with ``[qmail] reject_virus = true``, honours the policy's refusals: a reject (virus)
+  exits 31 ("mail server permanently rejected message", qmail-smtpd answers 554), a tempfail
+  (scanner failure) exits 71 ("mail server temporarily rejected message", 451);
+  ``reject_on_error`` (default: as ``reject_virus``) decides the scanner-failure case alone.
+  Without ``reject_virus`` nothing is refused: infected mail is queued tagged (QHPSI style).
+* a discard decision (e.g. ``virus_action = "quarantine"``) exits 0 without queueing.
+
+Exit codes are qmail-queue(8)'s: 0 queued, 11 address too long, 31 permanently rejected,
+53 write error, 54 cannot read message or envelope, 71 temporarily rejected, 81 internal
+bug (config error, real queue not executable), 91 envelope format error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_ADDRESS_TOO_LONG = 11
+EXIT_PERM_REJECT = 31
+EXIT_WRITE_ERROR = 53
+EXIT_READ_ERROR = 54
+EXIT_TEMP_REJECT = 71
+EXIT_INTERNAL = 81
+EXIT_ENVELOPE_FORMAT = 91
+
+DEFAULT_REAL_QUEUE = "/var/qmail/bin/qmail-queue-real"
+MAX_ADDRESS = 1000  # qmail's own envelope addresses are far shorter; a sanity bound
+
+
+class EnvelopeError(ValueError):
+    """A malformed qmail-queue envelope; ``code`` is the exit code to use."""
+
+    def __init__(self, message: str, code: int = EXIT_ENVELOPE_FORMAT) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class QmailEnvelope:
+    sender: str
+    recipients: tuple[str, ...]
+
+
+def parse_envelope(raw: bytes) -> QmailEnvelope:
+    """Parse ``F<sender>\\0(T<rcpt>\\0)*\\0`` (sans-IO; raises EnvelopeError)."""
+    if not raw.startswith(b"F"):
+        raise EnvelopeError("envelope does not start with F")
+    if not raw.endswith(b"\0\0"):
+        raise EnvelopeError("envelope is not terminated by an empty field")
+    fields = raw[:-2].split(b"\0")
+    sender = fields[0][1:]
+    rcpts = fields[1:]
+    if not rcpts:
+        raise EnvelopeError("envelope has no recipients")
+    for r in rcpts:
+        if not r.startswith(b"T") or len(r) < 2:
+            raise EnvelopeError(f"bad recipient field {r[:40]!r}")
+    for a in [sender, *rcpts]:
+        if len(a) > MAX_ADDRESS:
+            raise EnvelopeError("address too long", EXIT_ADDRESS_TOO_LONG)
+    return QmailEnvelope(_dec(sender), tuple(_dec(r[1:]) for r in rcpts))
+
+
+def _dec(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _read_fd(fd: int, spool: object | None = None) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(chunks)
+        if spool is not None:
+            spool.write(chunk)  # type: ignore[attr-defined]
+        else:
+            chunks.append(chunk)
+
+
+def _say(msg: str) -> None:
+    print(f"avgate qmail-queue: {msg}", file=sys.stderr)
+
+
+async def _decide(config_path: str | None, spool: object, env: QmailEnvelope
+                  ) -> tuple[int | None, bytes]:
+    """Scan; (exit code to use now, or None to queue), message bytes to queue."""
+    from ..config import load
+    from ..gateway import Envelope, Gateway
+    from ..policy import Context, Disposition
+
+    cfg = load(config_path)
+    log = None
+    if cfg.log.get("path"):
+        from ..observability import ScanLog
+
+        log = ScanLog(cfg.log["path"], cfg.log.get("level", "info"))
+    gateway = Gateway.from_config(cfg, log=log)
+    qmail = cfg.qmail
+    reject_virus = bool(qmail.get("reject_virus", False))
+    reject_on_error = bool(qmail.get("reject_on_error", reject_virus))
+    await gateway.start()
+    try:
+        ctx = Context(frontend="qmail", listener="qmail", direction="inbound",
+                      sender=env.sender, recipients=env.recipients, size=spool.size)  # type: ignore[attr-defined]
+        outcome = await gateway.process(
+            spool, ctx, Envelope(env.sender, env.recipients, listener="qmail"))  # type: ignore[arg-type]
+    finally:
+        await gateway.close()
+    decision, result = outcome.decision, outcome.result
+    data: bytes = spool.getvalue()  # type: ignore[attr-defined]
+    if decision.disposition is Disposition.DISCARD:
+        return EXIT_OK, b""
+    if decision.disposition is Disposition.REJECT and reject_virus:
+        return EXIT_PERM_REJECT, b""
+    if decision.disposition is Disposition.TEMPFAIL and (
+            reject_on_error if result.status.value == "error" else reject_virus):
+        return EXIT_TEMP_REJECT, b""
+    if decision.disposition is Disposition.ACCEPT:
+        if decision.headers or decision.subject_prefix or decision.replace:
+            from ..mailedit import edit_message
+
+            data = edit_message(data, decision, result)
+        return None, data
+    # a refusal we are told not to enforce: queue it, tagged with the verdict (QHPSI style)
+    from ..mailedit import add_headers
+
+    return None, add_headers(data, gateway.policy.headers_for(result))
+
+
+def _temp_fd(data: bytes) -> int:
+    """An unlinked temp file holding ``data``, opened for reading at offset 0."""
+    fd, path = tempfile.mkstemp(prefix="avgate-qmail-")
+    try:
+        os.unlink(path)
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.lseek(fd, 0, os.SEEK_SET)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run as qmail-queue: fd 0 message, fd 1 envelope. Returns an exit code or execs."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    config_path = None
+    if len(args) >= 2 and args[0] in ("--config", "-c"):
+        config_path = args[1]
+    from ..spool import Spool
+
+    spool = Spool()
+    try:
+        try:
+            _read_fd(0, spool)
+            spool.finish()
+            raw_env = _read_fd(1)
+        except OSError as exc:
+            _say(f"cannot read message or envelope: {exc.strerror}")
+            return EXIT_READ_ERROR
+        except Exception as exc:  # SpoolError: disk full while spooling
+            _say(f"cannot spool message: {exc}")
+            return EXIT_WRITE_ERROR
+        try:
+            env = parse_envelope(raw_env)
+        except EnvelopeError as exc:
+            _say(str(exc))
+            return exc.code
+        try:
+            code, data = asyncio.run(_decide(config_path, spool, env))
+        except Exception as exc:
+            _say(f"internal error: {exc}")
+            return EXIT_INTERNAL
+    finally:
+        spool.close()
+    if code is not None:
+        return code
+    return _exec_real_queue(config_path, data, raw_env)
+
+
+def _exec_real_queue(config_path: str | None, data: bytes, raw_env: bytes) -> int:
+    from ..config import load
+
+    try:
+        real = str(load(config_path).qmail.get("real_queue", DEFAULT_REAL_QUEUE))
+    except Exception as exc:
+        _say(f"config error: {exc}")
+        return EXIT_INTERNAL
+    if not os.access(real, os.X_OK):
+        _say(f"real qmail-queue {real!r} is not executable")
+        return EXIT_INTERNAL
+    try:
+        msg_fd, env_fd = _temp_fd(data), _temp_fd(raw_env)
+    except OSError as exc:
+        _say(f"cannot write temp file: {exc.strerror}")
+        return EXIT_WRITE_ERROR
+    sys.stdout.flush()  # before fd 1 becomes the envelope: nothing buffered may land there
+    os.dup2(msg_fd, 0)
+    os.dup2(env_fd, 1)
+    os.close(msg_fd)
+    os.close(env_fd)
+    try:
+        os.execv(real, [real])  # noqa: S606 - qmail-queue takes no arguments
+    except OSError as exc:
+        _say(f"cannot exec {real}: {exc.strerror}")
+        return EXIT_INTERNAL
+    return EXIT_INTERNAL  # not reached
+
+
+def qmail_queue_command(config: str | None) -> int:
+    """Entry point for the ``avgate qmail-queue`` typer command."""
+    return main(["--config", config] if config else [])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""Sans-IO SMTP helpers: the DATA phase in both directions, replies, XFORWARD/XCLIENT.
+
+No I/O and no asyncio here; the SMTP front-end (:mod:`avgate.frontends.smtp`) feeds bytes
+in and writes bytes out.
+
+Receiving DATA (:class:`DataReceiver`): only ``<CR><LF>.<CR><LF>`` ends the data (the
+``<CR><LF>`` may be the one that ended the ``DATA`` command). Every other look-alike —
+``<LF>.<LF>``, ``<LF>.<CR><LF>``, ``<CR>.<CR>``, ``<CR><LF>.<LF>`` — is content, so an SMTP
+smuggling attempt can never split one message into two here. A bare ``<LF>`` or bare ``<CR>``
+in the content is, by ``bare_lf``:
+
+* ``"reject"`` (default): the data is read to its end and refused with
+  ``550 5.6.11 bare LF not allowed`` (or ``bare CR``); nothing is scanned or relayed.
+* ``"normalize"``: each bare ``<LF>``/``<CR>`` becomes ``<CR><LF>``. A smuggled ``<LF>.<LF>``
+  then becomes a content line holding a single dot, which :func:`encode_data` dot-stuffs.
+
+Sending DATA (:func:`encode_data`): line endings normalised to ``<CR><LF>``, every line
+starting with ``.`` gets another one, ``.<CR><LF>`` appended. The result never contains a
+sequence a next hop could read as an early end of data, whatever its own parser accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+CRLF = b"\r\n"
+
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long"
+REPLY_BARE_LF = "550 5.6.11 bare LF not allowed"
+REPLY_BARE_CR = "550 5.6.11 bare CR not allowed"
+
+BARE_LF_MODES = ("reject", "normalize")
+DEFAULT_MAX_LINE_LENGTH = 2048  # Postfix's line_length_limit; counted without the CRLF
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_DOT_AT_LINE_START = re.compile(rb"(?m)^\.")  # after normalisation ^ follows \n only
+
+
+@dataclass(frozen=True, slots=True)
+class DataProblem:
+    """Why received DATA is refused; ``reply`` is the full SMTP reply to send."""
+
+    kind: str  # "too_big" | "line_too_long" | "bare_lf" | "bare_cr"
+    reply: str
+
+
+class DataReceiver:
+    """Byte-stream parser for the DATA phase: dot-unstuffing, end of data, limits, bare LF.
+
+    ``feed(data)`` returns the content bytes to keep (unstuffed, normalised when asked) and
+    sets :attr:`done` once the terminating ``<CR><LF>.<CR><LF>`` was seen; bytes after the
+    terminator are kept in :attr:`trailing` (pipelined commands) and never parsed as data.
+    Problems are recorded in :attr:`problem` (first the size, then line length, then bare
+    line endings) while parsing goes on to the end: SMTP answers only after the final dot.
+    Once a problem is recorded no more content is returned, so memory stays bounded.
+    """
+
+    # states: at the start of a line (after a real CRLF) / inside a line /
+    # after a CR / at line start having seen "." / after "." + CR at line start
+    _BOL, _MID, _CR, _DOT, _DOT_CR = range(5)
+
+    def __init__(self, *, max_size: int | None = None,
+                 max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+                 bare_lf: str = "reject") -> None:
+        if bare_lf not in BARE_LF_MODES:
+            raise ValueError(f"bare_lf must be one of {BARE_LF_MODES}, got {bare_lf!r}")
+        self.max_size = max_size
+        self.max_line_length = max_line_length
+        self.normalize = bare_lf == "normalize"
+        self.done = False
+        self.trailing = b""
+        self.size = 0  # content bytes after unstuffing/normalising, counted even when refused
+        self.problem: DataProblem | None = None
+        self._state = self._BOL
+        self._line_len = 0
+        self._too_long = False
+        self._bare: str | None = None
+
+    def _flag_size(self) -> None:
+        if self.max_size is not None and self.size > self.max_size:
+            self.problem = DataProblem("too_big", REPLY_TOO_BIG)
+
+    def feed(self, data: bytes) -> bytes:
+        """Consume wire bytes; return the content they carry (may be empty)."""
+        if self.done:
+            self.trailing += data
+            return b""
+        out = bytearray()
+        i, n = 0, len(data)
+        state = self._state
+        while i < n:
+            b = data[i]
+            if b != 13 and b != 10 and (state == self._MID or (state == self._BOL and b != 46)):
+                # fast path: copy up to the next CR or LF
+                j = i
+                while j < n and data[j] not in (13, 10):
+                    j += 1
+                self._line_len += j - i
+                out += data[i:j]
+                i = j
+                state = self._MID
+                continue
+            c = data[i]
+            i += 1
+            if state == self._BOL and c == 46:  # "." at line start
+                state = self._DOT
+            elif state == self._DOT:
+                if c == 13:
+                    state = self._DOT_CR
+                else:
+                    # dot-stuffed line (".." → "."), or a lone "." line start: the first dot
+                    # was transparency; this byte is reprocessed as ordinary content
+                    state = self._MID
+                    i -= 1
+            elif state == self._DOT_CR:
+                if c == 10:  # CRLF . CRLF: end of data
+                    self.done = True
+                    self.trailing = bytes(data[i:])
+                    break
+                # "." CR x: the CR was bare; the dot was transparency
+                self._bare_cr(out)
+                state = self._MID
+                i -= 1
+            elif state == self._CR:
+                if c == 10:
+                    out += CRLF
+                    self._end_line()
+                    state = self._BOL
+                else:
+                    self._bare_cr(out)
+                    state = self._MID
+                    i -= 1
+            elif c == 13:
+                state = self._CR
+            elif c == 10:  # a LF with no CR before it
+                self._bare_lf(out)
+                state = self._MID  # a bare LF never starts a line: no unstuffing after it
+            else:  # only reached for "\r" "\n" handled above; defensive
+                out.append(c)
+                state = self._MID
+        self._state = state
+        self.size += len(out)
+        self._flag_size()
+        if self.problem is not None:
+            return b""
+        if self._too_long:
+            self.problem = DataProblem("line_too_long", REPLY_LINE_TOO_LONG)
+            return b""
+        if self._bare is not None and not self.normalize:
+            self.problem = DataProblem(
+                self._bare, REPLY_BARE_LF if self._bare == "bare_lf" else REPLY_BARE_CR)
+            return b""
+        return bytes(out)
+
+    def _end_line(self) -> None:
+        if self._line_len > self.max_line_length:
+            self._too_long = True
+        self._line_len = 0
+
+    def _bare_lf(self, out: bytearray) -> None:
+        self._bare = self._bare or "bare_lf"
+        out += CRLF
+        self._end_line()
+
+    def _bare_cr(self, out: bytearray) -> None:
+        self._bare = self._bare or "bare_cr"
+        out += CRLF
+        self._end_line()
+
+    def finish(self) -> DataProblem | None:
+        """After :attr:`done`: the problem to reply with, or None when the data is fine."""
+        if not self.done:
+            raise ValueError("DATA not finished")
+        if self._line_len > self.max_line_length:  # cannot happen after CRLF; defensive
+            self._too_long = True
+        return self.problem
+
+
+def normalize_line_endings(data: bytes) -> bytes:
+    """Every CRLF, bare CR and bare LF becomes CRLF."""
+    return _LINE_END.sub(CRLF, data)
+
+
+def encode_data(message: bytes) -> bytes:
+    """Wire form of a message for the DATA phase, terminator included."""
+    body = normalize_line_endings(message)
+    if body and not body.endswith(CRLF):
+        body += CRLF
+    return _DOT_AT_LINE_START.sub(b"..", body) + b".\r\n"
+
+
+def decode_data(wire: bytes) -> bytes:
+    """Inverse of :func:`encode_data` for well-formed input (tests, tools)."""
+    r = DataReceiver(max_line_length=1 << 30, bare_lf="normalize")
+    out = r.feed(wire)
+    if not r.done:
+        raise ValueError("no end-of-data marker")
+    return out
+
+
+# -- replies ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: code, and its text lines (enhanced status code included)."""
+
+    code: int
+    lines: tuple[str, ...] = ("",)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def render(self) -> str:
+        """Reply lines joined with CRLF, without the final CRLF (aiosmtpd's ``push`` adds it)."""
+        lines = [_safe_text(x) for x in self.lines] or [""]
+        rendered = [f"{self.code}-{x}" for x in lines[:-1]] + [f"{self.code} {lines[-1]}"]
+        return "\r\n".join(x.rstrip() for x in rendered)
+
+
+def _safe_text(s: str) -> str:
+    return re.sub(r"[\r\n\0]", " ", s)
+
+
+def parse_reply(text: str) -> Reply:
+    """Parse ``"550 5.7.1 text"`` or a multi-line ``"250-a\\r\\n250 b"``."""
+    lines = [x for x in re.split(r"\r?\n", text.strip("\r\n")) if x]
+    if not lines:
+        raise ValueError("empty reply")
+    code_s = lines[0][:3]
+    if not (code_s.isdigit() and len(lines[0]) >= 3 and code_s[0] in "2345"):
+        raise ValueError(f"not an SMTP reply: {lines[0]!r}")
+    body: list[str] = []
+    for line in lines:
+        if line[:3] != code_s or (len(line) > 3 and line[3] not in " -"):
+            raise ValueError(f"inconsistent reply line: {line!r}")
+        body.append(line[4:])
+    return Reply(int(code_s), tuple(body))
+
+
+def reply_from(code: int, message: str) -> Reply:
+    """A Reply from a client library's (code, message) with message lines joined by LF."""
+    return Reply(code, tuple(message.split("\n")) if message else ("",))
+
+
+# -- XFORWARD / XCLIENT (Postfix) -------------------------------------------------------
+XFORWARD_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "IDENT", "SOURCE")
+XCLIENT_ATTRS = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
+UNAVAILABLE = "[UNAVAILABLE]"
+_XTEXT_SAFE = frozenset(range(33, 127)) - {ord("+"), ord("=")}
+
+
+def xtext_encode(value: str) -> str:
+    """RFC 3461 xtext: ``+`` and ``=``, controls and non-ASCII as ``+HH``."""
+    return "".join(chr(b) if b in _XTEXT_SAFE else f"+{b:02X}" for b in value.encode())
+
+
+def xtext_decode(value: str) -> str:
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def parse_xattrs(arg: str, allowed: Iterable[str] = XFORWARD_ATTRS) -> dict[str, str]:
+    """``NAME=x ADDR=y`` → {"NAME": "x", "ADDR": "y"}; raises ValueError on bad syntax."""
+    names = set(allowed)
+    out: dict[str, str] = {}
+    for item in arg.split():
+        key, sep, value = item.partition("=")
+        key = key.upper()
+        if not sep or key not in names:
+            raise ValueError(f"bad attribute {item!r}")
+        out[key] = xtext_decode(value)
+    if not out:
+        raise ValueError("no attributes")
+    return out
+
+
+def xattr_commands(verb: str, attrs: Mapping[str, str], supported: Iterable[str],
+                   max_len: int = 500) -> list[str]:
+    """Command lines (without CRLF) sending ``attrs`` the peer advertised, split to fit."""
+    keep = {a.upper() for a in supported}
+    items = [f"{k}={xtext_encode(v) if v != UNAVAILABLE else v}"
+             for k, v in attrs.items() if k in keep and v]
+    commands: list[str] = []
+    line = verb
+    for item in items:
+        if len(line) + 1 + len(item) > max_len and line != verb:
+            commands.append(line)
+            line = verb
+        line += " " + item
+    if line != verb:
+        commands.append(line)
+    return commands
+
+
+def ehlo_keywords(ehlo_text: str) -> dict[str, str]:
+    """EHLO reply text (lines after the greeting) → {KEYWORD: params}."""
+    out: dict[str, str] = {}
+    for line in ehlo_text.split("\n")[1:]:
+        kw, _, params = line.strip().partition(" ")
+        if kw:
+            out[kw.upper()] = params
+    return out
+
+
+def relay_mail_options(options: Iterable[str], next_hop_keywords: Mapping[str, str],
+                       size: int | None = None) -> list[str]:
+    """MAIL FROM parameters to pass on: SIZE, BODY, SMTPUTF8 when the next hop supports them."""
+    out: list[str] = []
+    for opt in options:
+        key, _, value = opt.partition("=")
+        key = key.upper()
+        if key == "BODY" and "8BITMIME" in next_hop_keywords:
+            out.append(f"BODY={value.upper()}")
+        elif key == "SMTPUTF8" and "SMTPUTF8" in next_hop_keywords:
+            out.append("SMTPUTF8")
+        elif key == "SIZE" and "SIZE" in next_hop_keywords and size is None:
+            out.append(f"SIZE={value}")
+    if size is not None and "SIZE" in next_hop_keywords:
+        out.append(f"SIZE={size}")
+    return out
+
+
+__all__ = [
+    "DataProblem", "DataReceiver", "Reply", "decode_data", "ehlo_keywords", "encode_data",
+    "normalize_line_endings", "parse_reply", "parse_xattrs", "relay_mail_options",
+    "reply_from", "xattr_commands", "xtext_decode", "xtext_encode",
+]
