@@ -184,6 +184,7 @@ MILTER_KEYS: dict[str, Checker] = {
     "spool_memory": _size,
     "quarantine": _one_of("mta", "store", "both"),
     "max_connections": _pos_int,
+    "max_packet": _size,
 }
 ICAP_KEYS: dict[str, Checker] = {
     "listen": _listen,

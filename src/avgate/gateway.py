@@ -71,14 +71,18 @@ class Gateway:
         return self.scanner.new_spool()
 
     async def process(self, spool: Spool, ctx: Context, envelope: Envelope | None = None,
-                      ids: dict[str, str] | None = None) -> Outcome:
+                      ids: dict[str, str] | None = None,
+                      store_quarantine: bool = True) -> Outcome:
         """Scan, decide, quarantine when the decision says so, log; never raises for a
-        scan failure (that is a result with status error, decided by policy)."""
+        scan failure (that is a result with status error, decided by policy).
+
+        ``store_quarantine=False``: the front-end quarantines by its own means (the milter's
+        "mta" mode puts the message on the MTA's hold queue), so our store is not written."""
         started = time.perf_counter()
         result = await self.scanner.scan(spool)
         decision = self.policy.decide(result, ctx)
         qid: str | None = None
-        if decision.quarantine:
+        if decision.quarantine and store_quarantine:
             env = envelope or Envelope(listener=ctx.listener)
             try:
                 # fsync-heavy: keep it off the event loop

@@ -1,0 +1,281 @@
+"""The milter front-end over a real socket, driven by our codec as the MTA: every decision."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import pytest
+
+from avgate.protocols import milter as m
+from avgate.quarantine import QuarantineStore
+
+from .conftest import EICAR, MilterFactory, MtaClient, make_message
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def one(port: int | str, msg: bytes, **kw: object) -> object:
+    client = await MtaClient.connect(port)
+    try:
+        await client.connect_event()
+        return await client.message(msg, **kw)  # type: ignore[arg-type]
+    finally:
+        await client.close()
+
+
+async def test_negotiation_asks_only_for_what_it_needs(milter: MilterFactory) -> None:
+    srv = await milter()
+    client = await MtaClient.connect(srv.port)
+    neg = client.negotiated
+    assert neg is not None and neg.version == 6
+    for flag in (m.SMFIF_ADDHDRS, m.SMFIF_CHGHDRS, m.SMFIF_CHGBODY, m.SMFIF_ADDRCPT,
+                 m.SMFIF_QUARANTINE):
+        assert neg.actions & flag
+    assert not neg.actions & (m.SMFIF_DELRCPT | m.SMFIF_CHGFROM)
+    for flag in (m.SMFIP_NR_CONN, m.SMFIP_NR_HELO, m.SMFIP_NR_MAIL, m.SMFIP_NR_RCPT,
+                 m.SMFIP_NR_HDR, m.SMFIP_NR_BODY, m.SMFIP_NODATA, m.SMFIP_NOEOH,
+                 m.SMFIP_NOUNKNOWN):
+        assert neg.protocol & flag
+    assert not neg.protocol & (m.SMFIP_NOHDRS | m.SMFIP_NOBODY | m.SMFIP_NOMAIL)
+    assert dict(neg.macros)[m.SMFIM_EOM] == "i"
+    await client.close()
+
+
+async def test_clean_mail_accepted_with_verdict_headers(milter: MilterFactory) -> None:
+    srv = await milter()
+    res = await one(srv.port, make_message("clean one"))
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+    hdrs = res.added_headers  # type: ignore[attr-defined]
+    assert hdrs["X-Virus-Status"] == "Clean"
+    assert hdrs["X-Virus-Scanned"].startswith("avgate")
+    # header values carry their leading space when HDR_LEADSPC was negotiated
+    assert all(h.value.startswith(" ") for h in res.of(m.AddHeader))  # type: ignore[attr-defined]
+
+
+async def test_existing_verdict_header_is_changed_not_duplicated(milter: MilterFactory) -> None:
+    srv = await milter()
+    spoofed = make_message("spoof", extra_headers=b"X-Virus-Status: Clean\r\n"
+                           b"x-virus-status: Clean too\r\n")
+    res = await one(srv.port, spoofed, )
+    changes = res.of(m.ChangeHeader)  # type: ignore[attr-defined]
+    assert [(c.index, c.name, c.value.strip()) for c in changes] == [
+        (2, "X-Virus-Status", ""), (1, "X-Virus-Status", "Clean")]
+    assert "X-Virus-Status" not in res.added_headers  # type: ignore[attr-defined]
+
+
+async def test_eicar_rejected_with_policy_text(milter: MilterFactory) -> None:
+    srv = await milter()
+    res = await one(srv.port, make_message("virus", attachment=EICAR, name="eicar.com"))
+    assert res.final == m.ReplyCode(  # type: ignore[attr-defined]
+        "550 5.7.1 Virus found: Eicar-Test-Signature")
+    assert res.mods == []  # type: ignore[attr-defined]
+
+
+async def test_reply_with_percent_is_escaped_on_the_wire(milter: MilterFactory) -> None:
+    srv = await milter(policy={"reject_reply": "550 5.7.1 100% virus: {virus}"})
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    res = await client.message(make_message("pct", attachment=EICAR))
+    assert res.final == m.ReplyCode("550 5.7.1 100% virus: Eicar-Test-Signature")
+    await client.close()
+
+
+async def test_scanner_down_tempfails(milter: MilterFactory) -> None:
+    srv = await milter(engines=[{"type": "clamd", "name": "clamd",
+                                 "servers": ["tcp://127.0.0.1:9"], "connect_timeout": 1}])
+    res = await one(srv.port, make_message("scanner down"))
+    final = res.final  # type: ignore[attr-defined]
+    assert isinstance(final, m.ReplyCode)
+    assert final.reply.startswith("451 4.7.1 ")
+
+
+async def test_discard(milter: MilterFactory) -> None:
+    srv = await milter(policy={"virus_action": "discard"})
+    res = await one(srv.port, make_message("discard", attachment=EICAR))
+    assert isinstance(res.final, m.Discard)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("mode", "in_mta", "in_store"), [
+    ("mta", True, False), ("store", False, True), ("both", True, True)])
+async def test_quarantine_modes(milter: MilterFactory, tmp_path: Path, mode: str,
+                                in_mta: bool, in_store: bool) -> None:
+    srv = await milter(milter={"quarantine": mode}, policy={"virus_action": "quarantine"})
+    res = await one(srv.port, make_message(f"q {mode}", attachment=EICAR))
+    if in_mta:
+        assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+        (q,) = res.of(m.Quarantine)  # type: ignore[attr-defined]
+        assert "Eicar-Test-Signature" in q.reason
+    else:
+        assert isinstance(res.final, m.Discard)  # type: ignore[attr-defined]
+        assert not res.of(m.Quarantine)  # type: ignore[attr-defined]
+    records = QuarantineStore(tmp_path / "quarantine").list()
+    assert len(records) == (1 if in_store else 0)
+    if in_store:
+        rec = records[0]
+        assert rec.envelope.sender == "alice@example.test"
+        assert rec.envelope.recipients == ("bob@example.test",)
+        assert rec.envelope.client_addr == "192.0.2.10"
+        assert rec.frontend == "milter"
+        if in_mta:
+            assert rec.id in q.reason
+
+
+async def test_replace_infected_part(milter: MilterFactory) -> None:
+    srv = await milter(policy={"rules": [
+        {"name": "strip", "status": "infected", "action": ["replace", "tag"]}]})
+    msg = make_message("replace me", attachment=EICAR, name="eicar.com")
+    res = await one(srv.port, msg)
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+    body = res.new_body  # type: ignore[attr-defined]
+    assert body and EICAR not in body
+    assert b"eicar.com" in body and b"Eicar-Test-Signature" in body
+    assert b"Hello there." in body  # the clean part stays
+    assert all(len(x.chunk) <= 65535 for x in res.of(m.ReplaceBody))  # type: ignore
+    assert "Infected" in res.added_headers["X-Virus-Status"]  # type: ignore[attr-defined]
+    # the rewritten message scans clean
+    full = msg.partition(b"\r\n\r\n")[0] + b"\r\n\r\n" + body
+    srv2 = await milter()
+    res2 = await one(srv2.port, full)
+    assert res2.added_headers["X-Virus-Status"] == "Clean"  # type: ignore[attr-defined]
+
+
+async def test_subject_prefix_and_copy_to(milter: MilterFactory) -> None:
+    srv = await milter(policy={"rules": [
+        {"name": "keep", "status": "infected",
+         "action": ["accept", "prefix_subject", "copy_to", "tag"],
+         "copy_to": ["virus-admin@example.test"]}]})
+    res = await one(srv.port, make_message("look at this", attachment=EICAR))
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+    (subj,) = [c for c in res.of(m.ChangeHeader) if c.name == "Subject"]  # type: ignore
+    assert subj.index == 1 and subj.value == " ***VIRUS*** look at this"
+    assert res.of(m.AddRecipient) == [  # type: ignore[attr-defined]
+        m.AddRecipient("<virus-admin@example.test>")]
+
+
+async def test_direction_outbound_when_authenticated(milter: MilterFactory) -> None:
+    srv = await milter(policy={"rules": [
+        {"name": "out", "direction": "outbound", "action": ["accept", "tag"],
+         "headers": {"X-Direction": "outbound"}},
+        {"name": "in", "direction": "inbound", "action": ["accept", "tag"],
+         "headers": {"X-Direction": "inbound"}}]})
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    res = await client.message(make_message("from a user"), auth="alice")
+    assert res.added_headers["X-Direction"] == "outbound"
+    res = await client.message(make_message("from outside"))
+    assert res.added_headers["X-Direction"] == "inbound"
+    await client.close()
+
+
+async def test_several_messages_and_abort_on_one_connection(milter: MilterFactory,
+                                                            tmp_path: Path) -> None:
+    srv = await milter()
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    r1 = await client.message(make_message("first", attachment=EICAR))
+    assert isinstance(r1.final, m.ReplyCode)
+    # a message aborted half way: its headers must not leak into the next one
+    await client.step(m.Mail(("<x@example.test>",)))
+    await client.step(m.Header(b"Subject", b" aborted"))
+    await client.step(m.Body(EICAR))
+    await client.send(m.Abort())
+    r2 = await client.message(make_message("second"))
+    assert isinstance(r2.final, m.Accept)
+    assert r2.added_headers["X-Virus-Status"] == "Clean"
+    r3 = await client.message(make_message("third", attachment=EICAR))
+    assert isinstance(r3.final, m.ReplyCode)
+    await client.close()
+
+
+async def test_queue_id_is_logged(milter: MilterFactory, tmp_path: Path) -> None:
+    srv = await milter()
+    events: list[dict[str, object]] = []
+
+    class Log:
+        def log(self, event: dict[str, object], level: str = "info") -> None:
+            events.append(event)
+
+    srv.gateway.log = Log()  # type: ignore[assignment]
+    await one(srv.port, make_message("logged"), queue_id="3Q1D")
+    scans = [e for e in events if e["event"] == "scan"]
+    assert scans and scans[0]["ids"]["queue_id"] == "3Q1D"  # type: ignore[index]
+
+
+async def test_large_message_spools_to_disk(milter: MilterFactory) -> None:
+    srv = await milter(milter={"spool_memory": 4096})
+    body = (b"x" * 76 + b"\r\n") * 20000 + b"\r\n"  # ~1.5 MiB, many body chunks
+    msg = make_message("big", body=body, attachment=EICAR)
+    res = await one(srv.port, msg)
+    assert isinstance(res.final, m.ReplyCode)  # EICAR after 1.5 MiB is still found
+
+
+async def test_unix_socket_listener(milter: MilterFactory, tmp_path: Path) -> None:
+    path = tmp_path / "milter.sock"
+    srv = await milter(milter={"listen": f"unix:{path}"})
+    assert srv.describe() == f"unix:{path}"
+    res = await one(str(path), make_message("unix"))
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+
+
+async def test_old_mta_without_no_reply_flags(milter: MilterFactory) -> None:
+    """A v2-style MTA offering no NR_* flags gets a CONTINUE for every event."""
+    srv = await milter()
+    client = await MtaClient.connect(srv.port, actions=0x3F, protocol=0x7F)
+    assert client.negotiated is not None
+    assert client.negotiated.protocol & m.SMFIP_NOEOH
+    assert not client.negotiated.protocol & m.SMFIP_NR_HDR
+    await client.connect_event()
+    res = await client.message(make_message("old mta"))
+    assert isinstance(res.final, m.Accept)
+    assert res.added_headers["X-Virus-Status"] == "Clean"
+    await client.close()
+
+
+@pytest.mark.parametrize("garbage", [
+    struct.pack(">I", 0),
+    struct.pack(">I", 0x7FFFFFFF),
+    struct.pack(">I", 2) + b"Z\0",
+    struct.pack(">I", 4) + b"Lab\0",
+    struct.pack(">I", 3) + b"L\0\0",
+])
+async def test_malformed_packet_closes_connection_server_survives(
+        milter: MilterFactory, garbage: bytes) -> None:
+    srv = await milter()
+    client = await MtaClient.connect(srv.port)
+    client.writer.write(garbage)
+    await client.writer.drain()
+    assert await client.receive() is None  # closed by the server, nothing sent
+    await client.close()
+    res = await one(srv.port, make_message("after garbage"))
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+
+
+async def test_garbage_before_optneg_closes(milter: MilterFactory) -> None:
+    srv = await milter()
+    r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+    w.write(m.encode(m.Helo("too early")))
+    assert await asyncio.wait_for(r.read(100), 5) == b""
+    w.close()
+
+
+async def test_idle_connection_times_out(milter: MilterFactory) -> None:
+    srv = await milter(milter={"timeout": 0.5})
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    assert await client.receive(wait=5) is None  # closed by the server after 0.5 s
+    await client.close()
+
+
+async def test_max_connections_queues_extra_connections(milter: MilterFactory) -> None:
+    srv = await milter(milter={"max_connections": 1})
+    first = await MtaClient.connect(srv.port)
+    r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+    w.write(m.encode(m.OptNeg(6, 0x1FF, 0x1FFFFF)))
+    with pytest.raises(asyncio.TimeoutError):  # waits for a slot
+        await asyncio.wait_for(r.read(100), 0.5)
+    await first.close()
+    data = await asyncio.wait_for(r.read(100), 5)  # admitted once the first one left
+    assert data[4:5] == b"O"
+    w.close()
