@@ -21,6 +21,9 @@ reject (not infected)       ``200`` wrapping ``HTTP 403`` with the policy's reas
 
 Preview: the preview data is spooled too; a content type listed in ``skip_content_types``
 gets ``204`` at once (nothing scanned, logged as ``icap-skip``); otherwise ``100 Continue``.
+``preview = 0`` offers no preview at all (OPTIONS carries no ``Preview`` header): Squid 5.x
+stalls large transfers while it waits for ``100 Continue`` (see README), so that is the
+set-up documented for it; skipped content types are then answered after the whole body.
 Nothing of the object is sent back before the verdict (no trickling), so unscanned bytes of
 an infected object never reach the proxy. Protocol errors (bad chunk sizes, missing
 Encapsulated header, header over ``max_header_size``) get ``400`` and the connection is
@@ -302,8 +305,9 @@ class _Conn:
         headers = [("Methods", "RESPMOD, REQMOD"), *self.server._common(),
                    ("Max-Connections", str(s.max_connections)),
                    ("Options-TTL", str(s.options_ttl)), ("Allow", "204"),
-                   ("Preview", str(s.preview)), ("Transfer-Preview", "*"),
                    ("Date", _http_date())]
+        if s.preview:
+            headers += [("Preview", str(s.preview)), ("Transfer-Preview", "*")]
         if last:
             headers.append(("Connection", "close"))
         return proto.encode_response(200, headers)
