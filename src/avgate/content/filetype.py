@@ -71,10 +71,12 @@ def looks_like_mail(data: bytes) -> bool:
         return False
     probe = data[:_HEADER_PROBE]
     # Only the header block counts: a body line "To: ..." must not make text look like mail.
-    end = probe.find(b"\n\n")
-    end_crlf = probe.find(b"\r\n\r\n")
-    if end_crlf != -1 and (end == -1 or end_crlf < end):
-        end = end_crlf
+    # The first blank line, LF or CRLF: "\n\n" is looked for only before the first
+    # "\r\n\r\n" (a CRLF message has none, and scanning the whole probe for it is slow).
+    end = probe.find(b"\r\n\r\n")
+    end_lf = probe.find(b"\n\n", 0, len(probe) if end == -1 else end)
+    if end_lf != -1:
+        end = end_lf
     if end != -1:
         probe = probe[:end]
     return _KNOWN_FIELD_RE.search(probe) is not None

@@ -19,6 +19,7 @@ content from us by looking different to us than to the recipient's client:
 from __future__ import annotations
 
 import binascii
+import contextlib
 import hashlib
 import re
 from collections.abc import Iterator
@@ -28,13 +29,14 @@ from email.parser import BytesParser
 from email.policy import compat32
 
 from ..result import ScanStatus
-from . import REASON_RECURSION, Budget, Children, Part, Problem, join_path, sanitize_name
+from . import REASON_RECURSION, Budget, Children, Part, Problem, join_path, mimeparse, sanitize_name
 
 _PARSER = BytesParser(policy=compat32)
 
 
 # -- uuencode -------------------------------------------------------------------------------
 _UU_BEGIN = re.compile(rb"(?m)^begin(?:-base64)? +[0-7]{1,4} +([^\r\n]*)\r?$")
+_BEGIN = re.compile(rb"begin ")
 
 
 def _uudecode_at(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -69,7 +71,7 @@ def _uudecode_at(data: bytes, pos: int) -> tuple[bytes, int]:
 
 def uu_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
     """(name, decoded bytes) for every ``begin MODE NAME`` block in ``data``."""
-    if b"begin " not in data:  # the common case: no regex over the whole text
+    if _BEGIN.search(data) is None:  # the common case (b"begin " not in data, but faster)
         return
     pos = 0
     while (match := _UU_BEGIN.search(data, pos)) is not None:
@@ -102,9 +104,11 @@ def _b64(raw: bytes) -> bytes:
 def decode_base64(raw: bytes) -> list[bytes]:
     """The base64 decoding of ``raw``; a second one when padding hides data after it."""
     primary = _b64(raw)
-    body = raw.rstrip(b" \t\r\n=")
-    if b"=" not in body:
+    # Is there a "=" before the trailing padding and blanks? (Without copying ``raw``.)
+    first = raw.find(b"=")
+    if first == -1 or not raw[first:].rstrip(b" \t\r\n="):
         return [primary]
+    body = raw.rstrip(b" \t\r\n=")
     # Padding in the middle: Python stops there, other decoders decode every group.
     whole = b"".join(_b64(chunk) for chunk in _PADDING_RUN.split(body) if chunk.strip())
     return [primary, whole] if whole != primary else [primary]
@@ -139,9 +143,12 @@ def _decode_words(name: str) -> str:
 
 def _filename(entity: Message) -> str | None:
     try:
-        name = entity.get_filename()
-    except Exception:
-        return None
+        name = mimeparse.filename(entity)  # the same, faster, for simple parameter lists
+    except mimeparse.Unsupported:
+        try:
+            name = entity.get_filename()
+        except Exception:
+            return None
     if not name:
         return None
     name = str(name)
@@ -152,11 +159,9 @@ def _filename(entity: Message) -> str | None:
 
 
 # -- the message tree -----------------------------------------------------------------------
-def _leaves(entity: Message, path: str, depth: int, is_message: bool) -> Iterator[Part]:
-    """The decoded body of one non-multipart entity, with alternative decodings."""
-    payload = entity.get_payload()
-    if not isinstance(payload, str):
-        return
+def _leaves(entity: Message, payload: str, path: str, depth: int,
+            is_message: bool) -> Iterator[Part]:
+    """The decoded ``payload`` (get_payload()) of a non-multipart entity, and alternatives."""
     if is_message:  # a single-part message: its body is part 1
         path, depth = join_path(path, "1"), depth + 1
     name = _filename(entity)
@@ -180,7 +185,10 @@ def _walk(message: Message, path: str, depth: int, max_depth: int) -> Iterator[P
     stack: list[tuple[Message, str, int, bool]] = [(message, path, depth, True)]
     while stack:
         entity, path, depth, is_message = stack.pop()
-        payload = entity.get_payload()
+        payload = getattr(entity, "_payload", None)
+        if not (isinstance(payload, list) or (isinstance(payload, str) and payload.isascii())):
+            # get_payload() returns a list or an ASCII str as it is; it re-decodes the rest.
+            payload = entity.get_payload()
         if isinstance(payload, list):
             if entity.get_content_maintype() == "message":
                 # message/rfc822: the enclosed message takes this part's place in the tree.
@@ -195,8 +203,8 @@ def _walk(message: Message, path: str, depth: int, max_depth: int) -> Iterator[P
                 for i, child in enumerate(payload, 1) if isinstance(child, Message)
             ]
             stack.extend(reversed(children))
-        else:
-            yield from _leaves(entity, path, depth, is_message)
+        elif isinstance(payload, str):
+            yield from _leaves(entity, payload, path, depth, is_message)
 
 
 # -- ambiguous boundaries (CVE-2024-28054) --------------------------------------------------
@@ -228,13 +236,40 @@ def _boundary_params(data: bytes) -> dict[int, list[int]]:
     return fields
 
 
+# ";", blanks or line breaks, "boundary": how every boundary parameter starts.
+_BOUNDARY_PARAM_START = re.compile(rb";[ \t\r\n]*[Bb][Oo][Uu][Nn][Dd][Aa][Rr][Yy]")
+_FEW_SEMICOLONS = 16
+
+
+def _two_boundary_params(data: bytes) -> bool:
+    """False when ``data`` cannot hold two ``boundary=`` parameters (a quick, safe test).
+
+    Every parameter :func:`_boundary_params` accepts follows a ";" and blanks or line
+    breaks; a message has only a few ";" outside text bodies, so looking at each is cheaper
+    than lower-casing the whole message.
+    """
+    count = 0
+    pos = data.find(b";")
+    for _ in range(_FEW_SEMICOLONS):
+        if pos == -1:
+            return False
+        if _BOUNDARY_PARAM_START.match(data, pos):
+            count += 1
+            if count == 2:
+                return True
+        pos = data.find(b";", pos + 1)
+    if pos == -1:
+        return False
+    return count + len(_BOUNDARY_PARAM_START.findall(data, pos)) >= 2
+
+
 def last_boundary_view(data: bytes) -> bytes | None:
     """``data`` with only the last ``boundary=`` of each Content-Type kept, or None.
 
     None when no Content-Type field has more than one boundary parameter, the usual case,
     found with a few ``bytes.find`` calls rather than a regex over the whole message.
     """
-    if data.lower().count(b"boundary") < 2:
+    if not _two_boundary_params(data):
         return None
     duplicates = sorted(p for ps in _boundary_params(data).values() if len(ps) > 1
                         for p in ps[:-1])
@@ -250,7 +285,17 @@ def last_boundary_view(data: bytes) -> bytes | None:
     return b"".join(out)
 
 
+# The fast parser builds the same Message tree as the email package for ordinary messages
+# and declines the rest (see mimeparse); False makes every parse use the email package.
+FAST_PARSE = True
+
+
 def _parse(data: bytes) -> Message:
+    if FAST_PARSE:
+        # Unsupported (something it does not mirror), or a bug of its own: the email
+        # package decides, so the fast path can never lose content.
+        with contextlib.suppress(Exception):
+            return mimeparse.parse(data)
     return _PARSER.parsebytes(data)
 
 
