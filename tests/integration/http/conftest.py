@@ -1,0 +1,119 @@
+"""``avgate serve`` with the HTTP API, started as a subprocess on a free port."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.avgate_proc import AvgateServe
+
+EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
+TOKEN = "test-token-5f1d"  # noqa: S105 - a test token
+MAX_UPLOAD = 8 * 1024 * 1024
+
+
+@dataclass
+class HttpEnv:
+    serve: AvgateServe
+    root: Path
+    base_url: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def start_http(root: Path, extra: str = "", *, http: str = "", quarantine: str = "") -> HttpEnv:
+    """Write a config with an ``[http]`` section (plus ``extra``) and start serve."""
+    config = root / "avgate.toml"
+    config.write_text(f"""
+[scan]
+cache = false
+[log]
+path = "{root / 'scan.log'}"
+[quarantine]
+path = "{root / 'quarantine'}"
+{quarantine}
+[http]
+listen = "127.0.0.1:0"
+{http}
+{extra}
+""")
+    serve = AvgateServe(config).start()
+    where = serve.listeners["http"][0]
+    scheme = "https" if "tls_cert" in http else "http"
+    return HttpEnv(serve, root, f"{scheme}://{where}")
+
+
+class _Collect:
+    """aiosmtpd handler keeping what it received (the release's next hop)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.messages.append((envelope.mail_from, list(envelope.rcpt_tos),
+                              bytes(envelope.original_content or envelope.content)))
+        return "250 2.0.0 Ok: queued"
+
+
+@dataclass
+class SmtpSink:
+    port: int
+    handler: _Collect
+
+
+@pytest.fixture(scope="module")
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A real SMTP server (aiosmtpd) as the quarantine's release next hop."""
+    from aiosmtpd.controller import Controller
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    handler = _Collect()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield SmtpSink(port, handler)
+    finally:
+        controller.stop()
+
+
+@pytest.fixture(scope="module")
+def http_env(tmp_path_factory: pytest.TempPathFactory,
+             smtp_sink: SmtpSink) -> Iterator[HttpEnv]:
+    """Tokens configured, scanning open, infected objects quarantined, 8 MiB upload limit."""
+    root = tmp_path_factory.mktemp("http")
+    env = start_http(root, http=f'tokens = ["{TOKEN}", "second-token"]\n'
+                                f"max_upload_size = {MAX_UPLOAD}",
+                     quarantine=f'next_hop = "127.0.0.1:{smtp_sink.port}"', extra="""
+[[policy.rules]]
+name = "hold-infected"
+status = "infected"
+action = ["reject", "quarantine"]
+""")
+    try:
+        yield env
+    finally:
+        env.serve.stop()
+
+
+@pytest.fixture
+def make_http(tmp_path: Path) -> Iterator[Callable[..., HttpEnv]]:
+    """Start a one-off server for a test (stopped afterwards)."""
+    started: list[HttpEnv] = []
+
+    def make(extra: str = "", *, http: str = "") -> HttpEnv:
+        env = start_http(tmp_path, extra, http=http)
+        started.append(env)
+        return env
+
+    yield make
+    for env in started:
+        env.serve.stop()
