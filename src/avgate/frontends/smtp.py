@@ -1,4 +1,4 @@
-"""SMTP filter front-end: aiosmtpd in, aiosmtplib out, the Gateway in between.
+"""SMTP filter front-end: aiosmtpd in, a lean pooled SMTP client out, the Gateway between.
 
 One aiosmtpd server per ``[[smtp.listeners]]`` table. Each client connection gets its own
 :class:`FilterHandler` and, unless the listener is verdict-only (``next_hop = "discard"``),
@@ -34,13 +34,14 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiosmtplib
 from aiosmtpd.smtp import SMTP as _AioSMTP
 from aiosmtpd.smtp import Envelope as _AioEnvelope
 from aiosmtpd.smtp import Session as _AioSession
@@ -52,13 +53,14 @@ from ..protocols.smtp import (
     UNAVAILABLE,
     XCLIENT_ATTRS,
     XFORWARD_ATTRS,
+    DataEncoder,
     DataReceiver,
     Reply,
-    normalize_line_endings,
+    ehlo_keywords,
+    encode_data,
     parse_reply,
     parse_xattrs,
     relay_mail_options,
-    reply_from,
     xattr_commands,
 )
 
@@ -82,6 +84,10 @@ REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 REPLY_NO_TRANSACTION = "503 5.5.1 Error: need MAIL command"
 
 _session_ids = itertools.count(1)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(  # <dot-atom@domain>, then nothing or parameters (no comment)
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*((?:[^ \t(\r\n].*)?)\Z",
+    re.DOTALL)
 
 
 # -- settings -----------------------------------------------------------------------------
@@ -163,108 +169,364 @@ def _path(address: str) -> str:
     return "<>" if address in ("", "<>") else f"<{address}>"
 
 
-class NextHop:
-    """One SMTP client session to the next hop (aiosmtplib), reused for the connection."""
+MAX_REPLY_SIZE = 64 * 1024  # a next-hop reply longer than this is a broken conversation
+POOL_SIZE = 32  # idle next-hop connections kept per listener
+POOL_IDLE = 10.0  # seconds an idle next-hop connection is kept
+RELAY_CHUNK = 256 * 1024  # bytes read from a file spool per write to the next hop
 
-    def __init__(self, host: str, port: int, timeout: float, local_hostname: str) -> None:
+
+class _HopProtocol(asyncio.Protocol):
+    """Buffers what the next hop says; write flow control; no per-line stream machinery."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.closed = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def drain(self) -> None:
+        if self._paused and not self.closed:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+        if self.closed:
+            raise ConnectionResetError("next hop closed the connection")
+
+    async def reply(self) -> Reply:
+        """The next complete reply (all its lines)."""
+        while True:
+            buf = self.buf
+            pos = 0
+            while True:
+                nl = buf.find(b"\n", pos)
+                if nl < 0:
+                    break
+                if nl - pos < 4 or buf[pos + 3] != 45:  # not "ddd-": the last line
+                    raw = bytes(buf[:nl + 1])
+                    del buf[:nl + 1]
+                    return _parse_hop_reply(raw)
+                pos = nl + 1
+            if len(buf) > MAX_REPLY_SIZE:
+                raise NextHopError("next hop reply too long")
+            if self.closed:
+                raise NextHopError("next hop closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+
+def _parse_hop_reply(raw: bytes) -> Reply:
+    text = raw.decode("utf-8", "replace")
+    try:
+        return parse_reply(text)
+    except ValueError as exc:
+        raise NextHopError(f"bad reply from next hop: {text[:100]!r}") from exc
+
+
+class HopConnection:
+    """One SMTP client connection to the next hop (lean client on asyncio.Protocol).
+
+    Commands are written in groups with one ``write`` (RFC 2920 pipelining when the next hop
+    offers it), replies are parsed from one buffer. aiosmtplib is not used on this path: it
+    wants the whole message as one ``bytes`` (and copies it twice to normalise and stuff),
+    cannot pipeline, and costs a task/timeout per command.
+    """
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.proto = _HopProtocol()
+        self.keywords: dict[str, str] = {}
+        self.dirty = False  # a transaction may be open: RSET before the next one
+        self.idle_handle: asyncio.TimerHandle | None = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.proto.closed and not self.proto.buf
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.keywords
+
+    async def open(self, local_hostname: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await loop.create_connection(lambda: self.proto, self.host, self.port)
+                greeting = await self.proto.reply()
+                if greeting.code != 220:
+                    raise NextHopError(f"next hop greeting: {greeting.render()}")
+                await self.ehlo(local_hostname)
+        except (OSError, TimeoutError, NextHopError) as exc:
+            self.abort()
+            raise NextHopError(str(exc) or type(exc).__name__) from exc
+
+    async def ehlo(self, local_hostname: str) -> None:
+        reply = (await self.send([f"EHLO {local_hostname}".encode()]))[0]
+        if reply.code == 250:
+            self.keywords = ehlo_keywords(reply.text)
+            return
+        reply = (await self.send([f"HELO {local_hostname}".encode()]))[0]
+        if reply.code != 250:
+            raise NextHopError(f"next hop refused EHLO/HELO: {reply.render()}")
+        self.keywords = {}
+
+    async def send(self, lines: list[bytes], payload: bytes = b"") -> list[Reply]:
+        """Write ``lines`` (one write: a pipelined group) and read one reply per line."""
+        transport = self.proto.transport
+        if transport is None or self.proto.closed:
+            raise NextHopError("next hop connection closed")
+        try:
+            async with asyncio.timeout(self.timeout):
+                transport.write(b"\r\n".join(lines) + b"\r\n" + payload if lines else payload)
+                return [await self.proto.reply() for _ in lines or (b"",)]
+        except (OSError, TimeoutError) as exc:
+            self.abort()
+            raise NextHopError(str(exc) or type(exc).__name__) from exc
+        except (NextHopError, asyncio.CancelledError):
+            self.abort()  # a reply may still be on its way: this connection is done
+            raise
+
+    async def command(self, line: bytes) -> Reply:
+        return (await self.send([line]))[0]
+
+    async def group(self, lines: list[bytes]) -> list[Reply]:
+        """A command group: pipelined when offered, else one round trip per command."""
+        if self.pipelining or len(lines) == 1:
+            return await self.send(lines)
+        return [await self.command(line) for line in lines]
+
+    async def stream(self, pieces: Any) -> Reply:
+        """Write the DATA content (already encoded, terminator included); its reply."""
+        transport = self.proto.transport
+        if transport is None or self.proto.closed:
+            raise NextHopError("next hop connection closed")
+        try:
+            async with asyncio.timeout(self.timeout):
+                for piece in pieces:
+                    transport.write(piece)
+                    await self.proto.drain()
+                return await self.proto.reply()
+        except (OSError, TimeoutError) as exc:
+            self.abort()
+            raise NextHopError(str(exc) or type(exc).__name__) from exc
+        except (NextHopError, asyncio.CancelledError):
+            self.abort()  # a reply may still be on its way: this connection is done
+            raise
+
+    def quit(self) -> None:
+        """Say QUIT and hang up without waiting for the answer."""
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        transport = self.proto.transport
+        if transport is not None and not self.proto.closed:
+            with contextlib.suppress(Exception):
+                transport.write(b"QUIT\r\n")
+            transport.close()
+        self.proto.closed = True
+
+    def abort(self) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        transport = self.proto.transport
+        if transport is not None:
+            transport.abort()
+        self.proto.closed = True
+
+
+class HopPool:
+    """Idle next-hop connections of one listener, reused across client connections."""
+
+    def __init__(self, host: str, port: int, timeout: float, local_hostname: str,
+                 size: int = POOL_SIZE, idle: float = POOL_IDLE) -> None:
         self.host, self.port, self.timeout = host, port, timeout
         self.local_hostname = local_hostname
-        self.smtp: aiosmtplib.SMTP | None = None
+        self.size, self.idle = size, idle
+        self._idle: list[HopConnection] = []
+        self.closed = False
+
+    def take(self) -> HopConnection | None:
+        """An idle connection that still looks usable, or None."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if conn.alive:
+                return conn
+            conn.abort()
+        return None
+
+    async def new(self) -> HopConnection:
+        conn = HopConnection(self.host, self.port, self.timeout)
+        await conn.open(self.local_hostname)
+        return conn
+
+    def give_back(self, conn: HopConnection) -> None:
+        if self.closed or not conn.alive or len(self._idle) >= self.size:
+            conn.quit()
+            return
+        conn.idle_handle = asyncio.get_running_loop().call_later(self.idle, self._expire, conn)
+        self._idle.append(conn)
+
+    def _expire(self, conn: HopConnection) -> None:
+        conn.idle_handle = None
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+        conn.quit()
+
+    def close(self) -> None:
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.quit()
+
+
+class NextHop:
+    """The next-hop side of one client connection: a pooled connection per transaction."""
+
+    def __init__(self, pool: HopPool) -> None:
+        self.pool = pool
+        self.host, self.port = pool.host, pool.port
+        self.conn: HopConnection | None = None
         self.in_transaction = False
 
     @property
     def keywords(self) -> dict[str, str]:
-        assert self.smtp is not None
-        return {k.upper(): v for k, v in self.smtp.esmtp_extensions.items()}
+        assert self.conn is not None
+        return self.conn.keywords
 
-    async def _command(self, *args: bytes) -> Reply:
-        assert self.smtp is not None
-        try:
-            resp = await self.smtp.execute_command(*args, timeout=self.timeout)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            await self.close()
-            raise NextHopError(str(exc) or type(exc).__name__) from exc
-        return reply_from(resp.code, resp.message)
-
-    async def begin(self, attrs: dict[str, str], *, xforward: bool, xclient: bool) -> None:
-        """Connect and greet if needed, end any open transaction, pass the client attributes."""
-        if self.smtp is None or not self.smtp.is_connected:
-            smtp = aiosmtplib.SMTP(hostname=self.host, port=self.port, timeout=self.timeout,
-                                   local_hostname=self.local_hostname, start_tls=False,
-                                   use_tls=False)
+    async def mail(self, sender: str, options: list[str], attrs: dict[str, str], *,
+                   xforward: bool, xclient: bool) -> Reply:
+        """Start a transaction: (RSET,) client attributes and MAIL FROM, one group when the
+        next hop pipelines. A pooled connection that turns out dead is replaced by a fresh
+        one (nothing was accepted on it yet); a fresh one failing is NextHopError."""
+        self.release()
+        for attempt in (0, 1):
+            conn = self.pool.take() if attempt == 0 else None
+            fresh = conn is None
+            if conn is None:
+                conn = await self.pool.new()
+            self.conn = conn
             try:
-                await smtp.connect()
-                await smtp.ehlo()
-            except (aiosmtplib.SMTPException, OSError) as exc:
-                smtp.close()
-                raise NextHopError(str(exc) or type(exc).__name__) from exc
-            self.smtp = smtp
-            self.in_transaction = False
-        if self.in_transaction:
-            await self.rset()
-        kws = self.keywords
+                return await self._begin(conn, sender, options, attrs, xforward=xforward,
+                                         xclient=xclient)
+            except NextHopError:
+                self.conn = None
+                conn.abort()
+                if fresh:
+                    raise
+        raise NextHopError("unreachable")  # pragma: no cover
+
+    async def _begin(self, conn: HopConnection, sender: str, options: list[str],
+                     attrs: dict[str, str], *, xforward: bool, xclient: bool) -> Reply:
+        lines: list[bytes] = []
+        if conn.dirty:
+            lines.append(b"RSET")
+        kws = conn.keywords
         if xclient and "XCLIENT" in kws:
+            if lines:
+                rset = (await conn.group(lines))[0]
+                if not rset.positive:
+                    raise NextHopError(f"RSET refused: {rset.render()}")
+                lines = []
             for line in xattr_commands("XCLIENT", _xclient_attrs(attrs), kws["XCLIENT"].split()):
-                reply = await self._command(line.encode())
-                if reply.code == 220:  # XCLIENT answers with a new greeting: greet again
-                    await self._ehlo()
+                if (await conn.command(line.encode())).code == 220:
+                    await conn.ehlo(self.pool.local_hostname)  # XCLIENT answers with a greeting
+            kws = conn.keywords
         elif xforward and "XFORWARD" in kws:
-            for line in xattr_commands("XFORWARD", attrs, kws["XFORWARD"].split()):
-                await self._command(line.encode())  # a refusal only loses log detail
-
-    async def _ehlo(self) -> None:
-        assert self.smtp is not None
-        try:
-            await self.smtp.ehlo(timeout=self.timeout)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            await self.close()
-            raise NextHopError(str(exc) or type(exc).__name__) from exc
-
-    async def mail(self, sender: str, options: list[str]) -> Reply:
-        args = [b"FROM:" + _path(sender).encode("utf-8", "surrogateescape")]
-        args += [o.encode() for o in options]
-        reply = await self._command(b"MAIL", *args)
+            lines += [x.encode() for x in xattr_commands("XFORWARD", attrs,
+                                                         kws["XFORWARD"].split())]
+        opts = relay_mail_options(options, kws)
+        lines.append(b" ".join([b"MAIL FROM:" + _path(sender).encode("utf-8", "surrogateescape"),
+                                *(o.encode() for o in opts)]))
+        replies = await conn.group(lines)
+        if conn.dirty:
+            if not replies[0].positive:
+                raise NextHopError(f"RSET refused: {replies[0].render()}")
+            conn.dirty = False
+        reply = replies[-1]  # XFORWARD refusals only lose log detail
         self.in_transaction = reply.positive
+        conn.dirty = reply.positive
         return reply
 
     async def rcpt(self, recipient: str) -> Reply:
-        return await self._command(b"RCPT", b"TO:" + _path(recipient).encode(
-            "utf-8", "surrogateescape"))
+        conn = self.conn
+        if conn is None:
+            raise NextHopError("no next-hop connection")
+        try:
+            return await conn.command(b"RCPT TO:" + _path(recipient).encode(
+                "utf-8", "surrogateescape"))
+        except NextHopError:
+            self.conn, self.in_transaction = None, False
+            raise
 
-    async def data(self, message: bytes) -> Reply:
-        """Send the message; the reply (any code) or NextHopError when the session broke."""
-        assert self.smtp is not None
+    async def data(self, copy_to: tuple[str, ...], pieces: Any) -> tuple[list[Reply], Reply]:
+        """Extra recipients and DATA (one group), then the content; (rcpt replies, reply).
+        A reply other than 354 to DATA is returned as the reply (nothing was sent)."""
+        conn = self.conn
+        if conn is None:
+            raise NextHopError("no next-hop connection")
         self.in_transaction = False
         try:
-            # aiosmtplib dot-stuffs and normalises exactly like protocols.smtp.encode_data;
-            # we normalise first so what we scanned-and-edited is what goes on the wire
-            resp = await self.smtp.data(normalize_line_endings(message), timeout=self.timeout)
-        except aiosmtplib.SMTPDataError as exc:
-            return reply_from(exc.code, exc.message)
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            await self.close()
-            raise NextHopError(str(exc) or type(exc).__name__) from exc
-        return reply_from(resp.code, resp.message)
+            lines = [b"RCPT TO:" + _path(x).encode("utf-8", "surrogateescape") for x in copy_to]
+            replies = await conn.group([*lines, b"DATA"])
+            go = replies[-1]
+            if go.code != 354:
+                self.release()  # still dirty: RSET before the next transaction
+                return replies[:-1], go
+            reply = await conn.stream(pieces)
+        except NextHopError:
+            self.conn = None
+            raise
+        conn.dirty = False  # the DATA reply ended the transaction, whatever it said
+        self.release()
+        return replies[:-1], reply
 
-    async def rset(self) -> None:
+    def release(self) -> None:
+        """End this client's use of the connection (an open transaction is RSET lazily)."""
+        conn, self.conn = self.conn, None
         self.in_transaction = False
-        if self.smtp is not None and self.smtp.is_connected:
-            with contextlib.suppress(NextHopError):
-                reply = await self._command(b"RSET")
-                if not reply.positive:
-                    await self.close()
+        if conn is not None:
+            self.pool.give_back(conn)
 
     async def close(self) -> None:
-        smtp, self.smtp = self.smtp, None
-        self.in_transaction = False
-        if smtp is None:
-            return
-        if smtp.is_connected:
-            try:
-                await asyncio.wait_for(smtp.quit(), timeout=min(self.timeout, 5.0))
-            except (TimeoutError, aiosmtplib.SMTPException, OSError):
-                pass
-        smtp.close()
+        self.release()
 
 
 def _xclient_attrs(attrs: dict[str, str]) -> dict[str, str]:
@@ -273,12 +535,56 @@ def _xclient_attrs(attrs: dict[str, str]) -> dict[str, str]:
 
 # -- the aiosmtpd side ------------------------------------------------------------------------
 class FilterSMTP(_AioSMTP):
-    """aiosmtpd's SMTP with DATA streamed into a Spool, XFORWARD, and a connection limit."""
+    """aiosmtpd's SMTP with DATA streamed into a Spool, XFORWARD, and a connection limit.
+
+    The StreamReader's limit (aiosmtpd's ``line_length_limit``) is raised so that DATA is read
+    in large pieces (``readuntil`` of the rest of the end-of-data marker, see
+    :attr:`DataReceiver.separator`); command lines are still held to aiosmtpd's
+    ``command_size_limit`` (500 reply), DATA lines to ``max_line_length``. The idle timer is
+    one timer per connection that is re-armed lazily: a command or received DATA bytes only
+    move a deadline, instead of a cancel and a new ``call_later`` per line.
+    """
+
+    line_length_limit = 64 * 1024
 
     def __init__(self, handler: FilterHandler, listener: SMTPListener, **kw: Any) -> None:
         self.listener = listener
         self.filter = handler
+        self._deadline = 0.0
+        self._busy = False  # scanning/relaying: the idle timer must not cut the connection
+        self._in_data = False
         super().__init__(handler, **kw)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        loop = self.loop
+        self._deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(self._deadline, self._timeout_check)
+
+    def _timeout_check(self) -> None:
+        now = self.loop.time()
+        if self._busy or now < self._deadline:
+            when = now + self._timeout_duration if self._busy else self._deadline
+            self._timeout_handle = self.loop.call_at(when, self._timeout_check)
+            return
+        self._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser, with a fast path for a plain ``<dot-atom@domain>``
+        (aiosmtpd's builds a typing.Protocol class and runs the RFC 5322 header parser per
+        call); anything else goes to aiosmtpd's parser. Same results."""
+        m = _PLAIN_PATH.match(arg)
+        if m is not None and not self.local_part_limit:
+            return m.group(1), m.group(2)
+        return super()._getaddr(arg)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_data:  # the client is sending: that is activity
+            self._deadline = self.loop.time() + self._timeout_duration
+        super().data_received(data)
 
     async def _handle_client(self) -> None:
         listener = self.listener
@@ -329,17 +635,24 @@ class FilterSMTP(_AioSMTP):
                                 bare_lf=settings.bare_lf)
         spool = self.listener.gateway.new_spool()
         spool_failed = False
+        reader = self._reader
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._in_data = True
             while not receiver.done:
+                # up to the rest of the end-of-data marker: never past it, so pipelined
+                # commands after the data stay in the reader
+                sep = receiver.separator
                 try:
-                    chunk = await self._reader.readuntil(b"\r\n")
+                    if sep is None:
+                        chunk = await reader.readexactly(1)
+                    else:
+                        chunk = await reader.readuntil(sep)
                 except asyncio.LimitOverrunError as exc:
-                    # a long line: take what is buffered, never past a separator
-                    chunk = await self._reader.read(exc.consumed)
+                    # no marker within the limit: take what cannot be part of one
+                    chunk = await reader.read(exc.consumed)
                 except asyncio.IncompleteReadError:
                     return  # client went away mid-DATA: nothing is relayed
-                self._reset_timeout()
                 content = receiver.feed(chunk)
                 if content and not spool_failed:
                     try:
@@ -347,6 +660,8 @@ class FilterSMTP(_AioSMTP):
                     except SpoolError as exc:
                         log.error("%s: %s", settings.name, exc)
                         spool_failed = True
+            self._in_data = False
+            self._reset_timeout()
             problem = receiver.problem
             if problem is not None or spool_failed:
                 await self.filter.abort()
@@ -355,8 +670,7 @@ class FilterSMTP(_AioSMTP):
                 return
             # Scanning and relaying have their own timeouts: the idle timer must not cut
             # the connection while the client waits for our answer.
-            if self._timeout_handle is not None:
-                self._timeout_handle.cancel()
+            self._busy = True
             self.listener.processing += 1
             try:
                 reply = await self.filter.deliver(self.session, self.envelope, spool)
@@ -366,10 +680,12 @@ class FilterSMTP(_AioSMTP):
                 reply = REPLY_INTERNAL
             finally:
                 self.listener.processing -= 1
+                self._busy = False
                 self._reset_timeout()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(reply)
         finally:
+            self._in_data = False
             spool.close()
 
 
@@ -382,9 +698,7 @@ class FilterHandler:
         self.gateway = listener.gateway
         self.session_id = f"{self.settings.name}-{os.getpid()}-{next(_session_ids)}"
         self.xforward: dict[str, str] = {}
-        hop = self.settings.next_hop
-        self.next_hop = (NextHop(hop[0], hop[1], self.settings.relay_timeout,
-                                 self.settings.hostname) if hop else None)
+        self.next_hop = NextHop(listener.pool) if listener.pool is not None else None
 
     # aiosmtpd hooks --------------------------------------------------------------------------
     async def handle_EHLO(self, server: FilterSMTP, session: _AioSession, envelope: _AioEnvelope,
@@ -404,10 +718,9 @@ class FilterHandler:
             envelope.mail_options.extend(options)
             return "250 2.1.0 Ok"
         try:
-            await self.next_hop.begin(self._client_attrs(session), xforward=self.settings.xforward,
-                                      xclient=self.settings.xclient)
-            reply = await self.next_hop.mail(
-                address, relay_mail_options(options, self.next_hop.keywords))
+            reply = await self.next_hop.mail(address, options, self._client_attrs(session),
+                                             xforward=self.settings.xforward,
+                                             xclient=self.settings.xclient)
         except NextHopError as exc:
             log.warning("%s: next hop %s:%d: %s", self.settings.name, self.next_hop.host,
                         self.next_hop.port, exc)
@@ -440,7 +753,7 @@ class FilterHandler:
 
     async def handle_QUIT(self, server: FilterSMTP, session: _AioSession,
                           envelope: _AioEnvelope) -> str:
-        await self.aclose()
+        await self.abort()
         return "221 2.0.0 Bye"
 
     # the outcome -------------------------------------------------------------------------------
@@ -477,25 +790,20 @@ class FilterHandler:
             return f"250 2.0.0 Ok: discarded{kept}"
         if self.next_hop is None:  # verdict-only listener: the answer is the product
             return f"250 2.0.0 Ok: {outcome.result.status.value}"
-        data = spool.getvalue()
-        if decision.headers or decision.subject_prefix or decision.replace:
-            from ..mailedit import edit_message
+        return await self._relay(_wire_pieces(spool, decision, outcome.result),
+                                 decision.copy_to)
 
-            data = edit_message(data, decision, outcome.result)
-        return await self._relay(data, decision.copy_to)
-
-    async def _relay(self, data: bytes, copy_to: tuple[str, ...]) -> str:
+    async def _relay(self, pieces: Any, copy_to: tuple[str, ...]) -> str:
         hop = self.next_hop
         assert hop is not None
         if not hop.in_transaction:
             return REPLY_NEXT_HOP_FAILED
         try:
-            for extra in copy_to:
-                r = await hop.rcpt(extra)
+            refused, reply = await hop.data(copy_to, pieces)
+            for extra, r in zip(copy_to, refused, strict=False):
                 if not r.positive:
                     log.warning("%s: copy_to %s refused by next hop: %d %s", self.settings.name,
                                 extra, r.code, r.text)
-            reply = await hop.data(data)
         except NextHopError as exc:
             log.warning("%s: next hop failed during DATA: %s", self.settings.name, exc)
             return REPLY_NEXT_HOP_FAILED
@@ -516,13 +824,44 @@ class FilterHandler:
                 "PROTO": "ESMTP" if session.extended_smtp else "SMTP"}
 
     async def abort(self) -> None:
-        """End the next hop's open transaction (nothing is delivered)."""
-        if self.next_hop is not None and self.next_hop.in_transaction:
-            await self.next_hop.rset()
+        """End the next hop's open transaction (nothing is delivered): the connection goes
+        back to the pool and gets its RSET with the next transaction's first commands."""
+        if self.next_hop is not None:
+            self.next_hop.release()
 
     async def aclose(self) -> None:
         if self.next_hop is not None:
             await self.next_hop.close()
+
+
+def _wire_pieces(spool: Spool, decision: Any, result: Any) -> Iterator[bytes]:
+    """The DATA content for the next hop, encoded (dot-stuffed, terminator), in pieces.
+
+    The common case (verdict headers only) never holds the message twice: the headers are
+    encoded, then the spool follows as it is (one piece when it is in memory, file chunks
+    otherwise). Subject prefixes and part replacement edit the message in memory
+    (:func:`~avgate.mailedit.edit_message`), as before.
+    """
+    if decision.subject_prefix or decision.replace:
+        from ..mailedit import edit_message
+
+        yield encode_data(edit_message(spool.getvalue(), decision, result))
+        return
+    encoder = DataEncoder()
+    head = b""
+    if decision.headers:
+        from ..mailedit import add_headers
+
+        head = encoder.feed(add_headers(b"\r\n", decision.headers)[:-2])
+    if spool.in_memory:
+        yield head + encoder.feed(spool.getvalue()) + encoder.finish()
+        return
+    if head:
+        yield head
+    with spool.open() as f:
+        while chunk := f.read(RELAY_CHUNK):
+            yield encoder.feed(chunk)
+    yield encoder.finish()
 
 
 def _client_reply(reply: Reply) -> str:
@@ -557,6 +896,9 @@ class SMTPListener:
         self.sessions: set[FilterSMTP] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._tls = settings.tls_context()
+        hop = settings.next_hop
+        self.pool = (HopPool(hop[0], hop[1], settings.relay_timeout, settings.hostname)
+                     if hop else None)
 
     @property
     def port(self) -> int:
@@ -606,6 +948,8 @@ class SMTPListener:
         await asyncio.sleep(0)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=5.0)
+        if self.pool is not None:
+            self.pool.close()
         if self.server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), timeout=1.0)
@@ -627,5 +971,6 @@ async def start(gateway: Gateway) -> list[SMTPListener]:
     return started
 
 
-__all__ = ["FilterHandler", "FilterSMTP", "ListenerSettings", "NextHop", "SMTPListener",
+__all__ = ["FilterHandler", "FilterSMTP", "HopConnection", "HopPool", "ListenerSettings",
+           "NextHop", "SMTPListener",
            "parse_hostport", "start"]

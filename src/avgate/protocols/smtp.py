@@ -37,6 +37,7 @@ DEFAULT_MAX_LINE_LENGTH = 2048  # Postfix's line_length_limit; counted without t
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")  # after normalisation ^ follows \n only
+_CR_OR_LF = re.compile(rb"[\r\n]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,21 +84,96 @@ class DataReceiver:
         if self.max_size is not None and self.size > self.max_size:
             self.problem = DataProblem("too_big", REPLY_TOO_BIG)
 
+    @property
+    def separator(self) -> bytes | None:
+        """What to read up to next (``StreamReader.readuntil``), or None: read one byte.
+
+        The rest of the end-of-data marker given what was already consumed, so the first
+        match of it in the stream ends at or before the real terminator: a front-end reading
+        ``readuntil(separator)`` (or, after ``LimitOverrunError``, ``read(consumed)``) never
+        reads past the end of the data, and pipelined commands stay in its reader. At the
+        start of a line (None) one byte decides between a dot line and an ordinary one.
+        """
+        return _SEPARATORS[self._state]
+
     def feed(self, data: bytes) -> bytes:
         """Consume wire bytes; return the content they carry (may be empty)."""
         if self.done:
             self.trailing += data
             return b""
+        if not data:
+            return b""
+        state = self._state
+        if state != self._BOL and state != self._MID:
+            return self._feed_slow(data)
+        # Fast path (C-speed bulk operations): a region ending at a CRLF with no bare CR/LF.
+        if state == self._BOL and data[:3] == b".\r\n":
+            self.done = True
+            self.trailing = bytes(data[3:])
+            return self._result(b"")
+        idx = data.find(b"\r\n.\r\n")
+        if idx >= 0:
+            cut, rest = idx + 2, b""
+        else:
+            cut = data.rfind(b"\r\n") + 2
+            if cut < 2:
+                return self._feed_slow(data)
+            rest = data[cut:]
+        region = data[:cut] if cut < len(data) else data
+        limit = self.max_line_length
+        lines = region.split(b"\r\n") if len(region) + self._line_len > limit else None
+        n_crlf = len(lines) - 1 if lines is not None else region.count(b"\r\n")
+        if region.count(b"\r") != n_crlf or region.count(b"\n") != n_crlf:
+            return self._feed_slow(data)  # bare CR/LF somewhere: byte by byte
+        if state == self._BOL and region[:1] == b".":
+            region = region[1:]  # dot-stuffed first line
+        body = region.replace(b"\r\n.", b"\r\n") if b"\r\n." in region else region
+        if lines is not None and (len(lines[0]) + self._line_len > limit
+                                  or max(map(len, lines)) > limit):
+            # measured with stuffing dots: measure the content exactly
+            lines = body.split(b"\r\n")
+            if len(lines[0]) + self._line_len > limit or max(map(len, lines)) > limit:
+                self._too_long = True
+        self._line_len = 0
+        self._state = self._BOL
+        if idx >= 0:
+            self.done = True
+            self.trailing = bytes(data[idx + 5:])
+            self.size += len(body)
+            return self._result(body)
+        if rest:
+            self.size += len(body)
+            tail = self._feed_slow(rest)  # checks the limits for both
+            return b"" if self.problem is not None else body + tail
+        self.size += len(body)
+        return self._result(body)
+
+    def _result(self, out: bytes) -> bytes:
+        """Record limits/problems after ``size`` was updated; the content to keep."""
+        self._flag_size()
+        if self.problem is not None:
+            return b""
+        if self._too_long:
+            self.problem = DataProblem("line_too_long", REPLY_LINE_TOO_LONG)
+            return b""
+        if self._bare is not None and not self.normalize:
+            self.problem = DataProblem(
+                self._bare, REPLY_BARE_LF if self._bare == "bare_lf" else REPLY_BARE_CR)
+            return b""
+        return out
+
+    def _feed_slow(self, data: bytes) -> bytes:
+        """The state machine, one special byte at a time (runs of ordinary bytes in bulk)."""
         out = bytearray()
         i, n = 0, len(data)
         state = self._state
+        special = _CR_OR_LF.search
         while i < n:
             b = data[i]
             if b != 13 and b != 10 and (state == self._MID or (state == self._BOL and b != 46)):
-                # fast path: copy up to the next CR or LF
-                j = i
-                while j < n and data[j] not in (13, 10):
-                    j += 1
+                # copy up to the next CR or LF
+                m = special(data, i)
+                j = m.start() if m is not None else n
                 self._line_len += j - i
                 out += data[i:j]
                 i = j
@@ -143,17 +219,7 @@ class DataReceiver:
                 state = self._MID
         self._state = state
         self.size += len(out)
-        self._flag_size()
-        if self.problem is not None:
-            return b""
-        if self._too_long:
-            self.problem = DataProblem("line_too_long", REPLY_LINE_TOO_LONG)
-            return b""
-        if self._bare is not None and not self.normalize:
-            self.problem = DataProblem(
-                self._bare, REPLY_BARE_LF if self._bare == "bare_lf" else REPLY_BARE_CR)
-            return b""
-        return bytes(out)
+        return self._result(bytes(out))
 
     def _end_line(self) -> None:
         if self._line_len > self.max_line_length:
@@ -179,6 +245,13 @@ class DataReceiver:
         return self.problem
 
 
+# DataReceiver state → the rest of the end-of-data marker (see DataReceiver.separator)
+_SEPARATORS: dict[int, bytes | None] = {
+    DataReceiver._BOL: None, DataReceiver._MID: b"\r\n.\r\n", DataReceiver._CR: b"\n.\r\n",
+    DataReceiver._DOT: b"\r\n", DataReceiver._DOT_CR: b"\n",
+}
+
+
 def normalize_line_endings(data: bytes) -> bytes:
     """Every CRLF, bare CR and bare LF becomes CRLF."""
     return _LINE_END.sub(CRLF, data)
@@ -190,6 +263,45 @@ def encode_data(message: bytes) -> bytes:
     if body and not body.endswith(CRLF):
         body += CRLF
     return _DOT_AT_LINE_START.sub(b"..", body) + b".\r\n"
+
+
+class DataEncoder:
+    """:func:`encode_data` in pieces: ``feed(chunk)`` for each piece of the message, then
+    ``finish()``; the outputs joined equal ``encode_data(b"".join(chunks))``.
+
+    Line endings are normalised and dot-stuffing is done per chunk with bulk ``bytes``
+    operations (the common case, CRLF-only content, costs three ``count`` and one
+    ``replace`` per chunk); a CR at the end of a chunk waits for the next one.
+    """
+
+    def __init__(self) -> None:
+        self._bol = True  # the output so far ends at the start of a line
+        self._cr = False  # a CR held back from the previous chunk
+
+    def feed(self, data: bytes) -> bytes:
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data[-1:] == b"\r":
+            data = data[:-1]
+            self._cr = True
+        if not data:
+            return b""
+        n_crlf = data.count(CRLF)
+        if data.count(b"\r") != n_crlf or data.count(b"\n") != n_crlf:
+            data = normalize_line_endings(data)
+        out = data.replace(b"\n.", b"\n..")
+        if self._bol and out[:1] == b".":
+            out = b"." + out
+        self._bol = out[-1:] == b"\n"
+        return out
+
+    def finish(self) -> bytes:
+        """The end of the data: a CRLF when the content did not end with one, then ``.``."""
+        if self._cr or not self._bol:
+            self._cr, self._bol = False, True
+            return b"\r\n.\r\n"
+        return b".\r\n"
 
 
 def decode_data(wire: bytes) -> bytes:
@@ -335,7 +447,7 @@ def relay_mail_options(options: Iterable[str], next_hop_keywords: Mapping[str, s
 
 
 __all__ = [
-    "DataProblem", "DataReceiver", "Reply", "decode_data", "ehlo_keywords", "encode_data",
-    "normalize_line_endings", "parse_reply", "parse_xattrs", "relay_mail_options",
+    "DataEncoder", "DataProblem", "DataReceiver", "Reply", "decode_data", "ehlo_keywords",
+    "encode_data", "normalize_line_endings", "parse_reply", "parse_xattrs", "relay_mail_options",
     "reply_from", "xattr_commands", "xtext_decode", "xtext_encode",
 ]

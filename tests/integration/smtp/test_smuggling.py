@@ -59,12 +59,14 @@ async def test_attack_normalized_is_one_message(avgate: StartAvgate, raw_sink: R
     reply = await _attack(gw.port, ATTACKS[name])
     assert reply.startswith("250"), reply
     [wire] = [w for w in raw_sink.wire if w]
-    # exactly one transaction reached the next hop: one envelope, one DATA, then QUIT ...
+    # exactly one transaction reached the next hop: one envelope, one DATA, then nothing
+    # (the connection waits in avgate's pool) or QUIT ...
     commands = wire[:wire.index(b"DATA\r\n")]
     assert commands.count(b"MAIL FROM:") == 1 and b"evil" not in commands
     data = _data_section(wire)
-    assert data.endswith(b"\r\n.\r\nQUIT\r\n")
-    data = data[:-len(b"QUIT\r\n")]
+    if data.endswith(b"QUIT\r\n"):
+        data = data[:-len(b"QUIT\r\n")]
+    assert data.endswith(b"\r\n.\r\n")
     # ... and its data holds no early end-of-data marker for any lenient reader
     for marker in LENIENT_MARKERS:
         assert (b"\r\n" + data).find(marker) in (-1, len(data) + 2 - len(marker)), marker

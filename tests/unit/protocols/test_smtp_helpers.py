@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from avgate.protocols.smtp import (
@@ -9,6 +11,7 @@ from avgate.protocols.smtp import (
     REPLY_BARE_LF,
     REPLY_LINE_TOO_LONG,
     REPLY_TOO_BIG,
+    DataEncoder,
     DataReceiver,
     Reply,
     decode_data,
@@ -173,3 +176,73 @@ def test_ehlo_and_mail_options() -> None:
     assert relay_mail_options(["BODY=8BITMIME", "SIZE=10", "SMTPUTF8"], kws) == [
         "BODY=8BITMIME", "SIZE=10"]
     assert relay_mail_options(["BODY=8BITMIME"], {}) == []
+
+
+@pytest.mark.parametrize(("content", "wire"), ENCODE)
+@pytest.mark.parametrize("split", [1, 2, 3, 1000])
+def test_encoder_in_chunks_equals_encode_data(content: bytes, wire: bytes, split: int) -> None:
+    enc = DataEncoder()
+    out = b"".join(enc.feed(content[i:i + split]) for i in range(0, len(content), split))
+    assert out + enc.finish() == wire
+
+
+def test_encoder_random_chunkings() -> None:
+    rng = random.Random(7)
+    pieces = [b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"..", b"xyz", b"\r\n.\r\n"]
+    for _ in range(3000):
+        content = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 20)))
+        cuts = sorted(rng.sample(range(len(content) + 1), min(len(content), 3)))
+        enc, out, prev = DataEncoder(), b"", 0
+        for c in [*cuts, len(content)]:
+            out += enc.feed(content[prev:c])
+            prev = c
+        assert out + enc.finish() == encode_data(content), (content, cuts)
+
+
+def _read_by_separator(wire: bytes, limit: int, **kw: object) -> tuple[DataReceiver, bytes, int]:
+    """Read ``wire`` the way the front-end does (readuntil(separator), read(consumed) after
+    a limit overrun, one byte at a line start); (receiver, content, bytes consumed)."""
+    r = DataReceiver(**kw)  # type: ignore[arg-type]
+    out, pos = b"", 0
+    while not r.done and pos < len(wire):
+        sep = r.separator
+        if sep is None:
+            chunk = wire[pos:pos + 1]
+        else:
+            i = wire.find(sep, pos)
+            if i >= 0 and i - pos <= limit:
+                chunk = wire[pos:i + len(sep)]
+            elif i >= 0 and i - pos < limit + len(sep):
+                chunk = wire[pos:i]
+            else:
+                end = min(len(wire), pos + limit + len(sep)) + 1 - len(sep)
+                chunk = wire[pos:max(pos + 1, end)]
+        pos += len(chunk)
+        out += r.feed(chunk)
+    return r, out, pos
+
+
+def test_separator_reading_never_passes_the_end_of_data() -> None:
+    rng = random.Random(11)
+    pieces = [b"\r", b"\n", b".", b"a", b"\r\n", b"\r\n.", b"..", b"xyz", b"\r\n..x"]
+    for _ in range(3000):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        wire = body + b"\r\n.\r\nQUIT\r\n"
+        whole = DataReceiver(bare_lf="normalize")
+        content = whole.feed(wire)
+        r, out, pos = _read_by_separator(wire, rng.choice([1, 4, 7, 64]), bare_lf="normalize")
+        assert r.done and pos == len(wire) - len(whole.trailing), wire
+        assert out == content and r.trailing == b"", wire
+
+
+def test_bulk_fast_path_matches_line_by_line() -> None:
+    lines = [b"plain line\r\n", b".dot line\r\n", b"..two\r\n", b"\r\n", b"x" * 70 + b"\r\n"]
+    wire = b"".join(lines * 50) + b".\r\n"
+    bulk, by_line = DataReceiver(), DataReceiver()
+    out_bulk = bulk.feed(wire)
+    out_lines = b"".join(by_line.feed(x) for x in wire.splitlines(keepends=True))
+    assert out_bulk == out_lines == decode_data(wire)
+    assert bulk.done and by_line.done and bulk.size == by_line.size
+    too_long = DataReceiver(max_line_length=69)
+    too_long.feed(wire)
+    assert too_long.problem is not None and too_long.problem.reply == REPLY_LINE_TOO_LONG
