@@ -36,7 +36,7 @@ bench: venv
 	$(PY) bench/run.py
 
 fuzz: venv
-	AVGATE_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/fuzz
+	AVGATE_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/fuzz tests/unit/content/test_fuzz.py tests/unit/content/test_mimeparse.py
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench

@@ -6,6 +6,7 @@ computed on the way in, so nobody reads the object twice for them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -144,16 +145,18 @@ class Spool:
         return self._path
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._path is not None and self._owned_path:
-            try:
-                os.unlink(self._path)
-            except FileNotFoundError:
-                pass
+        """Release the content; never raises (a full disk may fail the final flush)."""
+        try:
+            if self._file is not None:
+                f, self._file = self._file, None
+                with contextlib.suppress(OSError):
+                    f.close()
+        finally:
+            if self._path is not None and self._owned_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._path)
             self._path = None
-        self._buf = None
+            self._buf = None
 
     def __enter__(self) -> Spool:
         return self

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +15,8 @@ from tests.corpus import corpus
 LIMITS = Limits(max_scan_size=96 * 1024, max_file_size=48 * 1024, max_files=25,
                 max_recursion=4)
 SEEDS = [s.data for s in corpus() if len(s.data) <= LIMITS.max_file_size]
+
+EXAMPLES = int(os.environ.get("AVGATE_FUZZ_EXAMPLES", "200"))
 
 
 def check(data: bytes) -> None:
@@ -45,13 +49,13 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2048))
 def test_random_bytes(data: bytes) -> None:
     check(data)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from([b"PK\x03\x04", b"\x1f\x8b\x08", b"BZh91AY&SY", b"\xfd7zXZ\x00",
                         b"7z\xbc\xaf\x27\x1c", b"From: a@b\r\nContent-Type: multipart/mixed;"
                         b" boundary=x; boundary=y\r\n\r\n--y\r\n"]),
@@ -60,7 +64,7 @@ def test_magic_followed_by_garbage(magic: bytes, rest: bytes) -> None:
     check(magic + rest)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated())
 def test_mutated_corpus(data: bytes) -> None:
     check(data)
