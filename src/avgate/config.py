@@ -205,6 +205,8 @@ HTTP_KEYS: dict[str, Checker] = {
     "tls_cert": _str,
     "tls_key": _str,
     "max_upload_size": _size,
+    "idle_timeout": _seconds,
+    "max_connections": _pos_int,
 }
 CLAMD_LISTENER_KEYS: dict[str, Checker] = {
     "listen": _listen,

@@ -76,6 +76,7 @@ idle_timeout = {IDLE}
 max_header_size = {MAX_ICAP_HEADER}
 [http]
 listen = "127.0.0.1:0"
+idle_timeout = {IDLE}
 max_upload_size = {MAX_UPLOAD}
 [clamd_listener]
 listen = "127.0.0.1:0"
@@ -311,11 +312,6 @@ def test_milter_packet_one_over_the_limit_closes_at_once(
     assert served.rss_kib() - rss < 32 * 1024
 
 
-HTTP_NO_TIMEOUT = ("BUG: the HTTP front-end has no idle/read timeout (uvicorn's "
-                   "timeout_keep_alive only runs between requests; there is no [http] "
-                   "idle_timeout key): a client that stops mid-request, or sends bytes without "
-                   "a CRLF CRLF, holds its connection forever (src/avgate/frontends/http.py "
-                   "start)")
 
 # -- slowloris: idle timeouts --------------------------------------------------------------------
 SLOW_START = {
@@ -328,8 +324,7 @@ SLOW_START = {
 
 
 @pytest.mark.parametrize("listener", [
-    "smtp", "milter", "icap", "clamd_listener",
-    pytest.param("http", marks=pytest.mark.xfail(strict=True, reason=HTTP_NO_TIMEOUT)),
+    "smtp", "milter", "icap", "clamd_listener", "http",
 ])
 def test_slowloris_idle_client_is_disconnected(env: tuple[Served, ThreadSink, Ledger],
                                                listener: str) -> None:
@@ -417,8 +412,7 @@ GARBAGE = {
 
 
 GARBAGE_CASES = [
-    pytest.param(listener, garbage, marks=[pytest.mark.xfail(strict=True, reason=HTTP_NO_TIMEOUT)]
-                 if listener == "http" and garbage in ("random", "huge-length") else [])
+    (listener, garbage)
     for listener in ("milter", "icap", "clamd_listener", "http") for garbage in GARBAGE
     if not (listener == "http" and garbage == "http")
 ]

@@ -52,6 +52,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import __version__
 from ..errors import NotFound, QuarantineError
@@ -62,6 +63,7 @@ from ..result import ScanStatus
 from ..spool import Spool
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds a client may stay silent inside a request
 DEFAULT_MAX_UPLOAD = parse_size("1 GiB")
 INFECTED_ERROR = "Virus Detected in Attachment"
 SCAN_ERROR = "Virus scanner unavailable"
@@ -474,6 +476,51 @@ def _parse_time(value: str) -> float:
 
 
 # -- server -----------------------------------------------------------------------------
+def _idle_protocol(idle_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol plus a read-idle timeout *inside* a request.
+
+    uvicorn only times out idle keep-alive connections between requests; a client that stops
+    half-way through a request head or body would hold its connection (and its spool) forever
+    (slowloris). This closes a connection that has not sent a byte for ``idle_timeout`` while
+    the server is waiting for it; a request whose scan is running is never cut.
+    """
+
+    class IdleTimeoutH11(H11Protocol):
+        _avgate_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            self._arm()
+            super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._avgate_timer is not None:
+                self._avgate_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._avgate_timer is not None:
+                self._avgate_timer.cancel()
+            self._avgate_timer = self.loop.call_later(idle_timeout, self._idle)
+
+        def _idle(self) -> None:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                waiting = bool(self.conn.trailing_data[0])  # a request head half sent
+            else:
+                waiting = cycle.more_body  # the app waits for more of the body
+            if waiting:
+                if not self.transport.is_closing():
+                    self.transport.close()
+            else:
+                self._arm()
+
+    return IdleTimeoutH11
+
+
 class _Server(uvicorn.Server):
     """uvicorn inside avgate's loop: signals belong to ``avgate serve``, not to uvicorn."""
 
@@ -557,7 +604,9 @@ async def start(gateway: Gateway) -> list[HttpListener]:
         access_log=False, server_header=False, proxy_headers=False,
         ssl_certfile=str(Path(base, cert)) if cert and key else None,
         ssl_keyfile=str(Path(base, key)) if cert and key else None,
-        timeout_graceful_shutdown=int(drain) or 1)
+        timeout_graceful_shutdown=int(drain) or 1,
+        http=_idle_protocol(float(cfg.get("idle_timeout", DEFAULT_IDLE_TIMEOUT))),
+        limit_concurrency=cfg.get("max_connections"))
     listener = HttpListener(_Server(config), sock, where, tls)
     try:
         await listener.start()
