@@ -70,6 +70,7 @@ class ScanService:
         self.spool_memory = spool_memory
         self.spool_dir = spool_dir
         self._started = False
+        self._inflight: dict[tuple[str, str], asyncio.Future[ScanResult]] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> ScanService:
@@ -116,6 +117,37 @@ class ScanService:
             hit = self.cache.get(key)
             if hit is not None:
                 return hit.with_(cached=True, elapsed=time.perf_counter() - start)
+        if key is not None:
+            # single flight: identical objects arriving together (a mass mailing) are
+            # scanned once; the others wait for that verdict instead of asking the engines
+            while (pending := self._inflight.get(key)) is not None:
+                try:
+                    result = await asyncio.shield(pending)
+                except asyncio.CancelledError:
+                    if not pending.cancelled():
+                        raise  # we were cancelled ourselves
+                    continue  # the scan we waited for was cancelled: do it ourselves
+                except Exception:  # noqa: S112 - the owner's failure is its own; scan anew
+                    continue
+                return result.with_(cached=True, elapsed=time.perf_counter() - start)
+            future: asyncio.Future[ScanResult] = asyncio.get_running_loop().create_future()
+            self._inflight[key] = future
+            try:
+                result = await self._scan_engines(spool, start)
+            except BaseException:
+                future.cancel()
+                raise
+            else:
+                future.set_result(result)
+            finally:
+                del self._inflight[key]
+            if result.status in _CACHEABLE:
+                assert self.cache is not None
+                self.cache.put(key, result)
+            return result
+        return await self._scan_engines(spool, start)
+
+    async def _scan_engines(self, spool: Spool, start: float) -> ScanResult:
         if not self._started:
             await self.start()
         if self.mode == "all" and len(self.engines) > 1:
@@ -128,11 +160,7 @@ class ScanService:
                 if r.status is ScanStatus.INFECTED:
                     break
         result = merge(results, sha256=spool.sha256, size=spool.size)
-        result = result.with_(elapsed=time.perf_counter() - start)
-        if key is not None and result.status in _CACHEABLE:
-            assert self.cache is not None
-            self.cache.put(key, result)
-        return result
+        return result.with_(elapsed=time.perf_counter() - start)
 
     async def scan_bytes(self, data: bytes) -> ScanResult:
         with Spool.from_bytes(data) as spool:

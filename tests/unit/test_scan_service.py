@@ -95,3 +95,47 @@ async def test_result_carries_sha256_and_size():
     r = await svc.scan_bytes(b"abc")
     assert r.size == 3
     assert r.sha256 == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+class SlowEngine(CountingEngine):
+    async def _scan(self, spool: Spool) -> ScanResult:
+        import asyncio
+
+        await asyncio.sleep(0.05)
+        return await super()._scan(spool)
+
+
+async def test_concurrent_identical_objects_scanned_once():
+    import asyncio
+
+    a = SlowEngine("a", ScanStatus.INFECTED)
+    svc = ScanService([a], cache=VerdictCache(10))
+    results = await asyncio.gather(*(svc.scan_bytes(b"mass mailing") for _ in range(16)))
+    assert a.calls == 1
+    assert all(r.status is ScanStatus.INFECTED for r in results)
+    assert sum(not r.cached for r in results) == 1
+
+
+async def test_concurrent_errors_shared_but_not_cached():
+    import asyncio
+
+    a = SlowEngine("a", ScanStatus.ERROR)
+    svc = ScanService([a], cache=VerdictCache(10))
+    results = await asyncio.gather(*(svc.scan_bytes(b"x") for _ in range(4)))
+    assert a.calls == 1 and all(r.status is ScanStatus.ERROR for r in results)
+    await svc.scan_bytes(b"x")
+    assert a.calls == 2
+
+
+async def test_waiters_rescan_when_the_first_scan_is_cancelled():
+    import asyncio
+
+    a = SlowEngine("a", ScanStatus.CLEAN)
+    svc = ScanService([a], cache=VerdictCache(10))
+    first = asyncio.create_task(svc.scan_bytes(b"y"))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(svc.scan_bytes(b"y"))
+    await asyncio.sleep(0.01)
+    first.cancel()
+    r = await second
+    assert r.status is ScanStatus.CLEAN and first.cancelled()
