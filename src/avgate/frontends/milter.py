@@ -416,13 +416,18 @@ class MilterSession(asyncio.Protocol):
         spool = self.spool
         if spool is None:
             spool = self.spool = self.server.new_spool()
-        sep = b":" if self.codec.protocol & m.SMFIP_HDR_LEADSPC else b": "
+        leadspc = bool(self.codec.protocol & m.SMFIP_HDR_LEADSPC)
         parts: list[bytes] = []
         size = 0
         for h in self.headers:
             value = h.value
             if b"\n" in value:  # folded: the MTA sends bare LF between the lines
                 value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            # With HDR_LEADSPC the value keeps the client's own spacing; a value with none
+            # ("Name:value") still gets one: some MTAs strip it anyway, and clamd's MIME
+            # parser does not recognise "Content-Type:multipart/..." (it then misses base64
+            # attachments). The rebuilt header block is only scanned, never sent back.
+            sep = b":" if leadspc and value[:1] in (b" ", b"\t") else b": "
             parts += (h.name, sep, value, b"\r\n")
             size += len(h.name) + len(sep) + len(value) + 2
             if size > _HEAD_FLUSH:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,3 +280,26 @@ async def test_max_connections_queues_extra_connections(milter: MilterFactory) -
     data = await asyncio.wait_for(r.read(100), 5)  # admitted once the first one left
     assert data[4:5] == b"O"
     w.close()
+
+
+class _StrippingMta(MtaClient):
+    """Negotiates HDR_LEADSPC but strips the space anyway, as some MTAs and test clients do."""
+
+    @property
+    def leadspc(self) -> bool:
+        return False
+
+
+async def test_clamd_finds_attachment_when_mta_strips_header_space(
+        milter: MilterFactory, clamd: Any) -> None:
+    # "Content-Type:multipart/mixed" (no space) hides the MIME structure from clamd, which
+    # then never decodes the base64 attachment: the rebuilt header block must have the space.
+    srv = await milter(engines=[{"type": "clamd", "name": "clamd", "servers": [clamd.tcp]}])
+    client = await _StrippingMta.connect(srv.port)
+    assert client.negotiated is not None
+    assert client.negotiated.protocol & m.SMFIP_HDR_LEADSPC
+    await client.connect_event()
+    res = await client.message(make_message("stripped", attachment=EICAR, name="eicar.com"))
+    await client.close()
+    assert isinstance(res.final, m.ReplyCode), res.final
+    assert res.final.reply.startswith("550 5.7.1 Virus found: Eicar-Test-Signature")
