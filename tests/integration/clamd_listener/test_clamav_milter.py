@@ -15,7 +15,11 @@ import pytest
 
 from .conftest import ClamdListenerEnv, require_binary
 
-LOADGEN = Path("/work/shared/peers/loadgen.py")
+# the peer kit lives in shared/ beside the project checkout
+_ROOT = Path(__file__).resolve().parents[3]
+LOADGEN = next((p for p in (_ROOT.parent / "shared" / "peers" / "loadgen.py",
+                            Path("/work/shared/peers/loadgen.py")) if p.exists()),
+               _ROOT.parent / "shared" / "peers" / "loadgen.py")
 
 
 def _free_port() -> int:
