@@ -188,7 +188,12 @@ def _walk(message: Message, path: str, depth: int, max_depth: int) -> Iterator[P
         payload = getattr(entity, "_payload", None)
         if not (isinstance(payload, list) or (isinstance(payload, str) and payload.isascii())):
             # get_payload() returns a list or an ASCII str as it is; it re-decodes the rest.
-            payload = entity.get_payload()
+            try:
+                payload = entity.get_payload()
+            except ValueError:
+                # the stdlib catches only LookupError for a bad charset; a charset with a
+                # NUL in it ("charset=\0us-ascii") raises ValueError: keep the bytes as sent
+                pass
         if isinstance(payload, list):
             if entity.get_content_maintype() == "message":
                 # message/rfc822: the enclosed message takes this part's place in the tree.

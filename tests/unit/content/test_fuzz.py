@@ -68,3 +68,14 @@ def test_magic_followed_by_garbage(magic: bytes, rest: bytes) -> None:
 @given(mutated())
 def test_mutated_corpus(data: bytes) -> None:
     check(data)
+
+
+def test_regression_nul_in_charset_with_non_ascii_body() -> None:
+    # found by test_mutated_corpus: the stdlib's get_payload() lets ValueError("embedded null
+    # character") escape for such a charset; the part must still be scanned as sent
+    data = (b"From: a@example.org\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=\x00s-ascii\r\x80\r\n\r\n"
+            b"caf\xe9 THIS-IS-A-TEST-MALWARE-MARKER\r\n")
+    check(data)
+    assert any(isinstance(i, Part) and b"THIS-IS-A-TEST-MALWARE-MARKER" in i.data
+               for i in decompose(data, LIMITS, "fuzz"))
