@@ -28,15 +28,25 @@ Nothing of the object is sent back before the verdict (no trickling), so unscann
 an infected object never reach the proxy. Protocol errors (bad chunk sizes, missing
 Encapsulated header, header over ``max_header_size``) get ``400`` and the connection is
 closed; a connection silent for ``idle_timeout`` seconds is closed.
+
+Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log; the ISTag
+follows the signatures) is read per request through ``server.gateway`` (serve's GatewayRef),
+and so are ``service``, ``preview``, ``options_ttl``, ``block_page`` (the file is read again)
+and ``skip_content_types`` (:attr:`IcapServer.settings`); ``listen``, ``max_connections``,
+``max_header_size``, ``max_requests_per_connection`` and ``idle_timeout`` are the listener's
+and need a restart. With ``[serve] workers`` > 1 every worker binds a TCP ``listen`` with
+SO_REUSEPORT; a ``unix:`` socket is opened by worker 0 only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import html
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +59,8 @@ from ..limits import KiB
 from ..policy import Context, Disposition
 from ..protocols import icap as proto
 from ..result import ScanStatus
+
+log = logging.getLogger("avgate.icap")
 
 if TYPE_CHECKING:
     from ..gateway import Gateway, Outcome
@@ -64,6 +76,8 @@ DEFAULT_MAX_REQUESTS = 1000
 DEFAULT_IDLE_TIMEOUT = 60.0
 READ_SIZE = 64 * KiB
 SEND_CHUNK = 64 * KiB
+#: ``[icap]`` keys that follow a reload (the others belong to the listener: restart).
+RELOADABLE_SETTINGS = ("service", "preview", "options_ttl", "block_page", "skip_content_types")
 
 DEFAULT_BLOCK_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Blocked: virus found</title></head>
@@ -130,7 +144,9 @@ class IcapServer:
 
     def __init__(self, gateway: Gateway, settings: IcapSettings) -> None:
         self.gateway = gateway
-        self.settings = settings
+        self._settings = settings
+        # ``settings`` belongs to the config in use now; derived again after a reload
+        self._config: Any = getattr(gateway, "config", None)
         self._server: asyncio.Server | None = None
         self._active = 0
         self._busy: set[asyncio.Task[Any]] = set()
@@ -140,8 +156,35 @@ class IcapServer:
         self._istag = ""
         self.address = ""
 
+    @property
+    def settings(self) -> IcapSettings:
+        """The settings of the current config: :data:`RELOADABLE_SETTINGS` follow a reload."""
+        cfg = getattr(self.gateway, "config", None)
+        if cfg is not None and cfg is not self._config:
+            self._config = cfg
+            if cfg.icap is not None:  # [icap] removed by a reload: needs a restart
+                try:
+                    new = IcapSettings.from_config(dict(cfg.icap), cfg.base_dir)
+                except ConfigError as exc:  # e.g. the block page file is gone
+                    log.warning("icap: keeping the previous settings: %s", exc)
+                    glog = getattr(self.gateway, "log", None)
+                    if glog is not None:
+                        glog.log({"event": "error", "frontend": "icap",
+                                  "error": f"keeping the previous settings: {exc}"},
+                                 level="warning")
+                else:
+                    self._settings = dataclasses.replace(
+                        self._settings, **{f: getattr(new, f) for f in RELOADABLE_SETTINGS})
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: IcapSettings) -> None:
+        self._settings = value
+
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        from ..serve import reuse_port
+
         listen = self.settings.listen
         if listen.startswith("unix:"):
             path = listen[5:]
@@ -150,7 +193,10 @@ class IcapServer:
         else:
             host, _, port = listen.rpartition(":")
             host = host.strip("[]") or "127.0.0.1"
-            self._server = await asyncio.start_server(self._connection, host, int(port))
+            cfg = getattr(self.gateway, "config", None)
+            shared = cfg is not None and reuse_port(cfg)  # `serve` workers share the port
+            self._server = await asyncio.start_server(self._connection, host, int(port),
+                                                      reuse_port=shared)
             sock = self._server.sockets[0].getsockname()
             self.address = f"{host}:{sock[1]}"
 
@@ -244,6 +290,7 @@ class _Conn:
                 self._set_idle(False)
                 if not isinstance(ev, proto.Request):
                     raise proto.IcapProtocolError(f"unexpected {type(ev).__name__}")
+                self.s = self.server.settings  # per request: follows a reload
                 served += 1
                 last = (served >= self.s.max_requests_per_connection or not ev.keep_alive
                         or self.server._closing)
@@ -467,8 +514,12 @@ def _http_date() -> str:
 
 async def start(gateway: Gateway) -> Sequence[IcapServer]:
     """Start the ICAP listener from ``gateway.config.icap`` (see :class:`IcapSettings`)."""
+    from ..serve import serves_unix_sockets
+
     table = gateway.config.icap or {}
     settings = IcapSettings.from_config(dict(table), gateway.config.base_dir)
+    if settings.listen.startswith("unix:") and not serves_unix_sockets():
+        return []  # another `serve` worker owns the unix socket
     server = IcapServer(gateway, settings)
     await server.start()
     return [server]

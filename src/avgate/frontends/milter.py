@@ -25,6 +25,12 @@ quarantine                 "mta"/"both": QUARANTINE (Postfix: hold queue) + ACCE
 
 A malformed packet, a read timeout (``[milter] timeout``) or an internal error closes the
 connection; the MTA then applies its ``milter_default_action``.
+
+Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log) is read per
+message through ``listener.gateway`` (serve's GatewayRef), and so are ``[milter] quarantine``
+and ``spool_memory``; ``listen``, ``timeout``, ``max_connections`` and ``max_packet`` are the
+listener's and need a restart. With ``[serve] workers`` > 1 every worker binds a TCP
+``listen`` with SO_REUSEPORT; a ``unix:`` socket is opened by worker 0 only.
 """
 
 from __future__ import annotations
@@ -535,8 +541,11 @@ class MilterListener:
         self.listen = listen
         self.kind, self.host, self.port = parse_listen(listen)
         self.timeout = timeout
-        self.spool_memory = spool_memory
-        self.quarantine_mode = quarantine_mode
+        # follow a reload (see quarantine_mode, spool_memory); the values given here belong
+        # to the config in use now
+        self._spool_memory = spool_memory
+        self._quarantine_mode = quarantine_mode
+        self._config: Any = getattr(gateway, "config", None)
         self.max_connections = max_connections
         self.max_packet = max_packet
         self.name = name
@@ -547,12 +556,36 @@ class MilterListener:
         self._queue: list[MilterSession] = []
         self._server: asyncio.AbstractServer | None = None
 
+    def _follow_config(self) -> None:
+        """Take ``[milter] quarantine``/``spool_memory`` from a reloaded config."""
+        cfg = getattr(self.gateway, "config", None)
+        if cfg is None or cfg is self._config:
+            return
+        self._config = cfg
+        table = cfg.milter or {}
+        self._quarantine_mode = str(table.get("quarantine", DEFAULT_QUARANTINE))
+        self._spool_memory = table.get("spool_memory")
+
+    @property
+    def quarantine_mode(self) -> str:
+        """``[milter] quarantine`` of the current config."""
+        self._follow_config()
+        return self._quarantine_mode
+
+    @property
+    def spool_memory(self) -> int | None:
+        """``[milter] spool_memory`` of the current config (None: ``[scan]``'s)."""
+        self._follow_config()
+        return self._spool_memory
+
     def new_spool(self) -> Spool:
         scanner = self.gateway.scanner
         limit = self.spool_memory if self.spool_memory is not None else scanner.spool_memory
         return Spool(memory_limit=limit, directory=scanner.spool_dir)
 
     async def start(self) -> MilterListener:
+        from ..serve import reuse_port
+
         loop = asyncio.get_running_loop()
         if self.kind == "unix":
             assert self.host is not None
@@ -574,8 +607,11 @@ class MilterListener:
             # the MTA usually runs as another user (postfix): let it connect
             os.chmod(path, 0o666)  # noqa: S103
         else:
+            cfg = getattr(self.gateway, "config", None)
+            shared = cfg is not None and reuse_port(cfg)  # `serve` workers share the port
             self._server = await loop.create_server(lambda: MilterSession(self), self.host,
-                                                    self.port, backlog=256, reuse_address=True)
+                                                    self.port, backlog=256, reuse_address=True,
+                                                    reuse_port=shared)
             if self.port == 0:
                 self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -624,12 +660,16 @@ class MilterListener:
 
 async def start(gateway: Gateway) -> list[MilterListener]:
     """Start the ``[milter]`` listener(s) of ``gateway.config``."""
+    from ..serve import serves_unix_sockets
+
     table: dict[str, Any] = dict(gateway.config.milter or {})
     listens = table.get("listen", DEFAULT_LISTEN)
     if isinstance(listens, str):
         listens = [listens]
+    if not serves_unix_sockets():  # another `serve` worker owns the unix sockets
+        listens = [x for x in listens if parse_listen(x)[0] != "unix"]
     drain = float((gateway.config.serve or {}).get("drain_timeout", 30.0))
-    listeners = []
+    listeners: list[MilterListener] = []
     for listen in listens:
         listener = MilterListener(
             gateway, listen,
@@ -640,5 +680,10 @@ async def start(gateway: Gateway) -> list[MilterListener]:
             max_packet=int(table.get("max_packet", m.DEFAULT_MAX_PACKET)),
             drain_timeout=drain,
         )
-        listeners.append(await listener.start())
+        try:
+            listeners.append(await listener.start())
+        except BaseException:
+            for started in listeners:
+                await started.aclose()
+            raise
     return listeners

@@ -25,12 +25,21 @@ and proxy filters that announce it) and passes the client's attributes — or, w
 its own view of the client — to the next hop when the next hop advertises XFORWARD
 (``xforward = true``, the default), so the final MTA logs the real client. With
 ``xclient = true`` XCLIENT is sent instead when the next hop offers it.
+
+Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log) is read per
+message through ``listener.gateway`` (serve's GatewayRef). Of a listener's own table,
+``direction``, ``bare_lf``, ``xforward`` and ``xclient`` follow a reload
+(:attr:`SMTPListener.live`); the listen address, ``next_hop``, TLS, ``hostname`` and the limits
+(``max_message_size``, ``max_line_length``, ``max_connections``, ``idle_timeout``,
+``relay_timeout``) are the listener's and need a restart. With ``[serve] workers`` > 1 every
+worker binds the listen port with SO_REUSEPORT.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -84,6 +93,8 @@ REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 REPLY_NO_TRANSACTION = "503 5.5.1 Error: need MAIL command"
 
 _session_ids = itertools.count(1)
+#: Fields of a listener's table that follow a reload (the others need a restart).
+RELOADABLE_SETTINGS = ("direction", "bare_lf", "xforward", "xclient")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(  # <dot-atom@domain>, then nothing or parameters (no comment)
     rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*((?:[^ \t(\r\n].*)?)\Z",
@@ -604,7 +615,7 @@ class FilterSMTP(_AioSMTP):
 
     async def smtp_XFORWARD(self, arg: str | None) -> None:
         """XFORWARD (Postfix): the upstream MTA tells us who its client was."""
-        if not self.listener.settings.xforward:
+        if not self.listener.live.xforward:
             await self.push('502 5.5.1 Error: command "XFORWARD" not implemented')
             return
         assert self.envelope is not None
@@ -629,7 +640,7 @@ class FilterSMTP(_AioSMTP):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
-        settings = self.listener.settings
+        settings = self.listener.live
         receiver = DataReceiver(max_size=settings.max_message_size,
                                 max_line_length=settings.max_line_length,
                                 bare_lf=settings.bare_lf)
@@ -694,11 +705,15 @@ class FilterHandler:
 
     def __init__(self, listener: SMTPListener) -> None:
         self.listener = listener
-        self.settings = listener.settings
         self.gateway = listener.gateway
-        self.session_id = f"{self.settings.name}-{os.getpid()}-{next(_session_ids)}"
+        self.session_id = f"{listener.settings.name}-{os.getpid()}-{next(_session_ids)}"
         self.xforward: dict[str, str] = {}
         self.next_hop = NextHop(listener.pool) if listener.pool is not None else None
+
+    @property
+    def settings(self) -> ListenerSettings:
+        """The listener's settings as of the current config (reloadable fields followed)."""
+        return self.listener.live
 
     # aiosmtpd hooks --------------------------------------------------------------------------
     async def handle_EHLO(self, server: FilterSMTP, session: _AioSession, envelope: _AioEnvelope,
@@ -717,10 +732,11 @@ class FilterHandler:
             envelope.mail_from = address
             envelope.mail_options.extend(options)
             return "250 2.1.0 Ok"
+        settings = self.settings
         try:
             reply = await self.next_hop.mail(address, options, self._client_attrs(session),
-                                             xforward=self.settings.xforward,
-                                             xclient=self.settings.xclient)
+                                             xforward=settings.xforward,
+                                             xclient=settings.xclient)
         except NextHopError as exc:
             log.warning("%s: next hop %s:%d: %s", self.settings.name, self.next_hop.host,
                         self.next_hop.port, exc)
@@ -770,15 +786,16 @@ class FilterHandler:
         authenticated = bool(session.authenticated)
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         recipients = tuple(envelope.rcpt_tos)
+        settings = self.settings  # the direction follows a reload, like the policy
         ctx = Context(
-            frontend="smtp", listener=self.settings.name,
-            direction=self.gateway.policy.direction_for(self.settings.direction, client_addr,
+            frontend="smtp", listener=settings.name,
+            direction=self.gateway.policy.direction_for(settings.direction, client_addr,
                                                         authenticated),
             sender=sender, recipients=recipients, client_addr=client_addr,
             authenticated=authenticated, size=spool.size)
         env = Envelope(sender=sender, recipients=recipients, client_addr=client_addr,
                        helo=attrs.get("HELO", session.host_name or ""),
-                       listener=self.settings.name)
+                       listener=settings.name)
         outcome = await self.gateway.process(spool, ctx, env, ids={"session": self.session_id})
         decision = outcome.decision
         if decision.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
@@ -899,6 +916,33 @@ class SMTPListener:
         hop = settings.next_hop
         self.pool = (HopPool(hop[0], hop[1], settings.relay_timeout, settings.hostname)
                      if hop else None)
+        # ``settings`` was made from the config in use now: derived again after a reload
+        self._live_config: Any = getattr(gateway, "config", None)
+        self._live = settings
+
+    @property
+    def live(self) -> ListenerSettings:
+        """:attr:`settings` with the fields that follow a reload taken from the current
+        config (``gateway.config``; derived once per config object)."""
+        cfg = getattr(self.gateway, "config", None)
+        if cfg is not self._live_config and cfg is not None:
+            self._live = self._settings_for(cfg)
+            self._live_config = cfg
+        return self._live
+
+    def _settings_for(self, cfg: Any) -> ListenerSettings:
+        name = self.settings.name
+        table = next((t for t in getattr(cfg, "smtp_listeners", ())
+                      if str(t.get("name", "smtp")) == name), None)
+        if table is None:  # not in this config (a reload removed it: that needs a restart)
+            return self._live
+        try:
+            new = ListenerSettings.from_table(dict(table), cfg.base_dir)
+        except ConfigError as exc:
+            log.warning("%s: keeping the previous settings: %s", name, exc)
+            return self._live
+        return dataclasses.replace(self.settings,
+                                   **{f: getattr(new, f) for f in RELOADABLE_SETTINGS})
 
     @property
     def port(self) -> int:
@@ -925,10 +969,14 @@ class SMTPListener:
                           enable_SMTPUTF8=True, loop=asyncio.get_running_loop())
 
     async def start(self) -> None:
+        from ..serve import reuse_port
+
         loop = asyncio.get_running_loop()
+        cfg = getattr(self.gateway, "config", None)
+        shared = cfg is not None and reuse_port(cfg)  # several `serve` workers share the port
         try:
             self.server = await loop.create_server(self._protocol, self.settings.host,
-                                                   self.settings.port)
+                                                   self.settings.port, reuse_port=shared)
         except OSError as exc:
             raise ConfigError(f"smtp listener {self.settings.name!r}: cannot listen on "
                               f"{self.settings.host}:{self.settings.port}: {exc.strerror}"
