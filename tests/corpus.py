@@ -118,6 +118,25 @@ def mail(
     return b"".join(out)
 
 
+def make_message(subject: str = "hello", body: bytes = b"Hello there.\r\n",
+                 attachment: bytes | None = None, name: str = "file.bin",
+                 extra_headers: bytes = b"") -> bytes:
+    """A small MIME message from alice@ to bob@example.test (CRLF line ends), optionally with
+    one base64 attachment ``name``; the front-end tests' message (``body`` is sent verbatim,
+    ``extra_headers`` go after the fixed ones). The Message-ID is derived from ``subject``."""
+    head = (b"From: Alice <alice@example.test>\r\nTo: Bob <bob@example.test>\r\n"
+            b"Subject: " + subject.encode() + b"\r\nMessage-ID: <" + subject.encode().replace(
+                b" ", b"-") + b"@example.test>\r\nMIME-Version: 1.0\r\n" + extra_headers)
+    if attachment is None:
+        return head + b"Content-Type: text/plain\r\n\r\n" + body
+    b64 = base64.encodebytes(attachment).replace(b"\n", b"\r\n")
+    return (head + b'Content-Type: multipart/mixed; boundary="BOUND"\r\n\r\n'
+            b"--BOUND\r\nContent-Type: text/plain\r\n\r\n" + body +
+            b"--BOUND\r\nContent-Type: application/octet-stream\r\n"
+            b'Content-Disposition: attachment; filename="' + name.encode() + b'"\r\n'
+            b"Content-Transfer-Encoding: base64\r\n\r\n" + b64 + b"--BOUND--\r\n")
+
+
 def nested_mail(inner: bytes) -> bytes:
     """A message that forwards ``inner`` as a message/rfc822 attachment."""
     head = _crlf(

@@ -15,6 +15,8 @@ Usage::
                                          "  -o content_filter=\\n")
     pf.start(); pf.send(b"...", to=["bob@example.test"]); pf.wait_empty(); pf.stop()
 
+Tests call :func:`require_postfix` first (or :func:`available` for their own skip policy).
+
 ``master_cf_extra`` may use ``{smtp_port}`` and ``{reinject_port}`` placeholders (both
 chosen at run time; ``reinject_port`` is a plain smtpd without any filter — the usual
 after-queue reinjection listener). Postfix refuses a non-default config directory unless
@@ -36,6 +38,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
@@ -92,6 +96,17 @@ def available() -> str | None:
     return None
 
 
+def require_postfix() -> None:
+    """Skip when a private Postfix cannot run here, but fail as root without Postfix
+    installed (CI runs as root and must install it: apt-get install postfix)."""
+    reason = available()
+    if reason is None:
+        return
+    if os.geteuid() == 0:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 class PostfixInstance:
     """A private Postfix on loopback; see the module docstring."""
 
@@ -139,6 +154,7 @@ class PostfixInstance:
             "smtpd_relay_restrictions": "permit_mynetworks, reject",
             "smtpd_authorized_xforward_hosts": "127.0.0.0/8",
             "maillog_file": str(self.maillog),
+            # postlogd writes maillog_file only under one of these prefixes
             "maillog_file_prefixes": str(self.base),
             "biff": "no",
             "alias_maps": "",

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.avgate_proc import AvgateServe
+from tests.integration.avgate_proc import AvgateServe, children, free_port
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 NEW_THREAT = b"this object becomes a threat once the new signature is loaded\n"
@@ -228,28 +228,9 @@ def test_drain_deadline(tmp_path: Path) -> None:
         stuck.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def test_workers_share_the_listeners(tmp_path: Path) -> None:
     (tmp_path / "sigs").mkdir()
-    clamd_port, http_port = _free_port(), _free_port()
+    clamd_port, http_port = free_port(), free_port()
     text = config_text(tmp_path).replace("[serve]\n", "[serve]\nworkers = 2\n")
     text = text.replace('[clamd_listener]\nlisten = "127.0.0.1:0"',
                         f'[clamd_listener]\nlisten = "127.0.0.1:{clamd_port}"\n'
@@ -262,7 +243,7 @@ def test_workers_share_the_listeners(tmp_path: Path) -> None:
         assert serve.proc is not None
         assert wait_for(lambda: sum("avgate: serving" in x for x in serve.lines()) == 2), (
             serve.output())
-        assert len(_children(serve.proc.pid)) == 2
+        assert len(children(serve.proc.pid)) == 2
         assert any("2 workers" in x for x in serve.lines())
         # the kernel spreads connections over both workers; each counts its own scans
         for i in range(40):

@@ -25,7 +25,7 @@ from aiosmtpd.controller import Controller
 
 from avgate.protocols import icap as proto
 from avgate.protocols import milter as m
-from tests.integration.avgate_proc import AvgateServe
+from tests.integration.avgate_proc import AvgateServe, children, free_port
 from tests.integration.milter.conftest import MtaClient
 from tests.integration.milter.conftest import make_message as mail_message
 
@@ -38,25 +38,6 @@ REQ_HDR = b"GET http://origin.test/f HTTP/1.1\r\nHost: origin.test\r\n\r\n"
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def _socket_inodes(pid: int) -> set[str]:
     inodes: set[str] = set()
     try:
@@ -201,9 +182,9 @@ async def _milter_clients(target: str | int, n: int) -> list[MtaClient]:
 # -- tests ----------------------------------------------------------------------------------------
 def test_workers_serve_smtp_milter_icap(tmp_path: Path) -> None:
     sink = _Sink()
-    controller = Controller(sink, hostname="127.0.0.1", port=_free_port())
+    controller = Controller(sink, hostname="127.0.0.1", port=free_port())
     controller.start()
-    smtp_port, milter_port, icap_port = _free_port(), _free_port(), _free_port()
+    smtp_port, milter_port, icap_port = free_port(), free_port(), free_port()
     config = _config(tmp_path, smtp=smtp_port, hop=controller.port,
                      milter=f"127.0.0.1:{milter_port}", icap=f"127.0.0.1:{icap_port}")
     serve = AvgateServe(config)
@@ -213,7 +194,7 @@ def test_workers_serve_smtp_milter_icap(tmp_path: Path) -> None:
         assert serve.wait_for_line("avgate: serving", timeout=10)
         ok = lambda: sum("avgate: serving" in x for x in serve.lines()) == 2  # noqa: E731
         assert _wait(ok), serve.output()
-        workers = _children(serve.proc.pid)
+        workers = children(serve.proc.pid)
         assert len(workers) == 2, serve.output()
         for name in ("smtp", "milter", "icap"):
             assert sum(f"avgate: {name}: listening on" in x for x in serve.lines()) == 2, (
@@ -305,7 +286,7 @@ def test_workers_unix_sockets_in_one_worker(tmp_path: Path) -> None:
         assert serve.proc is not None
         ok = lambda: sum("avgate: serving" in x for x in serve.lines()) == 2  # noqa: E731
         assert _wait(ok), serve.output()
-        workers = _children(serve.proc.pid)
+        workers = children(serve.proc.pid)
         assert len(workers) == 2
         # each unix socket is opened once, by the same worker (worker 0)
         assert len(_unix_listeners(workers, milter_sock)) == 1
@@ -370,7 +351,7 @@ action = ["tempfail"]
 def test_workers_reload_front_end_settings(tmp_path: Path) -> None:
     """SIGHUP: every worker's SMTP/milter/ICAP follow the new config (listener direction,
     [milter] quarantine, [icap] skip_content_types) on connections opened before and after."""
-    smtp_port, milter_port, icap_port = _free_port(), _free_port(), _free_port()
+    smtp_port, milter_port, icap_port = free_port(), free_port(), free_port()
 
     def write(new: bool) -> Path:
         return _config(tmp_path, smtp=smtp_port, milter=f"127.0.0.1:{milter_port}",
@@ -401,7 +382,7 @@ def test_workers_reload_front_end_settings(tmp_path: Path) -> None:
         assert serve.proc is not None
         ok = lambda: sum("avgate: serving" in x for x in serve.lines()) == 2  # noqa: E731
         assert _wait(ok), serve.output()
-        workers = _children(serve.proc.pid)
+        workers = children(serve.proc.pid)
         loop = asyncio.new_event_loop()
         smtp_conns = [smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) for _ in range(8)]
         icap_conns = [socket.create_connection(("127.0.0.1", icap_port), timeout=10)

@@ -58,7 +58,7 @@ def test_engine_keys_checked_with_line():
 
 
 def test_listener_address_checked():
-    with pytest.raises(ConfigError, match="icap.listen"):
+    with pytest.raises(ConfigError, match=r"icap\.listen"):
         config.loads('[icap]\nlisten = "nowhere"\n')
     c = config.loads('[milter]\nlisten = "inet:7357@127.0.0.1"\n')
     assert c.milter is not None and c.milter["listen"] == "inet:7357@127.0.0.1"

@@ -155,7 +155,7 @@ def test_header_styles():
 
 def test_virus_name_cannot_inject_header_lines():
     r = res(S.INFECTED, "Evil\r\nBcc: victim@example.org")
-    for name, value in pol(virus_action="keep").decide(r, SMTP).headers:
+    for _name, value in pol(virus_action="keep").decide(r, SMTP).headers:
         assert "\r" not in value and "\n" not in value
     assert "\n" not in Policy().decide(r, SMTP).reply
 

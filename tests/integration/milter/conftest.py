@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,29 +21,12 @@ from avgate import config as config_mod
 from avgate.frontends.milter import MilterListener, start
 from avgate.gateway import Gateway
 from avgate.protocols import milter as m
+from tests.corpus import EICAR as EICAR  # re-exported for the milter tests
+from tests.corpus import make_message as make_message
 
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 #: What Postfix 3.x offers with milter_protocol = 6.
 POSTFIX_ACTIONS = 0x1FF
 POSTFIX_PROTOCOL = 0x1FFFFF
-
-
-def make_message(subject: str = "hello", body: bytes = b"Hello there.\r\n",
-                 attachment: bytes | None = None, name: str = "file.bin",
-                 extra_headers: bytes = b"") -> bytes:
-    """A small MIME message with CRLF line endings, optionally with an attachment."""
-    head = (b"From: Alice <alice@example.test>\r\nTo: Bob <bob@example.test>\r\n"
-            b"Subject: " + subject.encode() + b"\r\nMessage-ID: <m-" + str(
-                abs(hash(subject))).encode() + b"@example.test>\r\nMIME-Version: 1.0\r\n"
-            + extra_headers)
-    if attachment is None:
-        return head + b"Content-Type: text/plain\r\n\r\n" + body
-    b64 = base64.encodebytes(attachment).replace(b"\n", b"\r\n")
-    return (head + b'Content-Type: multipart/mixed; boundary="BOUND"\r\n\r\n'
-            b"--BOUND\r\nContent-Type: text/plain\r\n\r\n" + body +
-            b"--BOUND\r\nContent-Type: application/octet-stream\r\n"
-            b'Content-Disposition: attachment; filename="' + name.encode() + b'"\r\n'
-            b"Content-Transfer-Encoding: base64\r\n\r\n" + b64 + b"--BOUND--\r\n")
 
 
 def split_message(msg: bytes, leadspc: bool) -> tuple[list[m.Header], bytes]:
@@ -235,147 +217,3 @@ async def milter(tmp_path: Path) -> AsyncIterator[MilterFactory]:
         for listener in listeners:
             await listener.aclose()
         await gateway.close()
-
-
-# -- a private Postfix instance -------------------------------------------------------------
-# Minimal stand-in until the shared tests/postfix_instance.py helper exists: own config and
-# queue directories under tmp, smtpd on a loopback port, relayhost = a recording sink.
-import os  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-_MASTER_CF = """\
-{smtp_port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PostfixInstance:
-    """A private Postfix (root only): ``start()``, ``stop()``, ``postqueue_json()``."""
-
-    def __init__(self, *, relay_port: int, params: dict[str, str]) -> None:
-        # not under pytest's 0700 tmp: Postfix daemons run as "postfix" and must reach it
-        base = Path(tempfile.mkdtemp(prefix="avgate-postfix-"))
-        base.chmod(0o755)
-        self.base = base
-        self.conf = base / "etc"
-        self.queue = base / "spool"
-        self.smtp_port = free_port()
-        self.relay_port = relay_port
-        self.params = params
-        self.maillog = base / "maillog"
-
-    def start(self) -> None:
-        self.conf.mkdir(parents=True)
-        self.queue.mkdir(parents=True)
-        (self.base / "data").mkdir()
-        shutil.chown(self.base / "data", "postfix")
-        main = {
-            "compatibility_level": "3.6",
-            "queue_directory": str(self.queue),
-            "data_directory": str(self.base / "data"),
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
-            "myhostname": "mx.avgate.test",
-            "mydomain": "avgate.test",
-            "mydestination": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
-            "relayhost": f"[127.0.0.1]:{self.relay_port}",
-            "smtpd_relay_restrictions": "permit_mynetworks, reject",
-            "alias_maps": "",
-            "alias_database": "",
-            "maillog_file": str(self.maillog),
-            "maillog_file_prefixes": str(self.base),
-            "smtp_tls_security_level": "none",
-            "smtpd_tls_security_level": "none",
-            "smtp_host_lookup": "native",
-            "smtpd_peername_lookup": "no",
-            "biff": "no",
-            "queue_run_delay": "1s",
-            "minimal_backoff_time": "1s",
-            "maximal_backoff_time": "2s",
-            **self.params,
-        }
-        (self.conf / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in main.items()))
-        (self.conf / "master.cf").write_text(
-            _MASTER_CF.format(smtp_port=f"127.0.0.1:{self.smtp_port}"))
-        self.maillog.touch()
-        shutil.chown(self.maillog, "postfix")
-        self._postfix("start")
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.smtp_port), timeout=1):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"postfix did not listen on {self.smtp_port}:\n{self.log()}")
-
-    def _postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["postfix", "-c", str(self.conf), *args], capture_output=True,
-                              text=True, timeout=60, check=True)
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            subprocess.run(["postfix", "-c", str(self.conf), "abort"], capture_output=True,
-                           timeout=30)
-        pid_file = self.queue / "pid" / "master.pid"
-        with contextlib.suppress(Exception):
-            pid = int(pid_file.read_text().strip())
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                os.kill(pid, 0)
-                time.sleep(0.1)
-        shutil.rmtree(self.base, ignore_errors=True)
-
-    def postqueue_json(self) -> list[dict[str, Any]]:
-        import json
-
-        out = subprocess.run(["postqueue", "-c", str(self.conf), "-j"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-    def log(self) -> str:
-        try:
-            return self.maillog.read_text(errors="replace")
-        except OSError:
-            return ""
-
-
-def postfix_available() -> None:
-    """Skip (not root / not installed) or fail (root without Postfix: CI installs it)."""
-    if shutil.which("postfix") is None:
-        if os.geteuid() == 0:
-            pytest.fail("postfix is not installed; CI must install it (apt-get install postfix)")
-        pytest.skip("postfix not installed")
-    if os.geteuid() != 0:
-        pytest.skip("a private Postfix instance needs root")

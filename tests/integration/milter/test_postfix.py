@@ -7,7 +7,6 @@ each test starts avgate's milter with its own policy on the port Postfix points 
 from __future__ import annotations
 
 import asyncio
-import smtplib
 import time
 from collections.abc import Iterator
 from email import message_from_bytes
@@ -18,15 +17,9 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from avgate.quarantine import QuarantineStore
+from tests.postfix_instance import PostfixInstance, free_port, require_postfix
 
-from .conftest import (
-    EICAR,
-    MilterFactory,
-    PostfixInstance,
-    free_port,
-    make_message,
-    postfix_available,
-)
+from .conftest import EICAR, MilterFactory, make_message
 
 pytestmark = [pytest.mark.postfix, pytest.mark.timeout(90)]
 
@@ -49,20 +42,24 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[Env]:
-    postfix_available()
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    require_postfix()
     recorder = Recorder()
     sink_port = free_port()
     controller = Controller(recorder, hostname="127.0.0.1", port=sink_port)
     controller.start()
     milter_port = free_port()
-    pf = PostfixInstance(relay_port=sink_port, params={
+    pf = PostfixInstance(tmp_path_factory.mktemp("postfix"),
+                         relayhost=f"127.0.0.1:{sink_port}", main_cf={
         "smtpd_milters": f"inet:127.0.0.1:{milter_port}",
         "milter_protocol": "6",
         "milter_default_action": "tempfail",
         "milter_connect_timeout": "5s",
         "milter_command_timeout": "10s",
         "milter_content_timeout": "30s",
+        "smtpd_peername_lookup": "no",
+        "smtp_tls_security_level": "none",
+        "smtpd_tls_security_level": "none",
     })
     try:
         pf.start()
@@ -72,22 +69,10 @@ def env() -> Iterator[Env]:
         controller.stop()
 
 
-def _send(port: int, msg: bytes, sender: str = "alice@example.test",
-          rcpt: str = "bob@example.test") -> tuple[int, str]:
-    """Send over SMTP; (code, text) of the DATA reply."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
-        smtp.ehlo("client.example.test")
-        try:
-            smtp.sendmail(sender, [rcpt], msg)
-        except smtplib.SMTPDataError as exc:
-            return exc.smtp_code, exc.smtp_error.decode(errors="replace")
-        except smtplib.SMTPResponseException as exc:
-            return exc.smtp_code, exc.smtp_error.decode(errors="replace")
-    return 250, "ok"
-
-
 async def send(env: Env, msg: bytes) -> tuple[int, str]:
-    return await asyncio.to_thread(_send, env.postfix.smtp_port, msg)
+    """Send over SMTP; (code, text) of the first refusal or of the DATA reply."""
+    code, text = await asyncio.to_thread(env.postfix.send, msg)
+    return code, text.decode(errors="replace")
 
 
 async def delivered(env: Env, marker: bytes, wait: float = 30) -> bytes:
@@ -97,7 +82,7 @@ async def delivered(env: Env, marker: bytes, wait: float = 30) -> bytes:
             if marker in data:
                 return data
         await asyncio.sleep(0.2)
-    raise AssertionError(f"{marker!r} not delivered; maillog:\n{env.postfix.log()[-3000:]}")
+    raise AssertionError(f"{marker!r} not delivered; maillog:\n{env.postfix.log(400)[-3000:]}")
 
 
 async def start_milter(factory: MilterFactory, env: Env, *,
@@ -157,7 +142,7 @@ async def test_quarantine_holds_in_postfix_and_our_store(env: Env, milter: Milte
     while time.monotonic() < deadline and not held:
         held = [q for q in env.postfix.postqueue_json() if q.get("queue_name") == "hold"]
         await asyncio.sleep(0.2)
-    assert len(held) == 1, env.postfix.log()[-2000:]
+    assert len(held) == 1, env.postfix.log(400)[-2000:]
     assert held[0]["recipients"][0]["address"] == "bob@example.test"
     records = QuarantineStore(tmp_path / "quarantine").list()
     assert len(records) == 1

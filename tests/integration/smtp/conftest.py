@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import re
 import shutil
@@ -29,24 +28,8 @@ from aiosmtpd.smtp import SMTP
 from avgate import config as config_mod
 from avgate.frontends.smtp import SMTPListener, start
 from avgate.gateway import Gateway
-
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-
-
-def make_message(subject: str = "hello", body: bytes = b"Hello there.\r\n",
-                 attachment: bytes | None = None, name: str = "file.bin") -> bytes:
-    """A small MIME message with CRLF line endings, optionally with an attachment."""
-    head = (b"From: Alice <alice@example.test>\r\nTo: Bob <bob@example.test>\r\n"
-            b"Subject: " + subject.encode() + b"\r\nMessage-ID: <" + subject.encode().replace(
-                b" ", b"-") + b"@example.test>\r\nMIME-Version: 1.0\r\n")
-    if attachment is None:
-        return head + b"Content-Type: text/plain\r\n\r\n" + body
-    b64 = base64.encodebytes(attachment).replace(b"\n", b"\r\n")
-    return (head + b'Content-Type: multipart/mixed; boundary="BOUND"\r\n\r\n'
-            b"--BOUND\r\nContent-Type: text/plain\r\n\r\n" + body +
-            b"--BOUND\r\nContent-Type: application/octet-stream\r\n"
-            b'Content-Disposition: attachment; filename="' + name.encode() + b'"\r\n'
-            b"Content-Transfer-Encoding: base64\r\n\r\n" + b64 + b"--BOUND--\r\n")
+from tests.corpus import EICAR as EICAR  # re-exported for the SMTP tests
+from tests.corpus import make_message as make_message
 
 
 # -- sinks ----------------------------------------------------------------------------------
