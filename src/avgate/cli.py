@@ -15,6 +15,7 @@ import typer
 
 from . import __version__
 from . import config as config_mod
+from .cli_quarantine import load_config as _load_config
 from .cli_quarantine import quarantine_app
 from .errors import AvgateError, ConfigError
 from .result import ScanStatus
@@ -29,15 +30,6 @@ ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config fi
                                                envvar=None)]
 
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
-
-
-def _load_config(path: str | None) -> config_mod.Config:
-    try:
-        return config_mod.load(path)
-    except ConfigError as exc:
-        for line in exc.problems:
-            typer.echo(f"config error: {line}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _out(line: str) -> None:

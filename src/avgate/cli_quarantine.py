@@ -29,7 +29,8 @@ IdArg = Annotated[str, typer.Argument(help="Quarantine id (see `avgate quarantin
 EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
 
 
-def _config(path: str | None) -> config_mod.Config:
+def load_config(path: str | None) -> config_mod.Config:
+    """The config, or exit 2 with every problem on stderr (shared by every subcommand)."""
     try:
         return config_mod.load(path)
     except ConfigError as exc:
@@ -73,7 +74,7 @@ def list_(config: ConfigOpt = None,
     """List quarantined objects, oldest first."""
     from .ondemand import parse_since
 
-    cfg = _config(config)
+    cfg = load_config(config)
     try:
         since_ts = parse_since(since) if since is not None else None
     except ValueError as exc:
@@ -100,7 +101,7 @@ def list_(config: ConfigOpt = None,
 def show(record_id: IdArg, config: ConfigOpt = None,
          json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Metadata of one record and a summary of its parts."""
-    cfg = _config(config)
+    cfg = load_config(config)
     with _store(cfg) as store:
         rec = store.get(record_id)
         parts = _parts(store.read_raw(record_id), cfg)
@@ -151,7 +152,7 @@ def _parts(data: bytes, cfg: config_mod.Config) -> list[dict[str, object]]:
 @quarantine_app.command()
 def export(record_id: IdArg, config: ConfigOpt = None) -> None:
     """Write the object, byte-for-byte, to stdout (``> file.eml``)."""
-    cfg = _config(config)
+    cfg = load_config(config)
     with _store(cfg) as store, store.open_raw(record_id) as f:
         out = sys.stdout.buffer
         while chunk := f.read(1 << 16):
@@ -167,7 +168,7 @@ def release_(record_id: IdArg, config: ConfigOpt = None,
              force: Annotated[bool, typer.Option(
                  "--force", help="Release even if it was released before.")] = False) -> None:
     """Re-inject the object over SMTP to [quarantine] next_hop with its original envelope."""
-    cfg = _config(config)
+    cfg = load_config(config)
     with _store(cfg) as store:
         rec = asyncio.run(release(store, record_id, _next_hop(cfg), to=to or None,
                                   force=force))
@@ -177,7 +178,7 @@ def release_(record_id: IdArg, config: ConfigOpt = None,
 @quarantine_app.command()
 def delete(record_id: IdArg, config: ConfigOpt = None) -> None:
     """Delete one record and its content."""
-    cfg = _config(config)
+    cfg = load_config(config)
     with _store(cfg) as store:
         store.delete(record_id)
         typer.echo(f"{record_id}: deleted")
@@ -188,7 +189,7 @@ def purge(older_than: Annotated[float, typer.Option(
               "--older-than", min=0, help="Delete records older than DAYS.")],
           config: ConfigOpt = None) -> None:
     """Delete every record quarantined more than DAYS days ago."""
-    cfg = _config(config)
+    cfg = load_config(config)
     with _store(cfg) as store:
         ids = store.purge(older_than)
         typer.echo(f"purged {len(ids)} record(s)")
@@ -202,7 +203,7 @@ def report_(record_id: IdArg, config: ConfigOpt = None,
     if false_positive == false_negative:
         typer.echo("avgate: give exactly one of --false-positive, --false-negative", err=True)
         raise typer.Exit(EXIT_ERROR)
-    cfg = _config(config)
+    cfg = load_config(config)
     report_to = str(cfg.quarantine.get("report_to", ""))
     report_from = str(cfg.quarantine.get("report_from", "") or "avgate@localhost")
     if not report_to:

@@ -391,6 +391,12 @@ class AddHeader(Packet):
         return _nostr(self.name, "header name") + b"\0" + _nostr(self.value, "value") + b"\0"
 
 
+def _indexed_header(index: int, name: str, value: str) -> bytes:
+    """INSHEADER/CHGHEADER payload: index (uint32), name NUL, value NUL."""
+    return (_U32.pack(index) + _nostr(name, "header name") + b"\0"
+            + _nostr(value, "value") + b"\0")
+
+
 @dataclass(frozen=True, slots=True)
 class InsertHeader(Packet):
     """Insert a header at ``index`` (0 = above every other header)."""
@@ -401,8 +407,7 @@ class InsertHeader(Packet):
     CODE: ClassVar[bytes] = b"i"
 
     def payload(self) -> bytes:
-        return (_U32.pack(self.index) + _nostr(self.name, "header name") + b"\0"
-                + _nostr(self.value, "value") + b"\0")
+        return _indexed_header(self.index, self.name, self.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,8 +420,7 @@ class ChangeHeader(Packet):
     CODE: ClassVar[bytes] = b"m"
 
     def payload(self) -> bytes:
-        return (_U32.pack(self.index) + _nostr(self.name, "header name") + b"\0"
-                + _nostr(self.value, "value") + b"\0")
+        return _indexed_header(self.index, self.name, self.value)
 
 
 @dataclass(frozen=True, slots=True)
