@@ -4,18 +4,27 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # Debian packages the test suite drives for real (installed when root with apt-get).
-TEST_DEBS ?= clamav-daemon clamdscan clamav-milter swaks postfix squid c-icap libc-icap-mod-virus-scan
+# swaks needs libnet-ssleay-perl and libio-socket-ssl-perl for STARTTLS, and
+# --no-install-recommends leaves them out.
+TEST_DEBS ?= clamav-daemon clamdscan clamav-milter swaks libnet-ssleay-perl libio-socket-ssl-perl \
+             postfix squid c-icap libc-icap-mod-virus-scan
 
-.PHONY: run test test-deps venv bench fuzz lint typecheck clean
+.PHONY: run test test-deps venv venv-dev bench fuzz lint typecheck clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# `make run` installs what running needs; `make test` adds the test and lint extras.
 venv: $(VENV)/.installed
 $(VENV)/.installed: $(PY) pyproject.toml
-	$(PIP) install -q -e '.[test,dev]'
+	$(PIP) install -q -e '.'
 	touch $@
+
+venv-dev: $(VENV)/.installed-dev
+$(VENV)/.installed-dev: $(PY) pyproject.toml
+	$(PIP) install -q -e '.[test,dev]'
+	touch $@ $(VENV)/.installed
 
 run: venv
 	$(VENV)/bin/avgate serve $(if $(CONFIG),--config $(CONFIG))
@@ -29,19 +38,19 @@ test-deps:
 	  fi; \
 	else echo "not root or no apt-get: tests needing real daemons will skip with a reason"; fi
 
-test: venv test-deps
+test: venv-dev test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: venv
+bench: venv-dev
 	$(PY) bench/run.py
 
-fuzz: venv
+fuzz: venv-dev
 	AVGATE_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/fuzz tests/unit/content/test_fuzz.py tests/unit/content/test_mimeparse.py
 
-lint: venv
+lint: venv-dev
 	$(VENV)/bin/ruff check src tests bench
 
-typecheck: venv
+typecheck: venv-dev
 	$(VENV)/bin/mypy
 
 clean:

@@ -7,7 +7,8 @@ Signature set: N random MD5 ``.hdb`` lines (plus EICAR) and M random ``.ndb`` bo
 Corpus: unique ~20 KB objects (random bytes; 1% carry EICAR as a MIME attachment, 1% the
 marker), kept in memory; the verdict cache is off so every object is scanned.
 Reports files/s and MB/s for each engine at concurrency 1 and 16, the ratio, and the cost
-of decomposing one 20 KB MIME message.
+of decomposing one 20 KB MIME message. The embedded engine runs as avgate runs it: through
+the scan worker pool (one worker per core), and its CPU per file counts the workers too.
 """
 
 from __future__ import annotations
@@ -89,13 +90,36 @@ async def run_engine(service: ScanService, corpus: list[bytes], concurrency: int
                 r = await service.scan(s)
             counts[r.status.value] += 1
 
+    workers0 = worker_cpu(service)
     cpu0, t0 = time.process_time(), time.perf_counter()
     await asyncio.gather(*(one(d) for d in corpus))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    wcpu = worker_cpu(service) - workers0
     mb = sum(map(len, corpus)) / 1e6
-    return {"files_s": round(len(corpus) / wall, 1), "mb_s": round(mb / wall, 2),
-            "wall_s": round(wall, 3), "avgate_cpu_ms_per_file": round(cpu * 1000 / len(corpus), 3),
+    n = len(corpus)
+    return {"files_s": round(n / wall, 1), "mb_s": round(mb / wall, 2),
+            "wall_s": round(wall, 3),
+            # the gateway process plus its scan workers (the embedded engine's real cost)
+            "avgate_cpu_ms_per_file": round((cpu + wcpu) * 1000 / n, 3),
+            "avgate_loop_cpu_ms_per_file": round(cpu * 1000 / n, 3),
+            "avgate_worker_cpu_ms_per_file": round(wcpu * 1000 / n, 3),
             "statuses": counts}
+
+
+def worker_cpu(service: ScanService) -> float:
+    """CPU seconds (user + system) used so far by the scan workers of ``service``."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for engine in service.engines:
+        pool = getattr(engine, "_pool", None)
+        for worker in list(getattr(pool, "_all", ())):
+            try:
+                stat = Path(f"/proc/{worker.pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def decomposition_cost(sample: bytes, rounds: int = 2000) -> float:

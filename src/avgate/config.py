@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .limits import Limits, parse_size
+from .limits import DEFAULT_WORKER_MEMORY, Limits, parse_size
 
 ENV_VAR = "AVGATE_CONFIG"
 
@@ -125,6 +125,8 @@ SCAN_KEYS: dict[str, Checker] = {
     "cache_size": _pos_int,
     "spool_memory": _size,
     "spool_dir": _str,
+    "workers": _nonneg_int,  # 0: one scan worker per core
+    "worker_memory": _size,
 }
 LIMIT_KEYS: dict[str, Checker] = {
     "max_scan_size": _size,
@@ -150,6 +152,8 @@ POLICY_KEYS: dict[str, Checker] = {
     "subject_prefix": _str,
     "copy_to": _str_list,
     "internal_networks": _str_list,
+    "structural_action": _one_of("reject", "keep", "tempfail", "discard", "quarantine"),
+    "size_action": _one_of("auto", "reject", "keep", "tempfail", "discard", "quarantine"),
 }
 QUARANTINE_KEYS: dict[str, Checker] = {
     "path": _str,
@@ -177,6 +181,11 @@ SMTP_LISTENER_KEYS: dict[str, Checker] = {
     "bare_lf": _one_of("reject", "normalize"),
     "xforward": _bool,
     "xclient": _bool,
+    "xforward_hosts": _str_list,  # addresses/networks; checked when the listener starts
+    "xclient_hosts": _str_list,
+    "max_recipients": _pos_int,
+    "max_junk_commands": _pos_int,
+    "max_errors": _pos_int,
 }
 MILTER_KEYS: dict[str, Checker] = {
     "listen": _listen,
@@ -185,6 +194,11 @@ MILTER_KEYS: dict[str, Checker] = {
     "quarantine": _one_of("mta", "store", "both"),
     "max_connections": _pos_int,
     "max_packet": _size,
+    "packet_timeout": _seconds,
+    "queue_timeout": _seconds,
+    "max_headers": _pos_int,
+    "max_header_size": _size,
+    "max_recipients": _pos_int,
 }
 ICAP_KEYS: dict[str, Checker] = {
     "listen": _listen,
@@ -197,24 +211,106 @@ ICAP_KEYS: dict[str, Checker] = {
     "idle_timeout": _seconds,
     "block_page": _str,
     "skip_content_types": _str_list,
+    "max_body_size": _size,
 }
+#: HTTP token roles: scan (POST /v1/scan when scan_requires_token), read (list and show
+#: quarantine records), admin (download, release, delete quarantined objects; implies read).
+HTTP_ROLES = ("scan", "read", "admin")
+
+
+def http_tokens(v: Any) -> list[dict[str, Any]]:
+    """``[http] tokens``: strings (scan-only tokens) or ``{ token = "...", roles = [...] }``.
+
+    Normalised to ``[{"token": str, "roles": [role, ...]}]`` (``admin`` adds ``read``). The
+    front-end reads tokens through this function too, so there is one parser. Messages name
+    the entry (``tokens[1].roles``), never the secret.
+    """
+    items = v if isinstance(v, list) else [v]
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"tokens[{i}]"
+        roles: Any = ["scan"]
+        if isinstance(item, str):
+            token = item
+        elif isinstance(item, dict):
+            unknown = sorted(set(item) - {"token", "roles"})
+            if unknown:
+                raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: roles, token)")
+            if "token" not in item:
+                raise ValueError(f"{where}: missing key 'token'")
+            if not isinstance(item["token"], str):
+                raise ValueError(f"{where}.token: expected a string, got {_tname(item['token'])}")
+            token = item["token"]
+            roles = item.get("roles", roles)
+            roles = [roles] if isinstance(roles, str) else roles
+            if not isinstance(roles, list) or not roles or not all(
+                    isinstance(r, str) for r in roles):
+                raise ValueError(f"{where}.roles: expected a non-empty array of roles "
+                                 f"({', '.join(HTTP_ROLES)})")
+            for role in roles:
+                if role not in HTTP_ROLES:
+                    raise ValueError(f"{where}.roles: unknown role {role!r} "
+                                     f"(known: {', '.join(HTTP_ROLES)})")
+        else:
+            raise ValueError(f'{where}: expected a string or a table {{ token = "...", '
+                             f"roles = [...] }}, got {_tname(item)}")
+        if not token or not all("!" <= c <= "~" for c in token):
+            raise ValueError(f"{where}: a token is printable ASCII without spaces, not empty")
+        if token in seen:
+            raise ValueError(f"{where}: the same token is listed twice")
+        seen.add(token)
+        if "admin" in roles:
+            roles = [*roles, "read"]
+        out.append({"token": token, "roles": [r for r in HTTP_ROLES if r in roles]})
+    return out
+
+
 HTTP_KEYS: dict[str, Checker] = {
     "listen": _listen,
-    "tokens": _str_list,
+    "tokens": http_tokens,
     "scan_requires_token": _bool,
     "tls_cert": _str,
     "tls_key": _str,
     "max_upload_size": _size,
+    "max_parts": _pos_int,
     "idle_timeout": _seconds,
     "max_connections": _pos_int,
 }
+def _socket_mode(v: Any) -> str:
+    """Octal permission digits as a string, like clamd's LocalSocketMode ("0660", "660")."""
+    s = _str(v).strip()
+    digits = s[2:] if s[:2].lower() == "0o" else s
+    if not digits or len(digits) > 4 or any(c not in "01234567" for c in digits):
+        raise ValueError(f'expected octal permission digits as a string like "0660", got {v!r}')
+    if int(digits, 8) > 0o777:
+        raise ValueError(f"expected permission bits only (at most 0777), got {v!r}")
+    return s
+
+
+def _group(v: Any) -> str | int:
+    """A group name or a numeric gid (resolved when the socket is created)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, str) and v.strip():
+        return v.strip()
+    raise ValueError(f"expected a group name or a gid, got {v!r}")
+
+
 CLAMD_LISTENER_KEYS: dict[str, Checker] = {
     "listen": _listen,
     "unix_socket": _str,
+    "unix_socket_mode": _socket_mode,
+    "unix_socket_group": _group,
     "allowed_paths": _str_list,
     "stream_max_length": _size,
     "max_connections": _pos_int,
     "idle_timeout": _seconds,
+    "max_fds": _pos_int,
+    "max_fds_per_connection": _pos_int,
+    "max_sessions": _pos_int,
+    "max_sessions_per_client": _pos_int,
+    "allow_reload": _bool,
 }
 QMAIL_KEYS: dict[str, Checker] = {
     "real_queue": _str,
@@ -259,6 +355,8 @@ class ScanSettings:
     cache_size: int = 10_000
     spool_memory: int = 1 << 20
     spool_dir: str | None = None
+    workers: int = 0  # scan worker processes; 0: one per core
+    worker_memory: int = DEFAULT_WORKER_MEMORY  # address-space cap of each scan worker
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ DEFAULT_MAX_RATIO = 250
 DEFAULT_SCAN_TIMEOUT = 120.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_SPOOL_MEMORY = 1 * MiB
+# Address-space cap of one scan worker: room for a max_scan_size object, its decoded parts
+# (bounded by max_scan_size in all) and the compiled signatures, with a margin.
+DEFAULT_WORKER_MEMORY = 1 * GiB
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,18 @@ No rule matching → the defaults::
     infected        → virus_action   (default reject "550 5.7.1 Virus found: {virus}")
     error           → failure_action (default tempfail "451 4.7.1 Virus scanner unavailable,
                                       try again later")
-    skipped/unknown → accept + tag
+    a structural limit (max_files, max_recursion, max_ratio, part/entry/header counts,
+    the scan worker's time or memory budget) → structural_action (default reject
+                      "552 5.3.4 Message content not scannable: {reason}")
+    a size limit    → size_action (default "auto": reject "552 5.3.4 Message too large to
+                      scan: {reason}" on the mail front-ends (smtp, milter, qmail), accept +
+                      tag on the others: a 150 MiB download through ICAP still passes)
+    other skipped/unknown (encrypted archive, corrupt container) → accept + tag
     clean           → accept + tag
+
+Anyone can shape content to hit a structural limit, so hitting one is never a free pass;
+rules can still decide otherwise, matching ``limit = "structural" | "size" | "none"`` and
+``reason`` (a glob over the reason text).
 
 Actions and how they combine: exactly one *disposition* — ``accept``, ``reject``,
 ``tempfail``, ``discard`` — plus any of the *modifiers* ``quarantine``, ``replace``, ``tag``,
@@ -53,10 +63,16 @@ DEFAULT_VIRUS_TEMPFAIL_REPLY = "451 4.7.1 Message held: virus found ({virus})"
 DEFAULT_NOTICE = ("This part of the message contained a virus ({virus}) and was removed "
                   "by avgate.\nThe original file name was: {filename}\n")
 DEFAULT_SUBJECT_PREFIX = "***VIRUS*** "
+DEFAULT_STRUCTURAL_REPLY = "552 5.3.4 Message content not scannable: {reason}"
+DEFAULT_SIZE_REPLY = "552 5.3.4 Message too large to scan: {reason}"
 DEFAULT_VERDICT_PREFIX = "Virus-Test"
 DEFAULT_VERDICT_TEXT = "virus"
 
 FRONTENDS = ("smtp", "milter", "icap", "http", "clamd", "qmail", "cli")
+MAIL_FRONTENDS = frozenset({"smtp", "milter", "qmail"})
+LIMIT_ACTIONS = ("reject", "keep", "tempfail", "discard", "quarantine")
+LIMITS = ("structural", "size", "none")
+_REASON_MAX = 200  # characters of the reason in replies and headers
 DISPOSITIONS = ("accept", "reject", "tempfail", "discard")
 MODIFIERS = ("quarantine", "replace", "tag", "prefix_subject", "copy_to")
 SHORTCUTS_VIRUS = ("reject", "keep", "tempfail", "discard", "quarantine")
@@ -64,6 +80,7 @@ SHORTCUTS_FAILURE = ("reject", "keep", "tempfail", "discard")
 RULE_KEYS = frozenset({
     "name", "status", "virus", "frontend", "listener", "direction", "sender", "recipient",
     "size", "action", "reply", "headers", "subject_prefix", "copy_to", "notice", "shadow",
+    "limit", "reason",
 })
 _REPLY_RE = re.compile(r"^([245])\d\d(?:[ -].*)?$", re.DOTALL)
 
@@ -158,6 +175,8 @@ class Rule:
     sender: tuple[str, ...] | None = None
     recipient: tuple[str, ...] | None = None
     size: tuple[int, int] | None = None
+    limit: frozenset[str] | None = None  # "structural", "size", "none"
+    reason: tuple[str, ...] | None = None  # globs over the reason, case-insensitive
     disposition: Disposition = Disposition.ACCEPT
     modifiers: frozenset[str] = frozenset()
     reply: str = ""
@@ -188,11 +207,20 @@ class Rule:
             size = ctx.size or result.size
             if not self.size[0] <= size <= self.size[1]:
                 return False
+        if self.limit is not None and (
+                result.limit.value if result.limit else "none") not in self.limit:
+            return False
+        if self.reason is not None and not _glob(result.reason.lower(), self.reason):
+            return False
         return True
 
 
 def _glob(value: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(value, p) for p in patterns)
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _REASON_MAX else text[:_REASON_MAX - 3] + "..."
 
 
 class _Vars(dict[str, str]):
@@ -228,7 +256,9 @@ class Policy:
                  notice: str = DEFAULT_NOTICE,
                  subject_prefix: str = DEFAULT_SUBJECT_PREFIX,
                  copy_to: Sequence[str] = (),
-                 internal_networks: Sequence[str] = ()) -> None:
+                 internal_networks: Sequence[str] = (),
+                 structural_action: str = "reject",
+                 size_action: str = "auto") -> None:
         self.rules = list(rules)
         self.virus_action = virus_action
         self.failure_action = failure_action
@@ -243,6 +273,8 @@ class Policy:
         self.notice = notice
         self.subject_prefix = subject_prefix
         self.copy_to = tuple(copy_to)
+        self.structural_action = structural_action
+        self.size_action = size_action
         self.internal_networks = tuple(ipaddress.ip_network(n, strict=False)
                                        for n in internal_networks)
 
@@ -258,7 +290,8 @@ class Policy:
         kw = {k: table[k] for k in ("virus_action", "failure_action", "header_style", "headers",
                                     "shadow", "verdict_mode", "verdict_prefix", "verdict_text",
                                     "reject_reply", "tempfail_reply", "notice",
-                                    "subject_prefix", "internal_networks") if k in table}
+                                    "subject_prefix", "internal_networks",
+                                    "structural_action", "size_action") if k in table}
         if "copy_to" in table:
             kw["copy_to"] = _strs(table["copy_to"])
         rules = [_rule(r, i, table) for i, r in enumerate(table.get("rules", []))]
@@ -305,7 +338,7 @@ class Policy:
             viruses=_clean_value(", ".join(names)),
             status=result.status.value,
             status_word=_clean_value(status_word),
-            reason=_clean_value(result.reason),
+            reason=_clean_value(_shorten(result.reason)),
             version=__version__,
             engine=_clean_value(", ".join(e.name for e in result.engines)),
             sender=_clean_value(ctx.sender) if ctx else "",
@@ -320,6 +353,24 @@ class Policy:
         if self.header_templates is not None:
             return tuple((n, self.render(t, result)) for n, t in self.header_templates)
         return self._style_headers(result, self.header_style)
+
+    def own_header_names(self) -> frozenset[str]:
+        """Lower-cased names of every header avgate may write, whatever the result.
+
+        Front-ends remove incoming copies of these before adding their own, so a sender's
+        forged ``X-Virus-Status: Clean`` never reaches the recipient beside (or instead of)
+        the real verdict. Every style's names are included, not only the configured one:
+        a verdict in any style must come from this gateway.
+        """
+        names = {"x-virus-scanned", "x-virus-status", "x-qhpsi",
+                 self.verdict_prefix.lower(), DEFAULT_VERDICT_PREFIX.lower()}
+        if self.header_templates is not None:
+            names.update(n.lower() for n, _ in self.header_templates)
+        for rule in self.rules:
+            if rule.headers is not None:
+                names.update(n.lower() for n, _ in rule.headers)
+        names.discard("")
+        return frozenset(names)
 
     def _style_headers(self, result: ScanResult, style: str) -> tuple[tuple[str, str], ...]:
         v = self._vars(result)
@@ -401,7 +452,32 @@ class Policy:
             if action == "discard":
                 return Decision(Disposition.DISCARD, rule=rule)
             return Decision(Disposition.ACCEPT, headers=tag, rule=rule)  # keep
+        if result.limit is not None:
+            return self._limit_default(result, ctx, tag)
         return Decision(Disposition.ACCEPT, headers=tag, rule=f"default:{status.value}")
+
+    def _limit_default(self, result: ScanResult, ctx: Context,
+                       tag: tuple[tuple[str, str], ...]) -> Decision:
+        """Skipped/unknown because a limit was hit: structural never passes by default."""
+        assert result.limit is not None
+        kind = result.limit.value
+        rule = f"default:{kind}-limit"
+        if kind == "structural":
+            action, reply = self.structural_action, DEFAULT_STRUCTURAL_REPLY
+        else:
+            action, reply = self.size_action, DEFAULT_SIZE_REPLY
+            if action == "auto":
+                action = "reject" if ctx.frontend in MAIL_FRONTENDS else "keep"
+        if action == "reject":
+            return Decision(Disposition.REJECT, self.render(reply, result, ctx), rule=rule)
+        if action == "tempfail":
+            return Decision(Disposition.TEMPFAIL, self.render(self.tempfail_reply, result, ctx),
+                            rule=rule)
+        if action == "discard":
+            return Decision(Disposition.DISCARD, rule=rule)
+        if action == "quarantine":
+            return Decision(Disposition.DISCARD, quarantine=True, rule=rule)
+        return Decision(Disposition.ACCEPT, headers=tag, rule=rule)  # keep
 
 
 # -- config validation ------------------------------------------------------------------------
@@ -483,6 +559,8 @@ def _rule(t: Mapping[str, Any], i: int, policy: Mapping[str, Any]) -> Rule:
         sender=tuple(s.lower() for s in _strs(t["sender"])) if "sender" in t else None,
         recipient=tuple(s.lower() for s in _strs(t["recipient"])) if "recipient" in t else None,
         size=_size_range(t["size"]) if "size" in t else None,
+        limit=frozenset(_strs(t["limit"])) if "limit" in t else None,
+        reason=tuple(s.lower() for s in _strs(t["reason"])) if "reason" in t else None,
         disposition=disp,
         modifiers=mods,
         reply=t.get("reply", ""),
@@ -512,6 +590,13 @@ def validate(table: Mapping[str, Any]) -> list[tuple[str, str]]:
     if "headers" in table and not (isinstance(table["headers"], dict) and all(
             isinstance(v, str) for v in table["headers"].values())):
         bad("policy.headers", "expected a table of header name = \"template\"")
+    for key, choices in (("structural_action", LIMIT_ACTIONS),
+                         ("size_action", ("auto", *LIMIT_ACTIONS))):
+        if key in table:
+            try:
+                _one(table[key], choices)
+            except ValueError as exc:
+                bad(f"policy.{key}", str(exc))
     if "verdict_mode" in table and table["verdict_mode"] not in (0, 1, 2, 3):
         bad("policy.verdict_mode", "expected 0, 1, 2 or 3")
     for net in table.get("internal_networks", []) or []:
@@ -541,6 +626,7 @@ def validate(table: Mapping[str, Any]) -> list[tuple[str, str]]:
         checks: list[tuple[str, Any]] = [
             ("status", lambda v: [ScanStatus(s) for s in _strs(v)]),
             ("virus", _strs), ("listener", _strs), ("sender", _strs), ("recipient", _strs),
+            ("reason", _strs), ("limit", lambda v: [_one(x, LIMITS) for x in _strs(v)]),
             ("copy_to", _strs), ("size", _size_range),
             ("frontend", lambda v: [_one(x, FRONTENDS) for x in _strs(v)]),
             ("direction", lambda v: _one(v, ("inbound", "outbound"))),

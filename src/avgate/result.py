@@ -33,6 +33,30 @@ _SEVERITY = {
 }
 
 
+class LimitKind(enum.StrEnum):
+    """Why an object was not (fully) scanned, when a limit was the reason.
+
+    ``structural``: the shape of the content hit a limit (max_files, max_recursion,
+    max_ratio, part/entry/header counts, the scan worker's time or memory budget). Anyone
+    can shape content to hit one, so by default such an object is never passed.
+    ``size``: max_scan_size / max_file_size; web downloads pass with a tag by default, mail
+    is refused.
+    """
+
+    STRUCTURAL = "structural"
+    SIZE = "size"
+
+
+def worst_limit(limits: Iterable[LimitKind | None]) -> LimitKind | None:
+    """Structural beats size beats none."""
+    found = set(limits)
+    if LimitKind.STRUCTURAL in found:
+        return LimitKind.STRUCTURAL
+    if LimitKind.SIZE in found:
+        return LimitKind.SIZE
+    return None
+
+
 def worst(statuses: Iterable[ScanStatus]) -> ScanStatus:
     """The most severe of ``statuses`` (clean for none)."""
     return max(statuses, key=_SEVERITY.__getitem__, default=ScanStatus.CLEAN)
@@ -73,6 +97,7 @@ class ScanResult:
     engines: tuple[EngineInfo, ...] = ()
     elapsed: float = 0.0  # seconds
     cached: bool = False
+    limit: LimitKind | None = None  # set when a limit is why the object was not fully scanned
     details: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (part, note) pairs
 
     @property
@@ -105,6 +130,7 @@ class ScanResult:
             "engines": [e.to_dict() for e in self.engines],
             "elapsed_ms": round(self.elapsed * 1000, 3),
             "cached": self.cached,
+            "limit": self.limit.value if self.limit else None,
         }
 
     @classmethod
@@ -136,10 +162,13 @@ def merge(results: Iterable[ScanResult], *, sha256: str = "", size: int = 0) -> 
         reason = "; ".join(dict.fromkeys(r.reason for r in rs if r.status is status and r.reason))
         if not reason:
             reason = "; ".join(dict.fromkeys(reasons))
+    limit = (None if status in (ScanStatus.INFECTED, ScanStatus.ERROR)
+             else worst_limit(r.limit for r in rs))
     return ScanResult(
         status=status,
         findings=findings,
         reason=reason,
+        limit=limit,
         sha256=sha256 or rs[0].sha256,
         size=size or rs[0].size,
         engines=engines,

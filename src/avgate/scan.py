@@ -17,8 +17,10 @@ from typing import Any
 from .config import Config
 from .engines.base import BaseEngine, EngineContext, build_engine
 from .errors import SpoolError
-from .result import ScanResult, ScanStatus, merge
+from .limits import DEFAULT_LIMITS, Limits
+from .result import LimitKind, ScanResult, ScanStatus, merge
 from .spool import Spool
+from .workers import default_size
 
 #: results worth remembering: deterministic for the same bytes and signatures
 _CACHEABLE = frozenset({ScanStatus.CLEAN, ScanStatus.INFECTED, ScanStatus.SKIPPED,
@@ -61,7 +63,7 @@ class ScanService:
 
     def __init__(self, engines: Sequence[BaseEngine], *, mode: str = "first_infected",
                  cache: VerdictCache | None = None, spool_memory: int = 1 << 20,
-                 spool_dir: str | None = None) -> None:
+                 spool_dir: str | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
         if not engines:
             raise ValueError("ScanService needs at least one engine")
         self.engines = list(engines)
@@ -69,16 +71,24 @@ class ScanService:
         self.cache = cache
         self.spool_memory = spool_memory
         self.spool_dir = spool_dir
+        self.limits = limits
         self._started = False
         self._inflight: dict[tuple[str, str], asyncio.Future[ScanResult]] = {}
 
     @classmethod
     def from_config(cls, config: Config) -> ScanService:
-        ctx = EngineContext(limits=config.limits, base_dir=config.base_dir)
+        workers = config.scan.workers
+        serve_workers = int(config.serve.get("workers", 1))
+        if not workers and serve_workers > 1:
+            # every serve process has its own scan workers: share the cores between them
+            workers = max(1, default_size() // serve_workers)
+        ctx = EngineContext(limits=config.limits, base_dir=config.base_dir,
+                            workers=workers, worker_memory=config.scan.worker_memory)
         engines = [build_engine(table, ctx) for table in config.engines]
         cache = VerdictCache(config.scan.cache_size) if config.scan.cache else None
         return cls(engines, mode=config.scan.mode, cache=cache,
-                   spool_memory=config.scan.spool_memory, spool_dir=config.scan.spool_dir)
+                   spool_memory=config.scan.spool_memory, spool_dir=config.scan.spool_dir,
+                   limits=config.limits)
 
     async def start(self) -> None:
         if not self._started:
@@ -111,6 +121,14 @@ class ScanService:
         """Scan one finished spool with every engine (per ``mode``)."""
         start = time.perf_counter()
         spool.finish()
+        if spool.size > self.limits.max_scan_size:
+            # Over the limit no engine is asked (Kernun: over max-checked-size → SKIPPED):
+            # a clamd would truncate at StreamMaxLength and call the rest clean.
+            return ScanResult(ScanStatus.SKIPPED, limit=LimitKind.SIZE, sha256=spool.sha256,
+                              size=spool.size, elapsed=time.perf_counter() - start,
+                              reason=f"size limit: {'more than ' if spool.truncated else ''}"
+                                     f"{spool.size} bytes > max_scan_size "
+                                     f"{self.limits.max_scan_size}")
         key = (spool.sha256, self.db_versions()) if self.cache is not None else None
         if key is not None:
             assert self.cache is not None
@@ -167,9 +185,15 @@ class ScanService:
             return await self.scan(spool)
 
     async def scan_path(self, path: str | Path) -> ScanResult:
-        """Scan a file in place (it is not copied; engines that need a path get this one)."""
+        """Scan a file: snapshot it once (hashing as it is read), then scan the snapshot.
+
+        The file is never read twice, so a file rewritten meanwhile cannot get its old
+        verdict cached for its new bytes. Files over max_scan_size are read only that far.
+        """
         try:
-            spool = Spool.from_path(path)
+            spool = await asyncio.to_thread(
+                Spool.from_path, path, max_size=self.limits.max_scan_size,
+                memory_limit=self.spool_memory, directory=self.spool_dir)
         except SpoolError as exc:
             return ScanResult.error(str(exc))
         with spool:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import os
 import signal
 import sys
@@ -97,6 +98,40 @@ def _say(line: str) -> None:
 
 def _warn(line: str) -> None:
     print(line + "\n", end="", file=sys.stderr, flush=True)
+
+
+def _is_exposed(listen: str) -> bool:
+    """True when a listen address accepts connections from other machines."""
+    if listen.startswith(("unix:", "local:")):
+        return False
+    if listen.startswith(("inet:", "inet6:")):
+        host = listen.partition("@")[2] or "0.0.0.0"
+    else:
+        host = listen.rpartition(":")[0].strip("[]")
+    if host in ("localhost", ""):
+        return host == ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a host name: assume it resolves to a reachable address
+
+
+def exposure_warnings(config: Config) -> list[str]:
+    """One loud line per listener bound beyond loopback with nobody authenticated.
+
+    SMTP, milter, ICAP and the clamd protocol have no authentication of their own here: on
+    a non-loopback address anyone who can reach the port can use avgate as a verdict oracle
+    (or relay through the SMTP next hop). The HTTP API warns for itself (it has tokens).
+    """
+    found: list[tuple[str, str]] = [("smtp", x["listen"]) for x in config.smtp_listeners]
+    for name in ("milter", "icap", "clamd_listener"):
+        section = getattr(config, name)
+        if section is not None:
+            found.append((name, section["listen"]))
+    return [f"avgate: WARNING: {name} listens on {listen}, beyond loopback, with no "
+            "authentication: anyone who can reach it can submit content and read verdicts; "
+            "bind a loopback or unix address, or firewall it"
+            for name, listen in found if _is_exposed(listen)]
 
 
 class GatewayRef:
@@ -214,9 +249,14 @@ class Server:
         """Start the engines, then every enabled front-end; print what listens where."""
         gateway = self.ref.current
         await gateway.start()
-        engines = ", ".join(f"{e.name} ({e.type_name}, {e.version()})"
-                            for e in gateway.scanner.engines)
+        engines = ", ".join(
+            f"{e.name} ({e.type_name}, {e.version()}"
+            + (f"; {e.describe_workers()}" if hasattr(e, "describe_workers") else "") + ")"
+            for e in gateway.scanner.engines)
         _say(f"avgate: engines ready: {engines}")
+        for line in exposure_warnings(self.config):
+            _warn(line)
+            self._event({"event": "warning", "warning": line.partition("WARNING: ")[2]})
         cfg = self.config
         enabled = {"smtp": bool(cfg.smtp_listeners), "milter": cfg.milter is not None,
                    "icap": cfg.icap is not None, "http": cfg.http is not None,

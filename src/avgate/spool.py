@@ -18,6 +18,19 @@ from .errors import SpoolError
 from .limits import DEFAULT_SPOOL_MEMORY
 
 
+class _PreadFile:
+    """``read()`` through a descriptor with ``pread``, from offset 0, leaving its offset."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pos = 0
+
+    def read(self, size: int) -> bytes:
+        data = os.pread(self.fd, size, self.pos)
+        self.pos += len(data)
+        return data
+
+
 class Spool:
     """A write-once byte container. ``write`` while receiving, then ``finish``, then read."""
 
@@ -31,6 +44,8 @@ class Spool:
         self._size = 0
         self._sha256: str | None = None
         self._owned_path = True
+        #: a snapshot that stopped at max_size + 1 bytes: the object is larger than that
+        self.truncated = False
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -41,24 +56,61 @@ class Spool:
         return s
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str]) -> Spool:
-        """Wrap an existing file without copying it (the file is not deleted on close)."""
-        s = cls(memory_limit=0)
-        s._buf = None
-        s._path = os.fspath(path)
-        s._owned_path = False
-        h = hashlib.sha256()
-        size = 0
+    def from_path(cls, path: str | os.PathLike[str], *, max_size: int | None = None,
+                  memory_limit: int = DEFAULT_SPOOL_MEMORY,
+                  directory: str | None = None) -> Spool:
+        """Snapshot a file: read it once into a new spool, hashing as it is read.
+
+        The file is read exactly once, so what was hashed is what every engine scans even if
+        someone rewrites the file meanwhile (a path is never read twice across a trust
+        boundary). ``max_size``: stop after ``max_size + 1`` bytes; the spool is then
+        ``truncated`` and its size says only that the file is over the limit.
+        """
         try:
-            with open(s._path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
+            f = open(path, "rb")
         except OSError as exc:
-            raise SpoolError(f"cannot read {s._path}: {exc.strerror}") from exc
-        s._size = size
-        s._sha256 = h.hexdigest()
-        return s
+            raise SpoolError(f"cannot read {os.fspath(path)}: {exc.strerror}") from exc
+        with f:
+            return cls.from_file(f, max_size=max_size, memory_limit=memory_limit,
+                                 directory=directory, label=os.fspath(path))
+
+    @classmethod
+    def from_fd(cls, fd: int, *, max_size: int | None = None,
+                memory_limit: int = DEFAULT_SPOOL_MEMORY, directory: str | None = None,
+                label: str = "") -> Spool:
+        """Snapshot what can be read through an open descriptor (FILDES); ``fd`` stays open.
+
+        Reads with ``pread`` from offset 0, as clamd does: the whole file, and the client's
+        file offset is neither used nor moved. Only the descriptor's own rights apply: an
+        O_PATH or write-only descriptor cannot be read (``SpoolError``), and nothing is
+        reopened with avgate's own credentials.
+        """
+        return cls.from_file(_PreadFile(fd), max_size=max_size, memory_limit=memory_limit,
+                             directory=directory, label=label or f"descriptor {fd}")
+
+    @classmethod
+    def from_file(cls, f: BinaryIO | _PreadFile, *, max_size: int | None = None,
+                  memory_limit: int = DEFAULT_SPOOL_MEMORY, directory: str | None = None,
+                  label: str = "") -> Spool:
+        """Copy a readable file object into a new spool (see :meth:`from_path`)."""
+        s = cls(memory_limit=memory_limit, directory=directory)
+        budget = None if max_size is None else max_size + 1
+        try:
+            while budget is None or budget > 0:
+                chunk = f.read(1 << 20 if budget is None else min(1 << 20, budget))
+                if not chunk:
+                    break
+                s.write(chunk)
+                if budget is not None:
+                    budget -= len(chunk)
+        except OSError as exc:
+            s.close()
+            raise SpoolError(f"cannot read {label or 'file'}: {exc.strerror or exc}") from exc
+        except SpoolError:
+            s.close()
+            raise
+        s.truncated = budget is not None and budget <= 0
+        return s.finish()
 
     # -- writing ------------------------------------------------------------------------
     def write(self, data: bytes | bytearray | memoryview) -> None:

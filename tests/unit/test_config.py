@@ -82,3 +82,17 @@ def test_render_roundtrip():
     c = config.defaults()
     again = config.loads(config.render_toml(c.to_dict()))
     assert again.to_dict() == c.to_dict()
+
+
+def test_exposure_warnings_name_every_non_loopback_listener():
+    from avgate.serve import exposure_warnings
+
+    cfg = config.loads('[[smtp.listeners]]\nlisten = "0.0.0.0:25"\n'
+                       '[milter]\nlisten = "unix:/run/avgate/milter.sock"\n'
+                       '[icap]\nlisten = "[::1]:1344"\n'
+                       '[clamd_listener]\nlisten = "192.0.2.1:3310"\n')
+    lines = exposure_warnings(cfg)
+    assert len(lines) == 2
+    assert "smtp listens on 0.0.0.0:25" in lines[0]
+    assert "clamd_listener listens on 192.0.2.1:3310" in lines[1]
+    assert exposure_warnings(config.defaults()) == []

@@ -198,3 +198,74 @@ def test_config_file_reports_policy_problems_with_line():
     with pytest.raises(ConfigError) as ei:
         config.loads(text)
     assert any("policy.rules[0].action (line 6)" in m for m in ei.value.problems), ei.value
+
+
+# -- limits: structural never passes by default; size depends on the front-end ------------
+def limited(status: ScanStatus, kind: str, reason: str) -> ScanResult:
+    from avgate.result import LimitKind
+
+    return res(status, reason=reason).with_(limit=LimitKind(kind))
+
+
+@pytest.mark.parametrize("frontend", ["smtp", "milter", "qmail", "icap", "http", "clamd", "cli"])
+def test_structural_limit_is_refused_everywhere(frontend):
+    r = limited(S.SKIPPED, "structural", "a.zip: file count limit")
+    d = Policy().decide(r, Context(frontend))
+    assert d.disposition is D.REJECT
+    assert d.reply == "552 5.3.4 Message content not scannable: a.zip: file count limit"
+    assert d.rule == "default:structural-limit"
+
+
+@pytest.mark.parametrize(("frontend", "disp"), [
+    ("smtp", D.REJECT), ("milter", D.REJECT), ("qmail", D.REJECT),
+    ("icap", D.ACCEPT), ("http", D.ACCEPT), ("clamd", D.ACCEPT), ("cli", D.ACCEPT)])
+def test_size_limit_auto(frontend, disp):
+    d = Policy().decide(limited(S.SKIPPED, "size", "size limit"), Context(frontend))
+    assert d.disposition is disp
+    if disp is D.ACCEPT:
+        assert dict(d.headers)["X-Virus-Status"] == "Skipped"
+    else:
+        assert d.reply.startswith("552 5.3.4 Message too large to scan")
+
+
+def test_limit_actions_configurable():
+    p = pol(structural_action="quarantine", size_action="keep")
+    d = p.decide(limited(S.UNKNOWN, "structural", "recursion limit"), SMTP)
+    assert d.disposition is D.DISCARD and d.quarantine
+    assert p.decide(limited(S.SKIPPED, "size", "x"), SMTP).disposition is D.ACCEPT
+
+
+def test_unknown_without_a_limit_still_passes():
+    d = Policy().decide(res(S.UNKNOWN, reason="encrypted"), SMTP)
+    assert d.disposition is D.ACCEPT and d.rule == "default:unknown"
+
+
+def test_rule_matches_limit_and_reason():
+    p = pol(rules=[
+        {"name": "deep-ok", "limit": "structural", "reason": "*RECURSION*",
+         "action": ["accept", "tag"]},
+        {"name": "no-limit", "limit": "none", "status": "unknown", "action": "reject"},
+    ])
+    assert p.decide(limited(S.UNKNOWN, "structural", "x: recursion limit"), SMTP).rule == "deep-ok"
+    d = p.decide(limited(S.SKIPPED, "structural", "file count limit"), SMTP)
+    assert d.rule == "default:structural-limit"
+    assert p.decide(res(S.UNKNOWN, reason="encrypted"), SMTP).rule == "no-limit"
+
+
+def test_long_reason_is_shortened_in_replies():
+    d = Policy().decide(limited(S.SKIPPED, "structural", "n" * 1000), SMTP)
+    assert len(d.reply) < 300 and d.reply.endswith("...")
+
+
+def test_limit_keys_validated():
+    problems = dict(validate({"structural_action": "accept", "size_action": "nope",
+                              "rules": [{"limit": "huge", "action": "reject"}]}))
+    assert set(problems) == {"policy.structural_action", "policy.size_action",
+                             "policy.rules[0].limit"}
+
+
+def test_own_header_names_cover_every_style():
+    p = pol(verdict_prefix="X-Scan-Verdict", headers={"X-Custom-AV": "{status}"})
+    names = p.own_header_names()
+    assert {"x-virus-status", "x-virus-scanned", "x-qhpsi", "virus-test",
+            "x-scan-verdict", "x-custom-av"} <= names

@@ -56,3 +56,54 @@ def test_write_after_finish_refused():
     s = Spool.from_bytes(b"x")
     with pytest.raises(SpoolError):
         s.write(b"y")
+
+
+def test_from_path_is_a_snapshot(tmp_path):
+    """What was hashed is what is read later: rewriting the file changes nothing."""
+    f = tmp_path / "x"
+    f.write_bytes(b"harmless")
+    s = Spool.from_path(f)
+    f.write_bytes(b"malicious!")
+    assert s.getvalue() == b"harmless"
+    assert s.sha256 == hashlib.sha256(b"harmless").hexdigest()
+    with open(s.path(), "rb") as copy:  # engines that need a path get the snapshot's
+        assert copy.read() == b"harmless"
+    assert s.path() != str(f)
+    s.close()
+
+
+def test_from_path_stops_after_max_size(tmp_path):
+    f = tmp_path / "big"
+    f.write_bytes(b"x" * 10_000)
+    s = Spool.from_path(f, max_size=100)
+    assert s.truncated and s.size == 101
+    s.close()
+    s = Spool.from_path(f, max_size=10_000)
+    assert not s.truncated and s.size == 10_000
+    s.close()
+
+
+def test_from_fd_reads_through_the_descriptor(tmp_path):
+    f = tmp_path / "x"
+    f.write_bytes(b"content")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.lseek(fd, 3, os.SEEK_SET)  # where the client left it: neither used nor moved
+        s = Spool.from_fd(fd)
+        assert s.getvalue() == b"content"
+        s.close()
+        assert os.lseek(fd, 0, os.SEEK_CUR) == 3  # still open and where it was
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, getattr(os, "O_PATH", os.O_WRONLY)])
+def test_from_fd_refuses_descriptors_not_open_for_reading(tmp_path, flags):
+    f = tmp_path / "secret"
+    f.write_bytes(b"root only")
+    fd = os.open(f, flags)
+    try:
+        with pytest.raises(SpoolError):
+            Spool.from_fd(fd)
+    finally:
+        os.close(fd)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..errors import ConfigError, EngineError, EngineTimeout
-from ..limits import DEFAULT_LIMITS, Limits, Timeouts
+from ..limits import DEFAULT_LIMITS, DEFAULT_WORKER_MEMORY, Limits, Timeouts
 from ..result import EngineInfo, ScanResult, ScanStatus
 from ..spool import Spool
 
@@ -28,6 +28,8 @@ class EngineContext:
 
     limits: Limits = DEFAULT_LIMITS
     base_dir: str = "."  # relative paths in the engine table are resolved against this
+    workers: int = 0  # scan worker processes for engines that use them (0: one per core)
+    worker_memory: int | None = DEFAULT_WORKER_MEMORY  # RLIMIT_AS of each scan worker
 
 
 @runtime_checkable
@@ -52,6 +54,9 @@ class BaseEngine(abc.ABC):
     type_name: ClassVar[str] = ""
     #: keys this engine accepts in its [[engines]] table (besides "type" and "name")
     config_keys: ClassVar[frozenset[str]] = frozenset()
+    #: True when ``_scan`` enforces the scan timeout itself (the embedded engine's workers
+    #: are killed at the budget, which makes a verdict; an outer timeout would race it)
+    own_timeout: ClassVar[bool] = False
 
     def __init__(self, name: str, ctx: EngineContext) -> None:
         self.name = name
@@ -85,7 +90,7 @@ class BaseEngine(abc.ABC):
     async def scan(self, spool: Spool) -> ScanResult:
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeouts.scan):
+            async with asyncio.timeout(None if self.own_timeout else self.timeouts.scan):
                 result = await self._scan(spool)
         except TimeoutError:
             result = ScanResult.error(f"{self.name}: scan timeout after {self.timeouts.scan:g}s")

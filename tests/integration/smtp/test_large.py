@@ -120,6 +120,9 @@ async def test_large_message_relayed_byte_identical_with_bounded_memory(tmp_path
 [limits]
 max_scan_size = "1 MiB"   # skipped by the scanner: this measures the SMTP path alone
 
+[policy]
+size_action = "keep"      # mail over a size limit is refused by default; pass it here
+
 [[engines]]
 type = "embedded"
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import avgate.content as content
 from avgate.engines.base import EngineContext, build_engine
 from avgate.engines.embedded import EICAR, EICAR_NAME, EmbeddedEngine, is_eicar
-from avgate.errors import ConfigError, SignatureError
+from avgate.errors import ConfigError, EngineError, SignatureError
 from avgate.limits import Limits
 from avgate.result import ScanStatus
 from avgate.spool import Spool
@@ -249,12 +248,13 @@ async def test_problems_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         yield content.Problem("a.zip/b.zip", ScanStatus.UNKNOWN, "encrypted member")
         yield content.Part("a.zip/eicar.com", EICAR if data == b"bad" else b"ok", 1)
 
+    # scan_bytes is what a scan worker runs; patching here reaches it, not the workers
     monkeypatch.setattr(content, "decompose", fake)
-    result = await eng.scan(Spool.from_bytes(b"good"))
+    result = eng.scan_bytes(b"good")
     assert result.status is ScanStatus.UNKNOWN
     assert result.reason == "a.zip/b.zip: encrypted member"
     assert len(result.details) == 2
-    result = await eng.scan(Spool.from_bytes(b"bad"))
+    result = eng.scan_bytes(b"bad")
     assert result.status is ScanStatus.INFECTED
     assert [(f.name, f.part, f.engine) for f in result.findings] == [
         (EICAR_NAME, "a.zip/eicar.com", "embedded")]
@@ -269,9 +269,8 @@ async def test_decomposition_crash_is_an_error(tmp_path: Path,
         raise ValueError("parser bug")
 
     monkeypatch.setattr(content, "decompose", broken)
-    result = await eng.scan(Spool.from_bytes(b"x"))
-    assert result.status is ScanStatus.ERROR
-    assert "parser bug" in result.reason
+    with pytest.raises(EngineError, match="parser bug"):
+        eng.scan_bytes(b"x")  # in a scan worker this becomes an error result
 
 
 async def test_eicar_in_zip(tmp_path: Path) -> None:
@@ -299,30 +298,21 @@ async def test_eicar_in_base64_mime_part(tmp_path: Path) -> None:
     assert result.findings[0].part != ""
 
 
-async def test_inline_or_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small leaf objects are scanned on the loop; archives and big objects in a thread."""
-    import avgate.engines.embedded as embedded
-
-    hops: list[int] = []
-    real_to_thread = asyncio.to_thread
-
-    async def counting_to_thread(func: Callable[..., object], /, *args: object,
-                                 **kw: object) -> object:
-        hops.append(1)
-        return await real_to_thread(func, *args, **kw)
-
-    # embedded.py calls asyncio.to_thread through the module, so patching asyncio counts it.
-    monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+async def test_every_object_is_scanned_in_a_worker(tmp_path: Path) -> None:
+    """Nothing is decomposed or matched on the event loop: small leaves included."""
     eng = engine(tmp_path)
-    await eng.scan(Spool.from_bytes(b"small leaf"))
-    assert hops == []
-    await eng.scan(Spool.from_bytes(b"x" * embedded.INLINE_SCAN_LIMIT))
-    assert hops == [1]
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("a.txt", "small")
-    await eng.scan(Spool.from_bytes(buf.getvalue()))
-    assert hops == [1, 1]
+    await eng.start()
+    try:
+        assert eng._pool is not None
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("a.txt", "small")
+        for data in (b"small leaf", b"x" * 100_000, buf.getvalue()):
+            before = eng._pool.stats().tasks
+            await eng.scan(Spool.from_bytes(data))
+            assert eng._pool.stats().tasks == before + 1
+    finally:
+        await eng.close()
 
 
 # -- the shared corpus ----------------------------------------------------------------------
