@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -94,6 +97,66 @@ class ScanLog:
         if self._own:
             with self._lock:
                 self._stream.close()
+
+
+class RateLimitedLog:
+    """Log lines for repeated errors, at most one per key per ``interval`` seconds.
+
+    A listener under attack (descriptor exhaustion, a flood of bad connections) must not turn
+    every failure into a traceback: the log would grow by tens of thousands of lines a
+    second. ``log(key, message)`` writes the message when nothing was written for ``key``
+    within ``interval``; otherwise it only counts it, and the next line written for that key
+    says how many were suppressed. Keys are chosen by the caller's code (an error kind, never
+    attacker-chosen text); at most ``max_keys`` are remembered (least recently used dropped).
+
+    ``write`` receives each line without newline (default: stderr, looked up per call).
+    Thread-safe.
+    """
+
+    def __init__(self, interval: float = 1.0, *, write: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = 1024) -> None:
+        self.interval = interval
+        self._write = write
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        # key -> [time of the last line written, lines suppressed since]
+        self._keys: OrderedDict[str, list[float]] = OrderedDict()
+
+    def log(self, key: str, message: str) -> bool:
+        """Write ``message`` unless ``key`` was logged within the interval; True if written."""
+        now = self._clock()
+        with self._lock:
+            entry = self._keys.get(key)
+            if entry is not None and now - entry[0] < self.interval:
+                entry[1] += 1
+                return False
+            suppressed = 0 if entry is None else int(entry[1])
+            since = 0.0 if entry is None else now - entry[0]
+            self._keys[key] = [now, 0]
+            self._keys.move_to_end(key)
+            while len(self._keys) > self._max_keys:
+                self._keys.popitem(last=False)
+        if suppressed:
+            message += f" (suppressed {suppressed} similar in the last {since:.1f} s)"
+        self._emit(message)
+        return True
+
+    def suppressed(self, key: str) -> int:
+        """Lines for ``key`` counted but not written since its last line."""
+        with self._lock:
+            entry = self._keys.get(key)
+            return 0 if entry is None else int(entry[1])
+
+    def _emit(self, line: str) -> None:
+        if self._write is not None:
+            self._write(line)
+            return
+        try:
+            sys.stderr.write(line.rstrip("\n") + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):  # stderr gone (closed, disk full): nothing to do
+            pass
 
 
 # -- metrics --------------------------------------------------------------------------------

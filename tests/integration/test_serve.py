@@ -40,6 +40,7 @@ drain_timeout = {drain}
 [clamd_listener]
 listen = "127.0.0.1:0"
 idle_timeout = 20
+allow_reload = true   # RELOAD over TCP (refused by default: only the unix socket may)
 [http]
 listen = "127.0.0.1:0"
 """

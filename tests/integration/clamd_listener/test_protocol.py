@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import stat
 import struct
 import time
 
@@ -58,7 +60,8 @@ def instream(data: bytes, prefix: bytes = b"z", chunk: int = 4096) -> bytes:
     (b"zINSTREAM\0\0\0\0\0", b"stream: OK\0"),
     (b"zFOO\0", b"UNKNOWN COMMAND\0"),
     (b"nSCAN\n", b"UNKNOWN COMMAND\n"),
-    (b"zRELOAD\0", b"RELOADING\0"),
+    (b"zRELOAD\0", b"RELOAD is only allowed on the unix socket (or with allow_reload = true) "
+                  b"ERROR\0"),
     (b"zFILDES\0", b"FILDES: only on the unix socket ERROR\0"),
 ])
 def test_reply_bytes(clamd_listener: ClamdListenerEnv, request_bytes: bytes,
@@ -160,6 +163,32 @@ def test_fildes_in_a_session_with_fd_and_command_in_one_message(
         while chunk := s.recv(4096):
             out += chunk
     assert re.fullmatch(rb"1: fd\[\d+\]: Eicar-Test-Signature FOUND\x002: PONG\0", out), out
+
+
+def test_reload_on_the_unix_socket(clamd_listener: ClamdListenerEnv) -> None:
+    assert talk(clamd_listener, b"zRELOAD\0", unix=True) == b"RELOADING\0"
+    assert talk(clamd_listener, b"zPING\0", unix=True) == b"PONG\0"
+
+
+def test_unix_socket_mode_defaults_to_0660(clamd_listener: ClamdListenerEnv) -> None:
+    # like clamd's LocalSocketMode 660: no longer world-connectable (it was 0666)
+    assert stat.S_IMODE(os.stat(clamd_listener.unix_path).st_mode) == 0o660
+
+
+def test_fildes_reads_from_offset_zero_and_leaves_the_offset_alone(
+        clamd_listener: ClamdListenerEnv) -> None:
+    # the client has read the file to the end: clamd (pread) still scans all of it
+    env = clamd_listener
+    with open(env.allowed / "sub" / "eicar.com", "rb") as f, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        f.read()
+        offset = f.tell()
+        s.settimeout(10)
+        s.connect(str(env.unix_path))
+        socket.send_fds(s, [b"zFILDES\0\0"], [f.fileno()])
+        reply = s.recv(4096)
+        assert f.tell() == os.lseek(f.fileno(), 0, os.SEEK_CUR) == offset
+    assert re.fullmatch(rb"fd\[\d+\]: Eicar-Test-Signature FOUND\0", reply), reply
 
 
 def test_fildes_without_descriptor(clamd_listener: ClamdListenerEnv) -> None:
