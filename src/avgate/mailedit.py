@@ -12,11 +12,22 @@ part with a file name adds it as a segment (``2/evil.zip``), archive members fol
 non-numeric segment ends the walk: that part is replaced as a whole. A path that cannot be
 resolved in our parse (``~boundary2``: a reading other parsers make) replaces the whole
 body: the infected content must not get through because we could not find it.
+
+Removing header fields (:class:`HeaderFilter`, :func:`strip_headers`): before avgate adds
+its verdict headers, every incoming copy of every header it may write is removed (a sender's
+own ``X-Virus-Status: Clean`` must never reach the recipient). The filter reads the header
+block only, in linear time and in pieces (a 100 MB message relayed from its spool file is
+never held or parsed whole); the body passes through untouched. It is deliberately generous
+about what a header line is: CRLF, LF and a bare CR all end a line (as Python's email parser
+and some MUAs read them), ``Name :`` (obsolete syntax) matches ``Name:``, case is ignored,
+and a removed field takes its continuation lines with it.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Iterable
 from email.charset import QP, Charset
 from email.generator import BytesGenerator
 from email.header import Header
@@ -36,8 +47,15 @@ _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
 
 
-def edit_message(data: bytes, decision: Decision, result: ScanResult) -> bytes:
-    """``data`` with the decision's part replacements, subject prefix and headers applied."""
+def edit_message(data: bytes, decision: Decision, result: ScanResult,
+                 remove: Iterable[str] = ()) -> bytes:
+    """``data`` with the decision's part replacements, subject prefix and headers applied.
+
+    ``remove``: header names (any case) whose incoming copies are removed first, normally
+    ``gateway.policy.own_header_names()`` (read per message), so that the only verdict
+    headers the recipient sees are the ones added here.
+    """
+    data = strip_headers(data, remove)
     if decision.replace and result.findings:
         data = replace_parts(data, result, decision.notice)
     if decision.subject_prefix:
@@ -88,6 +106,165 @@ def add_headers(data: bytes, headers: tuple[tuple[str, str], ...] | list[tuple[s
             raise ValueError(f"bad header name {name!r}")
         lines.append(name.encode("ascii") + b": " + _clean_value(value) + eol)
     return b"".join(lines) + data
+
+
+# -- removing header fields ------------------------------------------------------------------
+_TERMINATOR = re.compile(rb"\r\n|\r|\n")
+_CONTINUATIONS = re.compile(rb"(?:[ \t][^\r\n]*(?:\r\n|\r|\n|\Z))*")
+_LONG_LINE = 8192  # an unterminated line longer than this is decided on from its start
+
+
+@functools.lru_cache(maxsize=64)
+def _name_patterns(names: frozenset[bytes]) -> tuple[re.Pattern[bytes], re.Pattern[bytes]]:
+    """(a whole field with one of ``names``, continuation lines included; the start of a
+    long line that begins one). A field starts at the start of the text or after any line
+    terminator."""
+    alt = b"|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    eol = rb"(?:\r\n|\r|\n|\Z)"
+    field = re.compile(rb"(?<![^\r\n])(?:" + alt + rb")[ \t]*:[^\r\n]*" + eol
+                       + rb"(?:[ \t][^\r\n]*" + eol + rb")*", re.IGNORECASE)
+    # a line too long to hold is removed when it starts with a name and white space up to
+    # a colon or up to all that was seen of it (a bizarre line, harmless to remove)
+    start = re.compile(rb"(?:" + alt + rb")[ \t]*(?::|\Z)", re.IGNORECASE)
+    return field, start
+
+
+def _header_block_end(buf: bytes, pos: int) -> int:
+    """Where the empty line ending the header block starts, looking from ``pos`` (a line
+    start), or -1. A line is ended by CRLF, LF or a bare CR."""
+    if buf[pos:pos + 1] in (b"\r", b"\n"):
+        return pos
+    start, end = max(pos - 1, 0), len(buf)
+    for pair in (b"\n\n", b"\n\r", b"\r\r"):  # each search stops where one was found
+        i = buf.find(pair, start, end)
+        if i >= 0:
+            end = i + 1
+    return end if end < len(buf) else -1
+
+
+class HeaderFilter:
+    """Removes every header field named in ``names`` from a message fed in pieces.
+
+    ``feed(piece)`` returns what to pass on (possibly empty), ``finish()`` the rest; the
+    outputs joined are :func:`strip_headers` of the pieces joined, however the message was
+    cut. Only the header block is examined; once its end is seen every piece is returned
+    as it is. Memory: at most one unterminated line of up to ``_LONG_LINE`` bytes is held
+    (a longer one is passed on or dropped as it comes, decided by its start). ``removed``
+    counts the fields removed.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        wanted = frozenset(n.strip().lower().encode("ascii") for n in names
+                           if n.strip() and n.isascii())
+        self._needles = tuple(wanted)
+        patterns = _name_patterns(wanted) if wanted else None
+        self._field: re.Pattern[bytes] | None = patterns[0] if patterns else None
+        self._start: re.Pattern[bytes] | None = patterns[1] if patterns else None
+        self.done = not wanted  # past the header block (or nothing to remove)
+        self.removed = 0
+        self._pending = b""  # an unterminated line (or a CR that may be half of a CRLF)
+        self._drop = False  # the field being read is being removed
+        self._midline = False  # inside a long line whose fate is self._drop
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            if self._pending:
+                data, self._pending = self._pending + data, b""
+            return data
+        if not data:
+            return b""
+        buf = self._pending + data if self._pending else data
+        self._pending = b""
+        out: list[bytes | memoryview] = []
+        pos = 0
+        if self._midline:  # the rest of a long line: up to its terminator
+            m = _TERMINATOR.search(buf)
+            if m is None or (m.end() == len(buf) and buf[-1:] == b"\r"):
+                keep = buf[:-1] if buf[-1:] == b"\r" else buf
+                self._pending = buf[len(keep):]
+                return b"" if self._drop else keep
+            if not self._drop:
+                out.append(buf[:m.end()])
+            pos = m.end()
+            self._midline = False
+        end = _header_block_end(buf, pos)
+        if end >= 0:  # the header block ends in this piece
+            self.done = True
+            head = buf[pos:end]
+            kept = self._strip_lines(head)
+            if kept is head and not out and pos == 0 and buf is data:
+                return data  # nothing removed: no copy of a large piece
+            out.append(kept)
+            out.append(memoryview(buf)[end:])
+            return b"".join(out)
+        # complete lines only; a CR at the very end may be half of a CRLF: wait for more
+        limit = len(buf) - 1 if buf[-1:] == b"\r" else len(buf)
+        cut = max(buf.rfind(b"\n", pos, limit), buf.rfind(b"\r", pos, limit)) + 1
+        if cut > pos:
+            out.append(self._strip_lines(buf[pos:cut]))
+            pos = cut
+        rest = buf[pos:]
+        if len(rest) <= _LONG_LINE:
+            self._pending = rest
+        else:  # a long unterminated line: its start says whose it is
+            assert self._start is not None
+            continuation = rest[:1] in (b" ", b"\t")
+            if not continuation:
+                self._drop = self._start.match(rest) is not None
+                self.removed += self._drop
+            body = rest[:-1] if rest[-1:] == b"\r" else rest
+            self._pending = rest[len(body):]
+            if not self._drop:
+                out.append(body)
+            self._midline = True
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """The held-back end of the message (call once, after the last piece)."""
+        rest, self._pending = self._pending, b""
+        if self.done or not rest:
+            return rest
+        if self._midline:
+            self._midline = False
+            return b"" if self._drop else rest
+        return self._strip_lines(rest)
+
+    def _strip_lines(self, lines: bytes) -> bytes:
+        """Complete header lines (the last may lack its terminator only in ``finish``),
+        starting at a line start, with the named fields removed; follows ``_drop``."""
+        if self._drop:  # continuation lines of a field removed in an earlier piece
+            m = _CONTINUATIONS.match(lines)
+            if m is not None and m.end():
+                lines = lines[m.end():]
+            if not lines:
+                return b""
+        self._drop = False
+        low = lines.lower()
+        hits = [i for i in map(low.find, self._needles) if i >= 0]
+        if not hits:  # the common case: C-speed finds, no regex
+            return lines
+        assert self._field is not None
+        kept: list[bytes] = []
+        last = 0
+        for m in self._field.finditer(lines, min(hits)):
+            kept.append(lines[last:m.start()])
+            last = m.end()
+            self.removed += 1
+        kept.append(lines[last:])
+        # the last field was removed: continuation lines in the next piece go with it
+        self._drop = last == len(lines) and last > 0
+        return b"".join(kept)
+
+
+def strip_headers(data: bytes, names: Iterable[str]) -> bytes:
+    """``data`` without the header fields named in ``names`` (case-insensitive); only the
+    header block is read, the body is returned as it is."""
+    f = HeaderFilter(names)
+    if f.done:
+        return data
+    out = f.feed(data)
+    tail = f.finish()
+    return out + tail if tail else out
 
 
 def _encoded_word(text: str) -> str:

@@ -9,8 +9,8 @@ from email.message import EmailMessage
 
 import pytest
 
-from avgate import config
-from avgate.mailedit import add_headers, edit_message, prefix_subject
+from avgate import config, mailedit
+from avgate.mailedit import HeaderFilter, add_headers, edit_message, prefix_subject, strip_headers
 from avgate.policy import Decision, Disposition
 from avgate.result import Finding, ScanResult, ScanStatus
 from avgate.scan import ScanService
@@ -162,3 +162,71 @@ def test_unresolvable_path_replaces_whole_body() -> None:
     assert msg.get_content().strip() == "removed X"
     assert msg["Subject"] == "report"
     assert EICAR not in out and b"harmless" not in out
+
+
+# -- removing incoming verdict headers --------------------------------------------------------
+OWN = ("X-Virus-Status", "x-virus-scanned", "X-QHPSI")
+SPOOFED = (b"Received: from mx\r\n"
+           b"X-Virus-Status: Clean\r\n"
+           b"x-virus-scanned : by a friend\r\n"  # obsolete syntax still counts
+           b"Subject: hi\r\n"
+           b"X-QHPSI: clean,\r\n\tfolded\r\n  twice\r\n"
+           b"X-Virus-Status-Extra: not ours\r\n"
+           b"\r\n"
+           b"X-Virus-Status: Clean (body text stays)\r\n")
+STRIPPED = (b"Received: from mx\r\nSubject: hi\r\nX-Virus-Status-Extra: not ours\r\n\r\n"
+            b"X-Virus-Status: Clean (body text stays)\r\n")
+
+
+def test_strip_headers_removes_every_copy_and_its_continuation_lines() -> None:
+    assert strip_headers(SPOOFED, OWN) == STRIPPED
+    lf = SPOOFED.replace(b"\r\n", b"\n")
+    assert strip_headers(lf, OWN) == STRIPPED.replace(b"\r\n", b"\n")
+    assert strip_headers(SPOOFED, ()) is SPOOFED
+    assert strip_headers(b"", OWN) == b""
+    assert strip_headers(b"X-QHPSI: clean", OWN) == b""  # no body, no final line end
+
+
+def test_a_bare_cr_ends_a_header_line_too() -> None:
+    """Python's email parser (and some MUAs) read a bare CR as a line end: a verdict header
+    hidden behind one is removed."""
+    data = b"Subject: x\rX-Virus-Status: Clean\r\nTo: b\r\n\r\nbody\r"
+    assert strip_headers(data, OWN) == b"Subject: x\rTo: b\r\n\r\nbody\r"
+    # CR CR ends the header block, as it does for Python's parser
+    assert strip_headers(b"A: 1\r\rX-QHPSI: clean\r\n", OWN) == b"A: 1\r\rX-QHPSI: clean\r\n"
+
+
+def test_header_filter_in_pieces_equals_the_whole() -> None:
+    for size in range(1, 12):
+        f = HeaderFilter(OWN)
+        out = [f.feed(SPOOFED[i:i + size]) for i in range(0, len(SPOOFED), size)]
+        assert b"".join(out) + f.finish() == STRIPPED, size
+        assert f.removed == 3
+
+
+def test_header_filter_passes_the_body_through_untouched() -> None:
+    """Past the header block pieces are returned as they are: the body is never examined."""
+    f = HeaderFilter(OWN)
+    head = SPOOFED.split(b"\r\n\r\n", 1)[0]
+    assert f.feed(head + b"\r\n\r\n") == STRIPPED.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    piece = b"X-Virus-Status: Clean\r\n" * 1000
+    assert f.feed(piece) is piece and f.done
+    big = b"Subject: s\r\n\r\n" + b"X-Virus-Status: Clean\r\n" * 500_000
+    assert strip_headers(big, OWN) is big  # nothing removed: not even copied
+
+
+def test_long_lines_are_decided_by_their_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mailedit, "_LONG_LINE", 16)
+    data = (b"X-Virus-Status: " + b"c" * 100 + b"\r\n\t" + b"d" * 100 + b"\r\n"
+            b"Subject: " + b"s" * 100 + b"\r\n\r\nbody")
+    for size in (1, 7, 50, 1000):
+        f = HeaderFilter(OWN)
+        out = [f.feed(data[i:i + size]) for i in range(0, len(data), size)]
+        assert b"".join(out) + f.finish() == b"Subject: " + b"s" * 100 + b"\r\n\r\nbody"
+
+
+def test_edit_message_removes_before_it_adds() -> None:
+    out = edit_message(SPOOFED, decision(headers=(("X-Virus-Status", "Infected (EICAR)"),),
+                                         subject_prefix="[V] "), CLEAN, remove=OWN)
+    assert out == b"X-Virus-Status: Infected (EICAR)\r\n" + STRIPPED.replace(
+        b"Subject: hi", b"Subject: [V] hi")

@@ -8,11 +8,17 @@ a final ``\\0``. This wrapper reads both, scans the message through the Gateway,
   gives ``X-QHPSI: clean`` / ``X-QHPSI: virus found``) and the real qmail-queue
   (``[qmail] real_queue``, default ``/var/qmail/bin/qmail-queue-real``) is exec'd with the
   tagged message on fd 0 and the envelope, unchanged, on fd 1 — its exit code is ours;
-* or, with ``[qmail] reject_virus = true``, honours the policy's refusals: a reject (virus)
+  Incoming copies of every header avgate may write (``Policy.own_header_names()``: all
+  styles) are removed first, so a sender's own ``X-QHPSI: clean`` never survives;
+* or refuses it as the policy's Decision says — the Decision is authoritative: a reject
   exits 31 ("mail server permanently rejected message", qmail-smtpd answers 554), a tempfail
-  (scanner failure) exits 71 ("mail server temporarily rejected message", 451);
-  ``reject_on_error`` (default: as ``reject_virus``) decides the scanner-failure case alone.
-  Without ``reject_virus`` nothing is refused: infected mail is queued tagged (QHPSI style).
+  exits 71 ("mail server temporarily rejected message", 451). A scanner error is therefore
+  never queued unless the policy keeps it (``failure_action = "keep"`` or a rule accepting
+  ``status = "error"``); neither is content the policy refuses for a limit.
+* The one exception is the QHPSI mode for *infected* mail: without ``[qmail] reject_virus =
+  true`` (default false) infected mail the policy refuses is queued, tagged (``X-QHPSI:
+  virus found``), instead of refused. ``reject_on_error`` is accepted for compatibility
+  only: ``false`` no longer queues failed scans (a warning says so), the policy decides.
 * a discard decision (e.g. ``virus_action = "quarantine"``) exits 0 without queueing.
 
 Exit codes are qmail-queue(8)'s: 0 queued, 11 address too long, 31 permanently rejected,
@@ -28,6 +34,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 EXIT_OK = 0
 EXIT_ADDRESS_TOO_LONG = 11
@@ -101,7 +108,7 @@ async def _decide(config_path: str | None, spool: object, env: QmailEnvelope
     """Scan; (exit code to use now, or None to queue), message bytes to queue."""
     from ..config import load
     from ..gateway import Envelope, Gateway
-    from ..policy import Context, Disposition
+    from ..policy import Context
 
     cfg = load(config_path)
     log = None
@@ -112,7 +119,9 @@ async def _decide(config_path: str | None, spool: object, env: QmailEnvelope
     gateway = Gateway.from_config(cfg, log=log)
     qmail = cfg.qmail
     reject_virus = bool(qmail.get("reject_virus", False))
-    reject_on_error = bool(qmail.get("reject_on_error", reject_virus))
+    if qmail.get("reject_on_error") is False:
+        _say('reject_on_error = false is ignored: failed scans follow the policy '
+             '(set [policy] failure_action = "keep" to queue them tagged)')
     await gateway.start()
     try:
         ctx = Context(frontend="qmail", listener="qmail", direction="inbound",
@@ -121,25 +130,43 @@ async def _decide(config_path: str | None, spool: object, env: QmailEnvelope
             spool, ctx, Envelope(env.sender, env.recipients, listener="qmail"))  # type: ignore[arg-type]
     finally:
         await gateway.close()
-    decision, result = outcome.decision, outcome.result
     data: bytes = spool.getvalue()  # type: ignore[attr-defined]
-    if decision.disposition is Disposition.DISCARD:
-        return EXIT_OK, b""
-    if decision.disposition is Disposition.REJECT and reject_virus:
-        return EXIT_PERM_REJECT, b""
-    if decision.disposition is Disposition.TEMPFAIL and (
-            reject_on_error if result.status.value == "error" else reject_virus):
-        return EXIT_TEMP_REJECT, b""
-    if decision.disposition is Disposition.ACCEPT:
-        if decision.headers or decision.subject_prefix or decision.replace:
-            from ..mailedit import edit_message
+    return _apply(decision_of(outcome, reject_virus), data, outcome, gateway.policy)
 
-            data = edit_message(data, decision, result)
-        return None, data
-    # a refusal we are told not to enforce: queue it, tagged with the verdict (QHPSI style)
-    from ..mailedit import add_headers
 
-    return None, add_headers(data, gateway.policy.headers_for(result))
+def decision_of(outcome: Any, reject_virus: bool) -> int | None:
+    """The exit code the Decision asks for, or None to queue (sans-IO).
+
+    The Decision is authoritative; the only exception is the QHPSI mode (``reject_virus``
+    false): infected mail the policy refuses is queued tagged. Whatever else the policy
+    refuses — a failed scan, content over a limit — is refused here too.
+    """
+    from ..policy import Disposition
+    from ..result import ScanStatus
+
+    disposition = outcome.decision.disposition
+    if disposition is Disposition.DISCARD:
+        return EXIT_OK
+    if disposition is Disposition.ACCEPT:
+        return None
+    if outcome.result.status is ScanStatus.INFECTED and not reject_virus:
+        return None  # QHPSI mode: queued, tagged "virus found"
+    return EXIT_PERM_REJECT if disposition is Disposition.REJECT else EXIT_TEMP_REJECT
+
+
+def _apply(code: int | None, data: bytes, outcome: Any, policy: Any
+           ) -> tuple[int | None, bytes]:
+    """(exit code, b"") or (None, the message to queue: incoming verdict headers removed,
+    the decision's edits — or, in QHPSI mode, the verdict headers — applied)."""
+    from ..mailedit import edit_message
+    from ..policy import Decision, Disposition
+
+    if code is not None:
+        return code, b""
+    decision = outcome.decision
+    if decision.disposition is not Disposition.ACCEPT:  # QHPSI mode: tag, do not refuse
+        decision = Decision(Disposition.ACCEPT, headers=policy.headers_for(outcome.result))
+    return None, edit_message(data, decision, outcome.result, policy.own_header_names())
 
 
 def _temp_fd(data: bytes) -> int:

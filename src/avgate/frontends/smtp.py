@@ -20,26 +20,46 @@ semantics, as Postfix's ``smtpd_proxy_filter`` expects:
 * Verdict-only listener: no next hop; clean (accepted) → ``250 2.0.0 Ok: clean`` and the
   data is dropped; infected → the policy's reply (e.g. ``550 5.7.1 FilterVerdictPositive``).
 
-XFORWARD: the listener advertises and accepts XFORWARD (Postfix sends it to content filters
-and proxy filters that announce it) and passes the client's attributes — or, without them,
-its own view of the client — to the next hop when the next hop advertises XFORWARD
-(``xforward = true``, the default), so the final MTA logs the real client. With
-``xclient = true`` XCLIENT is sent instead when the next hop offers it.
+XFORWARD/XCLIENT: what a client says about itself is trusted only from the listener's
+allow-lists, ``xforward_hosts`` and ``xclient_hosts`` (addresses or networks; default
+loopback, 127.0.0.1 and ::1, where Postfix connects from), as Postfix's
+``smtpd_authorized_xforward_hosts`` / ``smtpd_authorized_xclient_hosts``: they are
+advertised in EHLO only to those clients, and anyone else gets
+``550 5.7.0 Error: insufficient authorization`` — their attributes are neither used (policy
+direction, scan log, quarantine) nor passed on. XFORWARD describes one transaction; XCLIENT
+replaces the client for the rest of the session (a new greeting, then EHLO again; ``LOGIN``
+counts as authenticated). The client's attributes — or, without them, avgate's own view of
+the client — go to the next hop when it advertises XFORWARD (``xforward = true``, the
+default), so the final MTA logs the real client. With ``xclient = true`` XCLIENT is sent
+instead when the next hop offers it.
+
+Per-session limits (a client must not make one session hold unbounded memory or last for
+ever): ``max_recipients`` per transaction (1000, Postfix's ``smtpd_recipient_limit``;
+``452 4.5.3``, the transaction goes on with the recipients accepted so far; after as many
+again the refusals count as errors), ``max_junk_commands`` (100, Postfix's
+``smtpd_junk_command_limit``: HELO/EHLO, NOOP, RSET, VRFY, HELP, XFORWARD, XCLIENT since the
+last message), ``max_errors`` (20, Postfix's ``smtpd_hard_error_limit``: 4xx/5xx replies to
+commands since the last message); past the last two the session ends with a 421. Command
+lines are held to 512 bytes (MAIL: 548 with SIZE and SMTPUTF8) by aiosmtpd, DATA lines to
+``max_line_length``, the message to ``max_message_size``, and ``max_connections`` (100)
+concurrent sessions are served.
 
 Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log) is read per
 message through ``listener.gateway`` (serve's GatewayRef). Of a listener's own table,
-``direction``, ``bare_lf``, ``xforward`` and ``xclient`` follow a reload
-(:attr:`SMTPListener.live`); the listen address, ``next_hop``, TLS, ``hostname`` and the limits
-(``max_message_size``, ``max_line_length``, ``max_connections``, ``idle_timeout``,
-``relay_timeout``) are the listener's and need a restart. With ``[serve] workers`` > 1 every
-worker binds the listen port with SO_REUSEPORT.
+``direction``, ``bare_lf``, ``xforward``, ``xclient``, the allow-lists and the per-session
+limits follow a reload (:attr:`SMTPListener.live`); the listen address, ``next_hop``, TLS,
+``hostname`` and the other limits (``max_message_size``, ``max_line_length``,
+``max_connections``, ``idle_timeout``, ``relay_timeout``) are the listener's and need a
+restart. With ``[serve] workers`` > 1 every worker binds the listen port with SO_REUSEPORT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import ipaddress
 import itertools
 import logging
 import os
@@ -49,11 +69,12 @@ import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AnyStr
 
 from aiosmtpd.smtp import SMTP as _AioSMTP
 from aiosmtpd.smtp import Envelope as _AioEnvelope
 from aiosmtpd.smtp import Session as _AioSession
+from aiosmtpd.smtp import syntax
 
 from ..errors import ConfigError, SpoolError
 from ..policy import Context, Disposition
@@ -83,6 +104,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 10_240_000  # Postfix's message_size_limit
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_IDLE_TIMEOUT = 300.0  # RFC 5321 4.5.3.2.7 server timeout
 DEFAULT_RELAY_TIMEOUT = 120.0
+DEFAULT_MAX_RECIPIENTS = 1000  # Postfix's smtpd_recipient_limit
+DEFAULT_MAX_JUNK_COMMANDS = 100  # Postfix's smtpd_junk_command_limit
+DEFAULT_MAX_ERRORS = 20  # Postfix's smtpd_hard_error_limit
+DEFAULT_TRUSTED_HOSTS = ("127.0.0.1", "::1")  # xforward_hosts, xclient_hosts
 DRAIN_TIMEOUT = 30.0
 
 REPLY_NEXT_HOP_DOWN = "451 4.4.1 Next hop unavailable, try again later"
@@ -91,10 +116,16 @@ REPLY_TOO_MANY = "421 4.7.0 Too many connections, try again later"
 REPLY_SPOOL_FAILED = "451 4.3.0 Cannot spool the message, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 REPLY_NO_TRANSACTION = "503 5.5.1 Error: need MAIL command"
+REPLY_NOT_AUTHORIZED = "550 5.7.0 Error: insufficient authorization"  # Postfix's words
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
+REPLY_TOO_MANY_COMMANDS = "421 4.7.0 Error: too many commands without a message, closing"
+REPLY_TOO_MANY_ERRORS = "421 4.7.0 Error: too many errors, closing"
 
 _session_ids = itertools.count(1)
 #: Fields of a listener's table that follow a reload (the others need a restart).
-RELOADABLE_SETTINGS = ("direction", "bare_lf", "xforward", "xclient")
+RELOADABLE_SETTINGS = ("direction", "bare_lf", "xforward", "xclient", "xforward_hosts",
+                       "xclient_hosts", "max_recipients", "max_junk_commands", "max_errors")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_PATH = re.compile(  # <dot-atom@domain>, then nothing or parameters (no comment)
     rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>[ \t]*((?:[^ \t(\r\n].*)?)\Z",
@@ -108,6 +139,40 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"{what}: expected host:port, got {value!r}")
     return host.strip("[]"), int(port)
+
+
+def parse_networks(value: Any, what: str) -> tuple[Network, ...]:
+    """An allow-list: a list of addresses or networks (``"10.0.0.0/8"``, ``"::1"``)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ConfigError(f"{what}: expected a list of addresses or networks")
+    nets: list[Network] = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(str(item).strip("[]"), strict=False))
+        except ValueError as exc:
+            raise ConfigError(f"{what}: {item!r} is not an address or network") from exc
+    return tuple(nets)
+
+
+def trusted(addr: str, networks: tuple[Network, ...]) -> bool:
+    """Whether a client address is in an allow-list (IPv4-mapped IPv6 counts as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+def peer_addr(session: _AioSession | None) -> str:
+    """The connected client's address ("" when unknown)."""
+    peer = session.peer if session is not None else None
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
+_DEFAULT_TRUSTED = parse_networks(list(DEFAULT_TRUSTED_HOSTS), "default")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +195,16 @@ class ListenerSettings:
     bare_lf: str = "reject"
     xforward: bool = True
     xclient: bool = False
+    xforward_hosts: tuple[Network, ...] = _DEFAULT_TRUSTED
+    xclient_hosts: tuple[Network, ...] = _DEFAULT_TRUSTED
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    max_junk_commands: int = DEFAULT_MAX_JUNK_COMMANDS
+    max_errors: int = DEFAULT_MAX_ERRORS
+
+    def trusts(self, addr: str, networks: tuple[Network, ...]) -> bool:
+        """``addr`` is in ``networks`` (this listener's ``xforward_hosts`` or
+        ``xclient_hosts``)."""
+        return trusted(addr, networks)
 
     @classmethod
     def from_table(cls, table: dict[str, Any], base_dir: str = ".") -> ListenerSettings:
@@ -156,6 +231,13 @@ class ListenerSettings:
             bare_lf=str(table.get("bare_lf", "reject")),
             xforward=bool(table.get("xforward", True)),
             xclient=bool(table.get("xclient", False)),
+            xforward_hosts=parse_networks(table.get("xforward_hosts", list(DEFAULT_TRUSTED_HOSTS)),
+                                          f"{what} xforward_hosts"),
+            xclient_hosts=parse_networks(table.get("xclient_hosts", list(DEFAULT_TRUSTED_HOSTS)),
+                                         f"{what} xclient_hosts"),
+            max_recipients=int(table.get("max_recipients", DEFAULT_MAX_RECIPIENTS)),
+            max_junk_commands=int(table.get("max_junk_commands", DEFAULT_MAX_JUNK_COMMANDS)),
+            max_errors=int(table.get("max_errors", DEFAULT_MAX_ERRORS)),
         )
 
     def tls_context(self) -> ssl.SSLContext | None:
@@ -546,7 +628,8 @@ def _xclient_attrs(attrs: dict[str, str]) -> dict[str, str]:
 
 # -- the aiosmtpd side ------------------------------------------------------------------------
 class FilterSMTP(_AioSMTP):
-    """aiosmtpd's SMTP with DATA streamed into a Spool, XFORWARD, and a connection limit.
+    """aiosmtpd's SMTP with DATA streamed into a Spool, XFORWARD/XCLIENT from trusted
+    clients, a connection limit and per-session limits (recipients, junk commands, errors).
 
     The StreamReader's limit (aiosmtpd's ``line_length_limit``) is raised so that DATA is read
     in large pieces (``readuntil`` of the rest of the end-of-data marker, see
@@ -554,6 +637,11 @@ class FilterSMTP(_AioSMTP):
     ``command_size_limit`` (500 reply), DATA lines to ``max_line_length``. The idle timer is
     one timer per connection that is re-armed lazily: a command or received DATA bytes only
     move a deadline, instead of a cancel and a new ``call_later`` per line.
+
+    aiosmtpd keeps its per-command line limits in one dict shared by every connection and
+    raises MAIL's by 36 bytes at each EHLO (unbounded: a client could lengthen MAIL lines
+    for everyone by repeating EHLO): here each session has its own, computed afresh at each
+    EHLO.
     """
 
     line_length_limit = 64 * 1024
@@ -564,7 +652,105 @@ class FilterSMTP(_AioSMTP):
         self._deadline = 0.0
         self._busy = False  # scanning/relaying: the idle timer must not cut the connection
         self._in_data = False
+        self._junk = 0  # junk commands since the last message
+        self._errors = 0  # error replies since the last message
+        self._overshoot = 0  # RCPTs refused for the recipient limit in this transaction
+        self._count_errors = True
+        self._warned = False
+        self.command_size_limits = collections.defaultdict(lambda: _AioSMTP.command_size_limit)
         super().__init__(handler, **kw)
+
+    # per-session limits ------------------------------------------------------------------------
+    async def push(self, status: AnyStr) -> None:
+        """Every reply; error replies to commands are counted (``max_errors``)."""
+        first = status[:1]
+        if self._count_errors and first in ("4", "5", b"4", b"5") and status[:3] not in (
+                "421", b"421"):
+            self._errors += 1
+            if self._errors > self.listener.live.max_errors:
+                log.warning("%s: %s: too many errors, closing", self.listener.settings.name,
+                            peer_addr(self.session))
+                await self._hangup(REPLY_TOO_MANY_ERRORS)
+                return
+        await super().push(status)
+
+    async def _hangup(self, reply: str) -> None:
+        await _AioSMTP.push(self, reply)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _junk_command(self) -> bool:
+        """Count a command that does not move a message forward; True: the session is over."""
+        self._junk += 1
+        if self._junk <= self.listener.live.max_junk_commands:
+            return False
+        log.warning("%s: %s: too many commands without a message, closing",
+                    self.listener.settings.name, peer_addr(self.session))
+        await self._hangup(REPLY_TOO_MANY_COMMANDS)
+        return True
+
+    def _refused(self, command: str, key: str) -> None:
+        """Log an unauthorised XFORWARD/XCLIENT once per session (a misconfigured upstream
+        shows up; a client repeating it does not flood the log)."""
+        if not self._warned:
+            self._warned = True
+            log.warning("%s: %s refused from %s (not in %s)", self.listener.settings.name,
+                        command, peer_addr(self.session), key)
+
+    def _message_done(self) -> None:
+        """A message was transferred (whatever its outcome): the session limits start over."""
+        self._junk = self._errors = 0
+
+    def _set_post_data_state(self) -> None:
+        self._overshoot = 0  # a new transaction
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._junk_command():
+            return
+        self.command_size_limits.pop("MAIL", None)  # SIZE/SMTPUTF8 are added afresh
+        await super().smtp_EHLO(hostname)
+
+    @syntax("NOOP [ignored]")
+    async def smtp_NOOP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_NOOP(arg)
+
+    @syntax("RSET")
+    async def smtp_RSET(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_RSET(arg)
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_VRFY(arg)
+
+    @syntax("HELP [command]")
+    async def smtp_HELP(self, arg: str) -> None:
+        if not await self._junk_command():
+            await super().smtp_HELP(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        envelope = self.envelope
+        limit = self.listener.live.max_recipients
+        if envelope is not None and envelope.mail_from and len(envelope.rcpt_tos) >= limit:
+            # RFC 5321 4.5.3.1.10: 452, the client sends the rest in another transaction.
+            # Pipelining clients may send many more: those are free up to as many again.
+            self._overshoot += 1
+            if self._overshoot > limit:
+                await self.push(REPLY_TOO_MANY_RCPTS)
+            else:
+                await _AioSMTP.push(self, REPLY_TOO_MANY_RCPTS)
+            return
+        await super().smtp_RCPT(arg)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         loop = self.loop
@@ -614,9 +800,16 @@ class FilterSMTP(_AioSMTP):
             listener.spawn(self.filter.aclose())
 
     async def smtp_XFORWARD(self, arg: str | None) -> None:
-        """XFORWARD (Postfix): the upstream MTA tells us who its client was."""
-        if not self.listener.live.xforward:
+        """XFORWARD (Postfix): a trusted upstream MTA tells us who its client was."""
+        if await self._junk_command():
+            return
+        settings = self.listener.live
+        if not settings.xforward:
             await self.push('502 5.5.1 Error: command "XFORWARD" not implemented')
+            return
+        if not trusted(peer_addr(self.session), settings.xforward_hosts):
+            self._refused("XFORWARD", "xforward_hosts")
+            await self.push(REPLY_NOT_AUTHORIZED)
             return
         assert self.envelope is not None
         if self.envelope.mail_from:
@@ -628,6 +821,33 @@ class FilterSMTP(_AioSMTP):
             await self.push(f"501 5.5.4 Syntax: XFORWARD attribute=value... ({exc})")
             return
         await self.push("250 2.0.0 Ok")
+
+    async def smtp_XCLIENT(self, arg: str | None) -> None:
+        """XCLIENT (Postfix): a trusted proxy replaces the client for the rest of the
+        session; answered with a new greeting, after which the client says EHLO again."""
+        if await self._junk_command():
+            return
+        settings = self.listener.live
+        if not trusted(peer_addr(self.session), settings.xclient_hosts):
+            self._refused("XCLIENT", "xclient_hosts")
+            await self.push(REPLY_NOT_AUTHORIZED)
+            return
+        assert self.envelope is not None and self.session is not None
+        if self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        try:
+            attrs = parse_xattrs(arg or "", XCLIENT_ATTRS)
+        except ValueError as exc:
+            await self.push(f"501 5.5.4 Syntax: XCLIENT attribute=value... ({exc})")
+            return
+        self.filter.xclient.update(attrs)
+        self.filter.xforward = {}
+        await self.filter.abort()
+        self._set_rset_state()  # type: ignore[no-untyped-call]
+        self.session.host_name = None
+        self.session.extended_smtp = False
+        await self.push(f"220 {self.hostname} {self.__ident__}")
 
     async def smtp_DATA(self, arg: str | None) -> None:
         """Read DATA into a Spool, then answer only once the outcome is final."""
@@ -673,11 +893,13 @@ class FilterSMTP(_AioSMTP):
                         spool_failed = True
             self._in_data = False
             self._reset_timeout()
+            self._message_done()
             problem = receiver.problem
             if problem is not None or spool_failed:
                 await self.filter.abort()
-                self._set_post_data_state()  # type: ignore[no-untyped-call]
-                await self.push(problem.reply if problem is not None else REPLY_SPOOL_FAILED)
+                self._set_post_data_state()
+                await self._data_reply(problem.reply if problem is not None
+                                       else REPLY_SPOOL_FAILED)
                 return
             # Scanning and relaying have their own timeouts: the idle timer must not cut
             # the connection while the client waits for our answer.
@@ -693,11 +915,19 @@ class FilterSMTP(_AioSMTP):
                 self.listener.processing -= 1
                 self._busy = False
                 self._reset_timeout()
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(reply)
+            self._set_post_data_state()
+            await self._data_reply(reply)
         finally:
             self._in_data = False
             spool.close()
+
+    async def _data_reply(self, reply: str) -> None:
+        """The answer to a transferred message: never counted as a command error."""
+        self._count_errors = False
+        try:
+            await self.push(reply)
+        finally:
+            self._count_errors = True
 
 
 class FilterHandler:
@@ -707,7 +937,8 @@ class FilterHandler:
         self.listener = listener
         self.gateway = listener.gateway
         self.session_id = f"{listener.settings.name}-{os.getpid()}-{next(_session_ids)}"
-        self.xforward: dict[str, str] = {}
+        self.xforward: dict[str, str] = {}  # from a trusted upstream, for one transaction
+        self.xclient: dict[str, str] = {}  # from a trusted proxy, for the session
         self.next_hop = NextHop(listener.pool) if listener.pool is not None else None
 
     @property
@@ -719,10 +950,15 @@ class FilterHandler:
     async def handle_EHLO(self, server: FilterSMTP, session: _AioSession, envelope: _AioEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        # we take no AUTH (aiosmtpd offers it after STARTTLS); advertise XFORWARD instead
+        # we take no AUTH (aiosmtpd offers it after STARTTLS); advertise XFORWARD/XCLIENT
+        # instead, to the clients allowed to use them
         out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
-        if self.settings.xforward:
+        settings = self.settings
+        addr = peer_addr(session)
+        if settings.xforward and trusted(addr, settings.xforward_hosts):
             out.insert(len(out) - 1, "250-XFORWARD " + " ".join(XFORWARD_ATTRS))
+        if trusted(addr, settings.xclient_hosts):
+            out.insert(len(out) - 1, "250-XCLIENT " + " ".join(XCLIENT_ATTRS))
         await self.abort()
         return out
 
@@ -782,8 +1018,11 @@ class FilterHandler:
         attrs = self._client_attrs(session)
         self.xforward = {}  # XFORWARD attributes describe one transaction
         client_addr = attrs.get("ADDR", "")
-        client_addr = "" if client_addr == UNAVAILABLE else client_addr
-        authenticated = bool(session.authenticated)
+        client_addr = "" if client_addr in (UNAVAILABLE, "[TEMPUNAVAIL]") else client_addr
+        if client_addr[:5].upper() == "IPV6:":  # Postfix's form of an IPv6 address
+            client_addr = client_addr[5:]
+        login = self.xclient.get("LOGIN", "")
+        authenticated = bool(session.authenticated) or bool(login and not login.startswith("["))
         sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         recipients = tuple(envelope.rcpt_tos)
         settings = self.settings  # the direction follows a reload, like the policy
@@ -796,6 +1035,7 @@ class FilterHandler:
         env = Envelope(sender=sender, recipients=recipients, client_addr=client_addr,
                        helo=attrs.get("HELO", session.host_name or ""),
                        listener=settings.name)
+        policy = self.gateway.policy  # one policy for the decision and the header names
         outcome = await self.gateway.process(spool, ctx, env, ids={"session": self.session_id})
         decision = outcome.decision
         if decision.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
@@ -807,7 +1047,9 @@ class FilterHandler:
             return f"250 2.0.0 Ok: discarded{kept}"
         if self.next_hop is None:  # verdict-only listener: the answer is the product
             return f"250 2.0.0 Ok: {outcome.result.status.value}"
-        return await self._relay(_wire_pieces(spool, decision, outcome.result),
+        # incoming copies of every header we may write go: ours are the only verdict
+        return await self._relay(_wire_pieces(spool, decision, outcome.result,
+                                              policy.own_header_names()),
                                  decision.copy_to)
 
     async def _relay(self, pieces: Any, copy_to: tuple[str, ...]) -> str:
@@ -831,14 +1073,17 @@ class FilterHandler:
         return REPLY_NEXT_HOP_FAILED  # 2xx other than 250, 3xx: not a clear acceptance
 
     def _client_attrs(self, session: _AioSession) -> dict[str, str]:
-        """What the next hop should log as the client: XFORWARD from upstream, else the peer."""
+        """Who the client is (policy, log, next hop): XFORWARD from a trusted upstream, else
+        the peer as a trusted XCLIENT proxy described it, else the peer."""
         if self.xforward:
             return dict(self.xforward)
         peer = session.peer
         addr, port = (str(peer[0]), str(peer[1])) if isinstance(peer, tuple) else ("", "")
-        return {"NAME": UNAVAILABLE, "ADDR": addr or UNAVAILABLE, "PORT": port or UNAVAILABLE,
-                "HELO": session.host_name or UNAVAILABLE,
-                "PROTO": "ESMTP" if session.extended_smtp else "SMTP"}
+        attrs = {"NAME": UNAVAILABLE, "ADDR": addr or UNAVAILABLE, "PORT": port or UNAVAILABLE,
+                 "HELO": session.host_name or UNAVAILABLE,
+                 "PROTO": "ESMTP" if session.extended_smtp else "SMTP"}
+        attrs.update(self.xclient)
+        return attrs
 
     async def abort(self) -> None:
         """End the next hop's open transaction (nothing is delivered): the connection goes
@@ -851,34 +1096,37 @@ class FilterHandler:
             await self.next_hop.close()
 
 
-def _wire_pieces(spool: Spool, decision: Any, result: Any) -> Iterator[bytes]:
+def _wire_pieces(spool: Spool, decision: Any, result: Any,
+                 remove: frozenset[str] = frozenset()) -> Iterator[bytes]:
     """The DATA content for the next hop, encoded (dot-stuffed, terminator), in pieces.
 
-    The common case (verdict headers only) never holds the message twice: the headers are
-    encoded, then the spool follows as it is (one piece when it is in memory, file chunks
+    Incoming header fields named in ``remove`` (the policy's own header names) are left
+    out. The common case (verdict headers only) never holds the message twice: the headers
+    are encoded, then the spool follows through a :class:`~avgate.mailedit.HeaderFilter`
+    (which reads the header block only; one piece when the spool is in memory, file chunks
     otherwise). Subject prefixes and part replacement edit the message in memory
     (:func:`~avgate.mailedit.edit_message`), as before.
     """
-    if decision.subject_prefix or decision.replace:
-        from ..mailedit import edit_message
+    from ..mailedit import HeaderFilter, add_headers, edit_message
 
-        yield encode_data(edit_message(spool.getvalue(), decision, result))
+    if decision.subject_prefix or decision.replace:
+        yield encode_data(edit_message(spool.getvalue(), decision, result, remove))
         return
     encoder = DataEncoder()
+    strip = HeaderFilter(remove)
     head = b""
     if decision.headers:
-        from ..mailedit import add_headers
-
         head = encoder.feed(add_headers(b"\r\n", decision.headers)[:-2])
     if spool.in_memory:
-        yield head + encoder.feed(spool.getvalue()) + encoder.finish()
+        data = strip.feed(spool.getvalue())
+        yield head + encoder.feed(data + strip.finish()) + encoder.finish()
         return
     if head:
         yield head
     with spool.open() as f:
         while chunk := f.read(RELAY_CHUNK):
-            yield encoder.feed(chunk)
-    yield encoder.finish()
+            yield encoder.feed(strip.feed(chunk))
+    yield encoder.feed(strip.finish()) + encoder.finish()
 
 
 def _client_reply(reply: Reply) -> str:

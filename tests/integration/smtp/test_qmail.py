@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from avgate.frontends.qmail import EnvelopeError, parse_envelope
+from avgate.frontends.qmail import EnvelopeError, decision_of, parse_envelope
+from avgate.gateway import Outcome
+from avgate.policy import Decision, Disposition
+from avgate.result import ScanResult, ScanStatus
 from tests.integration.smtp.conftest import EICAR, closed_port, make_message
 
 ENVELOPE = b"Falice@example.test\0Tbob@example.test\0Tcarol@example.test\0\0"
@@ -109,3 +112,21 @@ def test_parse_envelope_table() -> None:
     assert e.sender == "" and e.recipients == ("x@y",)
     with pytest.raises(EnvelopeError):
         parse_envelope(b"")
+
+
+@pytest.mark.parametrize(("disposition", "status", "reject_virus", "code"), [
+    (Disposition.ACCEPT, ScanStatus.CLEAN, False, None),
+    (Disposition.ACCEPT, ScanStatus.ERROR, True, None),  # the policy keeps it
+    (Disposition.DISCARD, ScanStatus.INFECTED, True, 0),
+    (Disposition.REJECT, ScanStatus.INFECTED, True, 31),
+    (Disposition.REJECT, ScanStatus.INFECTED, False, None),  # QHPSI mode: queued tagged
+    (Disposition.TEMPFAIL, ScanStatus.INFECTED, False, None),
+    (Disposition.REJECT, ScanStatus.ERROR, False, 31),  # never queued against the policy
+    (Disposition.TEMPFAIL, ScanStatus.ERROR, False, 71),
+    (Disposition.REJECT, ScanStatus.SKIPPED, False, 31),  # over a limit: refused too
+    (Disposition.TEMPFAIL, ScanStatus.UNKNOWN, False, 71),
+])
+def test_the_decision_sets_the_exit_code(disposition: Disposition, status: ScanStatus,
+                                         reject_virus: bool, code: int | None) -> None:
+    outcome = Outcome(ScanResult(status), Decision(disposition, "550 5.7.1 x"), None)
+    assert decision_of(outcome, reject_virus) == code
