@@ -1,13 +1,19 @@
 """``avgate quarantine ...``: list, show, export, release, delete, purge, report.
 
 Exit codes: 0 ok, 1 not found or refused (e.g. a second release without ``--force``),
-2 error (bad config, store or SMTP failure).
+2 error (bad config, store or SMTP failure, an invalid ``--to`` address).
+
+Everything printed in text mode goes through :func:`safe`: envelope fields, file names and
+virus names come from whoever sent the object, and a terminal must never receive their
+control characters (ESC starts colour, title and clear-screen sequences). ``--json`` output
+is escaped by the JSON encoder (ASCII only).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +34,26 @@ IdArg = Annotated[str, typer.Argument(help="Quarantine id (see `avgate quarantin
 
 EXIT_OK, EXIT_REFUSED, EXIT_ERROR = 0, 1, 2
 
+# C0 controls, DEL, C1 controls; the bidi and line/paragraph separators that reorder or
+# break a line on screen; lone surrogates (not encodable)
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                     r"\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(text: object) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\u202e``)."""
+    return _UNSAFE.sub(_escape, str(text))
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """One line of text-mode output, made safe for a terminal."""
+    typer.echo(safe(text), err=err)
+
 
 def load_config(path: str | None) -> config_mod.Config:
     """The config, or exit 2 with every problem on stderr (shared by every subcommand)."""
@@ -35,7 +61,7 @@ def load_config(path: str | None) -> config_mod.Config:
         return config_mod.load(path)
     except ConfigError as exc:
         for line in exc.problems:
-            typer.echo(f"config error: {line}", err=True)
+            _echo(f"config error: {line}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
 
 
@@ -45,15 +71,15 @@ def _store(cfg: config_mod.Config) -> Iterator[QuarantineStore]:
     try:
         store = QuarantineStore(cfg.quarantine_path)
     except AvgateError as exc:
-        typer.echo(f"avgate: {exc}", err=True)
+        _echo(f"avgate: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
     try:
         yield store
     except (NotFound, AlreadyReleased) as exc:
-        typer.echo(f"avgate: {exc}", err=True)
+        _echo(f"avgate: {exc}", err=True)
         raise typer.Exit(EXIT_REFUSED) from None
     except AvgateError as exc:
-        typer.echo(f"avgate: {exc}", err=True)
+        _echo(f"avgate: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
     finally:
         store.close()
@@ -78,7 +104,7 @@ def list_(config: ConfigOpt = None,
     try:
         since_ts = parse_since(since) if since is not None else None
     except ValueError as exc:
-        typer.echo(f"avgate: {exc}", err=True)
+        _echo(f"avgate: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
     with _store(cfg) as store:
         records = store.list(virus=virus, since=since_ts)
@@ -89,12 +115,12 @@ def list_(config: ConfigOpt = None,
                 typer.echo(json.dumps(d))
             else:
                 released = " released" if rec.released is not None else ""
-                typer.echo(f"{rec.id}  {iso_utc(rec.created)[:19]}Z  {rec.size:>9}  "
+                _echo(f"{rec.id}  {iso_utc(rec.created)[:19]}Z  {rec.size:>9}  "
                            f"{rec.status:<8} {','.join(rec.viruses) or '-'}  "
                            f"{rec.envelope.sender or '<>'} -> "
                            f"{','.join(rec.envelope.recipients) or '-'}{released}")
         if not json_out:
-            typer.echo(f"{len(records)} record(s)", err=True)
+            _echo(f"{len(records)} record(s)", err=True)
 
 
 @quarantine_app.command()
@@ -110,24 +136,24 @@ def show(record_id: IdArg, config: ConfigOpt = None,
             return
         d = rec.to_dict()
         for key in ("id", "created", "frontend", "listener", "client_addr", "helo", "sender"):
-            typer.echo(f"{key + ':':<13} {d[key] or '-'}")
-        typer.echo(f"{'recipients:':<13} {', '.join(rec.envelope.recipients) or '-'}")
-        typer.echo(f"{'status:':<13} {rec.status}")
+            _echo(f"{key + ':':<13} {d[key] or '-'}")
+        _echo(f"{'recipients:':<13} {', '.join(rec.envelope.recipients) or '-'}")
+        _echo(f"{'status:':<13} {rec.status}")
         for f in rec.result.get("findings", []):
-            typer.echo(f"{'finding:':<13} {f['name']} ({f['engine']}) in "
+            _echo(f"{'finding:':<13} {f['name']} ({f['engine']}) in "
                        f"{f['part'] or '(whole object)'}")
         engines = ", ".join(f"{e['name']} {e['version']}" for e in rec.result.get("engines", []))
-        typer.echo(f"{'engines:':<13} {engines or '-'}")
-        typer.echo(f"{'rule:':<13} {rec.rule or '-'}")
-        typer.echo(f"{'actions:':<13} {', '.join(rec.actions) or '-'}")
-        typer.echo(f"{'size:':<13} {rec.size}")
-        typer.echo(f"{'sha256:':<13} {rec.sha256}")
-        typer.echo(f"{'released:':<13} {d['released'] or 'no'}"
+        _echo(f"{'engines:':<13} {engines or '-'}")
+        _echo(f"{'rule:':<13} {rec.rule or '-'}")
+        _echo(f"{'actions:':<13} {', '.join(rec.actions) or '-'}")
+        _echo(f"{'size:':<13} {rec.size}")
+        _echo(f"{'sha256:':<13} {rec.sha256}")
+        _echo(f"{'released:':<13} {d['released'] or 'no'}"
                    + (f" to {', '.join(rec.released_to)}" if rec.released_to else ""))
-        typer.echo("parts:")
+        _echo("parts:")
         for p in parts:
             extra = f"{p['size']} bytes" if "size" in p else f"{p['status']}: {p['reason']}"
-            typer.echo(f"  {p['path'] or '(message)'}  {extra}")
+            _echo(f"  {p['path'] or '(message)'}  {extra}")
 
 
 def _parts(data: bytes, cfg: config_mod.Config) -> list[dict[str, object]]:
@@ -172,7 +198,7 @@ def release_(record_id: IdArg, config: ConfigOpt = None,
     with _store(cfg) as store:
         rec = asyncio.run(release(store, record_id, _next_hop(cfg), to=to or None,
                                   force=force))
-        typer.echo(f"{rec.id}: released to {', '.join(rec.released_to)} via {_next_hop(cfg)}")
+        _echo(f"{rec.id}: released to {', '.join(rec.released_to)} via {_next_hop(cfg)}")
 
 
 @quarantine_app.command()
@@ -181,7 +207,7 @@ def delete(record_id: IdArg, config: ConfigOpt = None) -> None:
     cfg = load_config(config)
     with _store(cfg) as store:
         store.delete(record_id)
-        typer.echo(f"{record_id}: deleted")
+        _echo(f"{record_id}: deleted")
 
 
 @quarantine_app.command()
@@ -192,7 +218,7 @@ def purge(older_than: Annotated[float, typer.Option(
     cfg = load_config(config)
     with _store(cfg) as store:
         ids = store.purge(older_than)
-        typer.echo(f"purged {len(ids)} record(s)")
+        _echo(f"purged {len(ids)} record(s)")
 
 
 @quarantine_app.command("report")
@@ -201,18 +227,18 @@ def report_(record_id: IdArg, config: ConfigOpt = None,
             false_negative: Annotated[bool, typer.Option("--false-negative")] = False) -> None:
     """Send the object (attached as message/rfc822) to [quarantine] report_to."""
     if false_positive == false_negative:
-        typer.echo("avgate: give exactly one of --false-positive, --false-negative", err=True)
+        _echo("avgate: give exactly one of --false-positive, --false-negative", err=True)
         raise typer.Exit(EXIT_ERROR)
     cfg = load_config(config)
     report_to = str(cfg.quarantine.get("report_to", ""))
     report_from = str(cfg.quarantine.get("report_from", "") or "avgate@localhost")
     if not report_to:
-        typer.echo("avgate: [quarantine] report_to is not configured", err=True)
+        _echo("avgate: [quarantine] report_to is not configured", err=True)
         raise typer.Exit(EXIT_ERROR)
     kind = "false-positive" if false_positive else "false-negative"
     with _store(cfg) as store:
         asyncio.run(report(store, record_id, kind, _next_hop(cfg), report_from, report_to))
-        typer.echo(f"{record_id}: {kind} report sent to {report_to}")
+        _echo(f"{record_id}: {kind} report sent to {report_to}")
 
 
 __all__ = ["quarantine_app"]

@@ -388,7 +388,14 @@ class QuarantineStore:
     # -- changing -------------------------------------------------------------------------
     def mark_released(self, record_id: str, recipients: Sequence[str],
                       when: float | None = None) -> None:
-        """Record that the object was released to ``recipients``."""
+        """Record that the object was released to ``recipients``.
+
+        Each address goes through the release's address parser first (InvalidAddress):
+        ``released_to`` never holds a CR/LF or other junk, whoever calls this.
+        """
+        from .release import parse_addresses
+
+        recipients = parse_addresses(recipients)
         self.get(record_id)
         with self._db:
             self._db.execute("UPDATE records SET released = ?, released_to = ? WHERE id = ?",

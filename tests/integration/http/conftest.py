@@ -13,7 +13,11 @@ import pytest
 from tests.integration.avgate_proc import AvgateServe
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-TOKEN = "test-token-5f1d"  # noqa: S105 - a test token
+TOKEN = "test-token-5f1d"  # noqa: S105 - a test token with every role
+READ_TOKEN = "second-token"  # noqa: S105 - may list and show quarantine records only
+SCAN_TOKEN = "scan-token-9a2c"  # noqa: S105 - a plain string token: scan only
+TOKENS_TOML = (f'tokens = [{{ token = "{TOKEN}", roles = ["scan", "read", "admin"] }}, '
+               f'{{ token = "{READ_TOKEN}", roles = ["read"] }}, "{SCAN_TOKEN}"]')
 MAX_UPLOAD = 8 * 1024 * 1024
 
 
@@ -88,10 +92,10 @@ def smtp_sink() -> Iterator[SmtpSink]:
 @pytest.fixture(scope="module")
 def http_env(tmp_path_factory: pytest.TempPathFactory,
              smtp_sink: SmtpSink) -> Iterator[HttpEnv]:
-    """Tokens configured, scanning open, infected objects quarantined, 8 MiB upload limit."""
+    """Tokens configured (admin, read-only, scan-only), scanning open, infected objects
+    quarantined, 8 MiB upload limit."""
     root = tmp_path_factory.mktemp("http")
-    env = start_http(root, http=f'tokens = ["{TOKEN}", "second-token"]\n'
-                                f"max_upload_size = {MAX_UPLOAD}",
+    env = start_http(root, http=f"{TOKENS_TOML}\nmax_upload_size = {MAX_UPLOAD}",
                      quarantine=f'next_hop = "127.0.0.1:{smtp_sink.port}"', extra="""
 [[policy.rules]]
 name = "hold-infected"

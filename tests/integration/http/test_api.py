@@ -12,7 +12,7 @@ import pytest
 
 from avgate.frontends.http import OPENAPI
 
-from .conftest import EICAR, MAX_UPLOAD, TOKEN, HttpEnv, SmtpSink
+from .conftest import EICAR, MAX_UPLOAD, READ_TOKEN, SCAN_TOKEN, TOKEN, HttpEnv, SmtpSink
 
 RESULT_KEYS = {"status", "infected", "findings", "reason", "sha256", "size", "engines",
                "elapsed_ms"}
@@ -57,15 +57,18 @@ def test_enforce(client: httpx.Client) -> None:
     assert client.post("/v1/scan?enforce=maybe", content=b"x").status_code == 400
 
 
-def test_multipart_one_result_per_file_field(client: httpx.Client) -> None:
+def test_multipart_one_result_per_part(client: httpx.Client) -> None:
     r = client.post("/v1/scan", files=[("first", ("eicar.com", EICAR, "application/x-dosexec")),
                                        ("second", ("notes.txt", b"hello", "text/plain"))],
-                    data={"comment": "a plain field is not scanned"})
+                    data={"comment": "a plain field is scanned too"})
     assert r.status_code == 200
     results = r.json()
-    assert isinstance(results, list) and len(results) == 2
-    assert [(x["field"], x["filename"], x["status"], x["size"]) for x in results] == [
-        ("first", "eicar.com", "infected", len(EICAR)), ("second", "notes.txt", "clean", 5)]
+    assert isinstance(results, list) and len(results) == 3
+    # httpx sends the plain field first
+    assert [(x["field"], x["filename"], x["name"], x["status"], x["size"]) for x in results] == [
+        ("comment", "", "comment", "clean", 28),
+        ("first", "eicar.com", "eicar.com", "infected", len(EICAR)),
+        ("second", "notes.txt", "notes.txt", "clean", 5)]
     enforced = client.post("/v1/scan?enforce=true",
                            files={"f": ("a.bin", EICAR), "g": ("b.bin", b"ok")})
     assert enforced.status_code == 403
@@ -82,7 +85,11 @@ def test_multipart_errors(client: httpx.Client) -> None:
             f"--{boundary}--\r\n").encode()
     r = client.post("/v1/scan", content=body,
                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    assert r.status_code == 400 and "no file field" in r.json()["error"]
+    assert r.status_code == 200  # a plain field is an object like any other
+    assert [(x["field"], x["filename"], x["size"]) for x in r.json()] == [("t", "", 1)]
+    r = client.post("/v1/scan", content=f"--{boundary}--\r\n".encode(),
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 400 and "no part" in r.json()["error"]
     truncated = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"f\"; "
                  f"filename=\"x\"\r\n\r\ndata").encode()
     r = client.post("/v1/scan", content=truncated,
@@ -153,6 +160,25 @@ def test_quarantine_needs_a_token(client: httpx.Client, method: str, path: str,
     assert "error" in r.json()
 
 
+@pytest.mark.parametrize(("method", "path", "role"), [
+    ("GET", "/v1/quarantine", "read"),
+    ("GET", "/v1/quarantine/20260101T000000000000Z-0000000000000000", "read"),
+    ("GET", "/v1/quarantine/20260101T000000000000Z-0000000000000000/raw", "admin"),
+    ("POST", "/v1/quarantine/20260101T000000000000Z-0000000000000000/release", "admin"),
+    ("DELETE", "/v1/quarantine/20260101T000000000000Z-0000000000000000", "admin"),
+])
+def test_quarantine_roles(client: httpx.Client, method: str, path: str, role: str) -> None:
+    """A scan-only token may do nothing with the quarantine; a read token only look."""
+    for token, allowed in ((SCAN_TOKEN, False), (READ_TOKEN, role == "read"), (TOKEN, True)):
+        r = client.request(method, path, headers={"Authorization": f"Bearer {token}"})
+        if allowed:
+            assert r.status_code in (200, 404), (token, r.text)
+        else:
+            assert r.status_code == 403, (token, r.status_code)
+            assert role in r.json()["error"]
+            assert 'error="insufficient_scope"' in r.headers["www-authenticate"]
+
+
 def test_quarantine_flow(client: httpx.Client, http_env: HttpEnv, smtp_sink: SmtpSink) -> None:
     auth = http_env.auth
     payload = EICAR + b" \r\n"  # still EICAR (trailing whitespace allowed), own size
@@ -170,7 +196,7 @@ def test_quarantine_flow(client: httpx.Client, http_env: HttpEnv, smtp_sink: Smt
     since_future = client.get("/v1/quarantine", params={"since": "2999-01-01T00:00:00Z"},
                               headers=auth).json()
     assert since_future["items"] == []
-    record = client.get(f"/v1/quarantine/{qid}", headers={"Authorization": "Bearer second-token"})
+    record = client.get(f"/v1/quarantine/{qid}", headers={"Authorization": f"Bearer {READ_TOKEN}"})
     assert record.status_code == 200
     assert record.json()["viruses"] == ["Eicar-Test-Signature"]
     assert record.json()["frontend"] == "http" and record.json()["released"] is None

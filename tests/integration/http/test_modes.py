@@ -110,3 +110,26 @@ def test_large_streamed_upload_does_not_sit_in_memory(
     growth_mib = (peak - before) / 1024
     print(f"{UPLOAD >> 20} MiB upload: {elapsed:.1f}s, peak RSS growth {growth_mib:.1f} MiB")
     assert growth_mib < 64, f"RSS grew by {growth_mib:.1f} MiB during a {UPLOAD >> 20} MiB upload"
+
+
+def test_enforce_follows_a_policy_reject(make_http: Callable[..., HttpEnv]) -> None:
+    """enforce=true answers 403 for what the policy rejects, not only for infected objects
+    (e.g. content that hit a structural limit)."""
+    env = make_http("""
+[[policy.rules]]
+name = "no-big-clean"
+status = "clean"
+size = "100-"
+action = "reject"
+reply = "552 5.3.4 Not wanted here"
+""")
+    with httpx.Client(base_url=env.base_url, timeout=30) as c:
+        r = c.post("/v1/scan?enforce=true", content=b"x" * 200)
+        assert r.status_code == 403 and r.json()["status"] == "clean"
+        assert r.json()["error"] == "Blocked by policy: Not wanted here"
+        assert c.post("/v1/scan?enforce=true", content=b"x").status_code == 200
+        assert c.post("/v1/scan", content=b"x" * 200).status_code == 200  # no enforce
+        r = c.post("/v1/scan?enforce=true", files={"a": ("a.txt", b"small"),
+                                                   "b": ("b.txt", b"y" * 200)})
+        assert r.status_code == 403
+        assert [x.get("error") for x in r.json()] == [None, "Blocked by policy: Not wanted here"]

@@ -10,7 +10,13 @@ import pytest
 
 from avgate.errors import NotFound, QuarantineError
 from avgate.quarantine import AlreadyReleased, Envelope, QuarantineStore, release, report
-from avgate.quarantine.release import parse_hostport
+from avgate.quarantine.release import (
+    InvalidAddress,
+    parse_address,
+    parse_addresses,
+    parse_hostport,
+    parse_sender,
+)
 from avgate.result import Finding, ScanResult, ScanStatus
 
 from .conftest import Sink, free_port
@@ -94,3 +100,74 @@ def test_parse_hostport() -> None:
     assert parse_hostport("mx.example") == ("mx.example", 25)
     with pytest.raises(QuarantineError):
         parse_hostport("host:port")
+
+
+# -- addresses: one parser for `to`, the stored envelope and released_to (issue 11, §5) --
+@pytest.mark.parametrize("good", [
+    "bob@example.net", "<bob@example.net>", "first.last+tag@sub.example.co.uk",
+    "o'brien@example.ie", '"john doe"@example.org', '"a@b"@example.org', "root@localhost",
+    "user@[192.0.2.1]", "user@[IPv6:2001:db8::1]", "Postmaster", "jörg@bücher.example",
+    "x@xn--bcher-kva.example",
+])
+def test_parse_address_accepts_mailboxes(good: str) -> None:
+    assert parse_address(good) == good.removeprefix("<").removesuffix(">")
+
+
+@pytest.mark.parametrize("bad", [
+    "victim@example.org\r\nRCPT TO:<attacker@evil.example>", "a@b\n", "a\x00@b.example",
+    "a@b.example\x1b[2J", "a\x7f@b.example", "a\x85@b.example", "a\u2028@b.example",
+    "a\u202e@b.example", "", "<>", "nobody", "@example.org", "bob@", "bob@@example.org",
+    "bob@exa mple.org", "bob smith@example.org", "bob@-example.org", "bob@example..org",
+    ".bob@example.org", "bob.@example.org", "bob@[300.1.1.1]", "bob@[IPv6:zz]",
+    "Bob <bob@example.org>", "a@b.example, c@d.example", "x" * 65 + "@example.org",
+    "bob@" + "a." * 130 + "example", '"unterminated@example.org',
+])
+def test_parse_address_refuses_junk(bad: str) -> None:
+    with pytest.raises(InvalidAddress) as info:
+        parse_address(bad)
+    assert "\r" not in str(info.value) and "\n" not in str(info.value)  # repr'd in messages
+
+
+def test_parse_sender_and_lists() -> None:
+    assert parse_sender("") == "" and parse_sender("<>") == ""
+    assert parse_sender("<alice@example.org>") == "alice@example.org"
+    with pytest.raises(InvalidAddress):
+        parse_sender("alice@example.org\r\nDATA")
+    with pytest.raises(InvalidAddress):
+        parse_addresses([])
+    with pytest.raises(InvalidAddress):
+        parse_addresses(["a@b.example"] * 3, limit=2)
+
+
+async def test_release_refuses_a_crlf_to_and_stores_nothing(store: QuarantineStore,
+                                                            smtp_sink: Sink) -> None:
+    rid = store.put(MSG, ENV, RESULT)
+    with pytest.raises(InvalidAddress):
+        await release(store, rid, smtp_sink.next_hop,
+                      to=["admin@example.org\r\nRCPT TO:<attacker@evil.example>"])
+    assert smtp_sink.received == []
+    rec = store.get(rid)
+    assert rec.released is None and rec.released_to == ()
+
+
+async def test_release_refuses_junk_in_the_stored_envelope(store: QuarantineStore,
+                                                           smtp_sink: Sink) -> None:
+    bad_rcpt = store.put(MSG, Envelope("alice@example.org", ("bob@example.net\r\nX",)), RESULT)
+    bad_sender = store.put(MSG, Envelope("a\x1b@example.org", ("bob@example.net",)), RESULT)
+    for rid in (bad_rcpt, bad_sender):
+        with pytest.raises(InvalidAddress):
+            await release(store, rid, smtp_sink.next_hop)
+    assert smtp_sink.received == []
+    # an explicit, valid `to` still releases a record whose stored recipient is junk
+    rec = await release(store, bad_rcpt, smtp_sink.next_hop, to=["<admin@example.org>"])
+    assert rec.released_to == ("admin@example.org",)
+    assert smtp_sink.received[0].recipients == ["admin@example.org"]
+
+
+def test_mark_released_never_stores_junk(store: QuarantineStore) -> None:
+    rid = store.put(MSG, ENV, RESULT)
+    with pytest.raises(InvalidAddress):
+        store.mark_released(rid, ["a@b.example\r\nRCPT TO:<c@d.example>"])
+    assert store.get(rid).released is None
+    store.mark_released(rid, ["<a@b.example>"])
+    assert store.get(rid).released_to == ("a@b.example",)
