@@ -11,12 +11,14 @@ carries the pid).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
 import smtplib
 import socket
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -375,8 +377,15 @@ def test_workers_reload_front_end_settings(tmp_path: Path) -> None:
                 type(x).__name__ for x in r.mods))
         return out
 
+    # A real PNG signature (the bytes must agree with the label to be skipped), followed
+    # by a zip holding EICAR, which the scanner finds by its end-of-central-directory.
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("eicar.com", EICAR)
+    png = b"\x89PNG\r\n\x1a\n" + zipped.getvalue()
+
     def icap_png(s: socket.socket) -> int:
-        return _icap_exchange(s, _respmod(EICAR, "image/png"))[0].status
+        return _icap_exchange(s, _respmod(png, "image/png"))[0].status
 
     with AvgateServe(write(False)) as serve:
         assert serve.proc is not None

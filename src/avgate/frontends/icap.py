@@ -19,23 +19,40 @@ tempfail (scanner error)    ``200`` wrapping ``HTTP 503 Service Unavailable`` (R
 reject (not infected)       ``200`` wrapping ``HTTP 403`` with the policy's reason
 ==========================  ===============================================================
 
-Preview: the preview data is spooled too; a content type listed in ``skip_content_types``
-gets ``204`` at once (nothing scanned, logged as ``icap-skip``); otherwise ``100 Continue``.
-``preview = 0`` offers no preview at all (OPTIONS carries no ``Preview`` header): Squid 5.x
-stalls large transfers while it waits for ``100 Continue`` (see README), so that is the
-set-up documented for it; skipped content types are then answered after the whole body.
-Nothing of the object is sent back before the verdict (no trickling), so unscanned bytes of
-an infected object never reach the proxy. Protocol errors (bad chunk sizes, missing
+Preview: the preview data is spooled too; otherwise ``100 Continue``. ``preview = 0``
+offers no preview at all (OPTIONS carries no ``Preview`` header): Squid 5.x stalls large
+transfers while it waits for ``100 Continue`` (see README), so that is the set-up documented
+for it. Nothing of the object is sent back before the verdict (no trickling), so unscanned
+bytes of an infected object never reach the proxy. Protocol errors (bad chunk sizes, missing
 Encapsulated header, header over ``max_header_size``) get ``400`` and the connection is
 closed; a connection silent for ``idle_timeout`` seconds is closed.
 
+``skip_content_types``: an object is left unscanned (``204``, logged as ``icap-skip``; after
+the preview when there is one) only if its Content-Type matches a pattern **and** its first
+bytes carry that media type's signature (:data:`MEDIA_SIGNATURES`: PNG, JPEG, GIF, WebP,
+ICO, AVIF, MP4/QuickTime, WebM/Matroska, Ogg, MP3, FLAC, WAV, AVI, FLV) **and** it is not
+a download (``Content-Disposition: attachment``). The origin chooses the Content-Type, so a
+label alone is never trusted: EICAR served as ``image/png`` is scanned, and so is every type
+without a known signature (SVG carries scripts). What remains unscanned is a real image or
+video with something appended after its signature (a polyglot), so the option trades
+detection for speed and is off by default.
+
+``max_body_size`` (default: ``[limits] max_scan_size``, which follows a reload): the body
+is spooled up to that many bytes (memory, then a temp file); past it nothing more is kept and
+nothing is scanned. The object then counts as ``skipped`` with a *size* limit and the policy
+decides (default for web content: pass with a tag). Passed: ``204`` when the client allows
+it (the rest of the body is read and dropped), else the ``200`` echo streams the kept bytes
+and then the rest as it arrives (memory and disk stay bounded, the object arrives intact);
+after a preview, ``204`` at once. Refused: the refusal page once the body has been read.
+
 Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log; the ISTag
 follows the signatures) is read per request through ``server.gateway`` (serve's GatewayRef),
-and so are ``service``, ``preview``, ``options_ttl``, ``block_page`` (the file is read again)
-and ``skip_content_types`` (:attr:`IcapServer.settings`); ``listen``, ``max_connections``,
-``max_header_size``, ``max_requests_per_connection`` and ``idle_timeout`` are the listener's
-and need a restart. With ``[serve] workers`` > 1 every worker binds a TCP ``listen`` with
-SO_REUSEPORT; a ``unix:`` socket is opened by worker 0 only.
+and so are ``service``, ``preview``, ``options_ttl``, ``block_page`` (the file is read again),
+``skip_content_types`` and ``max_body_size`` (:attr:`IcapServer.settings`); ``listen``,
+``max_connections``, ``max_header_size``, ``max_requests_per_connection`` and
+``idle_timeout`` are the listener's and need a restart. With ``[serve] workers`` > 1 every
+worker binds a TCP ``listen`` with SO_REUSEPORT; a ``unix:`` socket is opened by worker 0
+only.
 """
 
 from __future__ import annotations
@@ -56,9 +73,10 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from ..errors import AvgateError, ConfigError
 from ..limits import KiB
-from ..policy import Context, Disposition
+from ..observability import record_scan, scan_event
+from ..policy import Context, Decision, Disposition
 from ..protocols import icap as proto
-from ..result import ScanStatus
+from ..result import LimitKind, ScanResult, ScanStatus
 
 log = logging.getLogger("avgate.icap")
 
@@ -77,7 +95,44 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 READ_SIZE = 64 * KiB
 SEND_CHUNK = 64 * KiB
 #: ``[icap]`` keys that follow a reload (the others belong to the listener: restart).
-RELOADABLE_SETTINGS = ("service", "preview", "options_ttl", "block_page", "skip_content_types")
+RELOADABLE_SETTINGS = ("service", "preview", "options_ttl", "block_page", "skip_content_types",
+                       "max_body_size")
+
+#: Signatures of the media types ``skip_content_types`` may skip: per type, alternatives,
+#: each a tuple of (offset, bytes) that must all match. A type not listed is always scanned.
+MEDIA_SIGNATURES: dict[str, tuple[tuple[tuple[int, bytes], ...], ...]] = {}
+
+
+def _signatures(types: str, *alternatives: tuple[tuple[int, bytes], ...]) -> None:
+    for media in types.split():
+        MEDIA_SIGNATURES[media] = alternatives
+
+
+_signatures("image/png image/apng", ((0, b"\x89PNG\r\n\x1a\n"),))
+_signatures("image/jpeg image/pjpeg image/jpg", ((0, b"\xff\xd8\xff"),))
+_signatures("image/gif", ((0, b"GIF87a"),), ((0, b"GIF89a"),))
+_signatures("image/webp", ((0, b"RIFF"), (8, b"WEBPVP8")))
+_signatures("image/x-icon image/vnd.microsoft.icon", ((0, b"\x00\x00\x01\x00"),))
+_signatures("image/avif", ((4, b"ftypavi"),))
+_signatures("video/mp4 audio/mp4 video/quicktime video/3gpp video/x-m4v audio/x-m4a",
+            ((4, b"ftyp"),))
+_signatures("video/webm audio/webm video/x-matroska audio/x-matroska",
+            ((0, b"\x1a\x45\xdf\xa3"),))
+_signatures("video/ogg audio/ogg application/ogg", ((0, b"OggS"),))
+_signatures("audio/mpeg audio/mp3", ((0, b"ID3"),), ((0, b"\xff\xfb"),), ((0, b"\xff\xf3"),),
+            ((0, b"\xff\xf2"),))
+_signatures("audio/flac audio/x-flac", ((0, b"fLaC"),))
+_signatures("audio/wav audio/x-wav audio/wave audio/vnd.wave", ((0, b"RIFF"), (8, b"WAVE")))
+_signatures("video/x-msvideo video/avi video/msvideo", ((0, b"RIFF"), (8, b"AVI ")))
+_signatures("video/x-flv", ((0, b"FLV\x01"),))
+#: Bytes of the body's start kept for the signature check.
+SNIFF_BYTES = 16
+
+
+def media_agrees(media: str, head: bytes) -> bool:
+    """Whether ``head`` (the first bytes of the body) carries a signature of ``media``."""
+    return any(all(head[off:off + len(sig)] == sig for off, sig in alternative)
+               for alternative in MEDIA_SIGNATURES.get(media, ()))
 
 DEFAULT_BLOCK_PAGE = """<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>Blocked: virus found</title></head>
@@ -112,6 +167,7 @@ class IcapSettings:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     block_page: str = DEFAULT_BLOCK_PAGE  # the template text, not the path
     skip_content_types: tuple[str, ...] = ()
+    max_body_size: int | None = None  # None: [limits] max_scan_size
 
     @classmethod
     def from_config(cls, table: dict[str, Any], base_dir: str = ".") -> IcapSettings:
@@ -365,42 +421,48 @@ class _Conn:
         while not isinstance(await self._event(), proto.BodyEnd):
             pass
 
+    def _max_body_size(self) -> int:
+        if self.s.max_body_size is not None:
+            return self.s.max_body_size
+        return int(self.gateway.config.limits.max_scan_size)
+
     async def _modify(self, req: proto.Request, last: bool) -> bool:
         http = req.res_hdr if req.method == "RESPMOD" else req.req_hdr
-        skip = bool(self.s.skip_content_types) and self._skipped_type(http)
-        preview = req.preview is not None
+        claimed = self._skippable_type(http)
         may_204 = req.allow_204
-        spool = self.gateway.new_spool()
+        body = _Body(self.gateway.new_spool(), self._max_body_size())
+        spool = body.spool
         try:
             if req.has_body:
-                ev = await self._event()
-                while isinstance(ev, proto.BodyChunk):
-                    spool.write(ev.data)
-                    ev = await self._event()
-                if isinstance(ev, proto.PreviewEnd):
+                in_preview = req.preview is not None
+                ev = await self._spool_body(body)
+                if isinstance(ev, proto.PreviewEnd) and not body.over:
                     if ev.ieof:
                         may_204 = True  # the whole object was in the preview
                         await self._event()  # the BodyEnd that follows
-                    elif skip:
+                    elif claimed and media_agrees(claimed, body.head):
                         self.parser.skip_body()
-                        self._log_skip(req)
+                        self._log_skip(req, claimed)
                         self.writer.write(self._no_content(last))
                         return True
                     else:
                         self.writer.write(proto.CONTINUE)
                         self.parser.continue_body()
-                        ev = await self._event()
-                        while isinstance(ev, proto.BodyChunk):
-                            spool.write(ev.data)
-                            ev = await self._event()
+                        in_preview = False
+                        ev = await self._spool_body(body)
+                if body.over:
+                    await self._too_large(req, body, in_preview, may_204, last)
+                    return True
                 if not isinstance(ev, proto.BodyEnd | proto.PreviewEnd):
                     raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
-            elif preview:
+            elif req.preview is not None:
                 may_204 = True
             spool.finish()
-            if skip or not req.has_body:
-                if skip:
-                    self._log_skip(req)
+            if not req.has_body:  # nothing to scan (a GET in REQMOD)
+                await self._accept(req, spool, may_204, last)
+                return True
+            if claimed and media_agrees(claimed, body.head):
+                self._log_skip(req, claimed)
                 await self._accept(req, spool, may_204, last)
                 return True
             ctx = Context(frontend="icap", listener="icap", client_addr=self.client,
@@ -412,21 +474,120 @@ class _Conn:
         finally:
             spool.close()
 
-    def _skipped_type(self, http: bytes) -> bool:
-        if not http:
-            return False
-        try:
-            media = proto.HttpHead.parse(http).media_type
-        except proto.IcapProtocolError:
-            return False
-        return bool(media) and any(fnmatch.fnmatchcase(media, p)
-                                   for p in self.s.skip_content_types)
+    async def _spool_body(self, body: _Body) -> proto.Event:
+        """Body chunks into ``body`` until another event (returned), or until the chunk
+        that crosses ``max_body_size`` (returned; its tail is ``body.overflow``)."""
+        ev = await self._event()
+        while isinstance(ev, proto.BodyChunk):
+            if not body.add(ev.data):
+                return ev
+            ev = await self._event()
+        assert ev is not None
+        return ev
 
-    def _log_skip(self, req: proto.Request) -> None:
+    async def _too_large(self, req: proto.Request, body: _Body, in_preview: bool,
+                         may_204: bool, last: bool) -> None:
+        """The body is over ``max_body_size``: not scanned; the policy decides on a
+        ``skipped`` (size) result; the rest of the body is dropped or streamed back."""
+        assert body.overflow is not None
+        seen = body.spool.size + len(body.overflow)
+        result = ScanResult(
+            ScanStatus.SKIPPED, size=seen, limit=LimitKind.SIZE,
+            reason=f"size limit: body over max_body_size {body.limit} bytes, not scanned")
+        outcome = self._decide_unscanned(req, result)
+        accept = outcome.decision.disposition is Disposition.ACCEPT
+        if in_preview:
+            # answer after the preview, without 100 Continue: nothing to echo
+            ev = await self._event()
+            while isinstance(ev, proto.BodyChunk):
+                ev = await self._event()
+            if not isinstance(ev, proto.PreviewEnd):
+                raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in preview")
+            if ev.ieof:
+                await self._event()  # the BodyEnd that follows
+            else:
+                self.parser.skip_body()
+            if accept:
+                self.writer.write(self._no_content(last))
+            else:
+                await self._answer(req, body.spool, outcome, True, last)
+            return
+        if accept and not may_204:
+            await self._stream_back(req, body, last)
+            return
+        ev = await self._event()
+        while isinstance(ev, proto.BodyChunk):  # read and drop
+            ev = await self._event()
+        if not isinstance(ev, proto.BodyEnd):
+            raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+        if accept:
+            self.writer.write(self._no_content(last))
+        else:
+            await self._answer(req, body.spool, outcome, may_204, last)
+
+    async def _stream_back(self, req: proto.Request, body: _Body, last: bool) -> None:
+        """Echo an object passed unscanned: the kept bytes, then the rest as it arrives."""
+        assert body.overflow is not None
+        body.spool.finish()  # flushes the temp file before it is read back
+        self.writer.write(self._echo_head(req, last))
+        for chunk in body.spool.chunks(SEND_CHUNK):
+            self.writer.write(proto.encode_chunk(chunk))
+            await self.writer.drain()
+        self.writer.write(proto.encode_chunk(body.overflow))
+        ev = await self._event()
+        while isinstance(ev, proto.BodyChunk):
+            self.writer.write(proto.encode_chunk(ev.data))
+            await self.writer.drain()
+            ev = await self._event()
+        if not isinstance(ev, proto.BodyEnd):
+            raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+        self.writer.write(proto.LAST_CHUNK)
+
+    def _decide_unscanned(self, req: proto.Request, result: ScanResult) -> Outcome:
+        """Policy and scan log for an object that was not scanned (over max_body_size)."""
+        from ..gateway import Outcome
+
+        ctx = Context(frontend="icap", listener="icap", client_addr=self.client,
+                      size=result.size)
+        decision = self.gateway.policy.decide(result, ctx)
+        if decision.quarantine:
+            # the object was not kept whole: there is nothing to quarantine, and a rule
+            # that wants a copy must not get a delivery without one
+            decision = Decision(Disposition.REJECT,
+                                "552 5.3.4 Object over max_body_size cannot be quarantined",
+                                rule=f"{decision.rule}+quarantine-impossible")
+        url = _url_of(req)
+        record_scan("icap", result)
+        glog = self.gateway.log
+        if glog is not None:
+            glog.log(scan_event(result, frontend="icap", listener="icap",
+                                ids={"url": url} if url else None, rule=decision.rule,
+                                actions=decision.actions))
+        return Outcome(result, decision)
+
+    def _skippable_type(self, http: bytes) -> str:
+        """The claimed media type when ``skip_content_types`` may skip it ("" = scan);
+        the bytes must still agree (:func:`media_agrees`)."""
+        if not self.s.skip_content_types or not http:
+            return ""
+        try:
+            head = proto.HttpHead.parse(http)
+        except proto.IcapProtocolError:
+            return ""
+        media = head.media_type
+        if not media or not any(fnmatch.fnmatchcase(media, p)
+                                for p in self.s.skip_content_types):
+            return ""
+        if head.headers.get("content-disposition").strip().lower().startswith("attachment"):
+            return ""  # a download: whatever it is called, the user may open it elsewhere
+        return media
+
+    def _log_skip(self, req: proto.Request, media: str) -> None:
         log = self.gateway.log
         if log is not None:
             log.log({"event": "icap-skip", "frontend": "icap", "url": _url_of(req),
-                     "reason": "content type in skip_content_types"})
+                     "reason": f"content type {media} in skip_content_types, "
+                               "signature matches"})
 
     def _no_content(self, last: bool) -> bytes:
         headers = self.server._common()
@@ -472,14 +633,7 @@ class _Conn:
         if may_204:
             self.writer.write(self._no_content(last))
             return
-        headers = self.server._common()
-        if last:
-            headers.append(("Connection", "close"))
-        # echo unmodified: the same HTTP headers and body
-        if req.method == "RESPMOD":
-            head = proto.encode_response(200, headers, res_hdr=req.res_hdr, body=req.body)
-        else:
-            head = proto.encode_response(200, headers, req_hdr=req.req_hdr, body=req.body)
+        head = self._echo_head(req, last)
         if not req.has_body:
             self.writer.write(head)
             return
@@ -491,6 +645,45 @@ class _Conn:
             self.writer.write(proto.encode_chunk(chunk))
             await self.writer.drain()
         self.writer.write(proto.LAST_CHUNK)
+
+
+    def _echo_head(self, req: proto.Request, last: bool) -> bytes:
+        """ICAP 200 head echoing the HTTP headers unmodified (the body follows)."""
+        headers = self.server._common()
+        if last:
+            headers.append(("Connection", "close"))
+        if req.method == "RESPMOD":
+            return proto.encode_response(200, headers, res_hdr=req.res_hdr, body=req.body)
+        return proto.encode_response(200, headers, req_hdr=req.req_hdr, body=req.body)
+
+
+class _Body:
+    """The body of one request as it is received: spooled up to ``limit`` bytes."""
+
+    __slots__ = ("head", "limit", "overflow", "spool")
+
+    def __init__(self, spool: Spool, limit: int) -> None:
+        self.spool = spool
+        self.limit = limit
+        self.head = b""  # the first SNIFF_BYTES, for skip_content_types
+        self.overflow: bytes | None = None  # the part of the crossing chunk past the limit
+
+    @property
+    def over(self) -> bool:
+        return self.overflow is not None
+
+    def add(self, data: bytes) -> bool:
+        """Spool ``data``; False (and nothing more kept) once it crosses the limit."""
+        if len(self.head) < SNIFF_BYTES:
+            self.head += data[:SNIFF_BYTES - len(self.head)]
+        room = self.limit - self.spool.size
+        if len(data) <= room:
+            self.spool.write(data)
+            return True
+        if room > 0:
+            self.spool.write(memoryview(data)[:room])
+        self.overflow = data[max(room, 0):]
+        return False
 
 
 def _url_of(req: proto.Request) -> str:

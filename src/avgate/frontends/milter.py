@@ -26,10 +26,30 @@ quarantine                 "mta"/"both": QUARANTINE (Postfix: hold queue) + ACCE
 A malformed packet, a read timeout (``[milter] timeout``) or an internal error closes the
 connection; the MTA then applies its ``milter_default_action``.
 
+Limits (each bounds what one connection can make us hold; see README):
+
+=========================  ===============================================================
+``max_packet``             256 KiB: a longer packet closes the connection before a byte of
+                           it is buffered (see :mod:`avgate.protocols.milter`)
+``packet_timeout``         30 s from the first byte of a packet to its last, however the
+                           bytes trickle in (Postfix writes a packet at once and gives up
+                           after its own ``milter_command_timeout``, 30 s)
+``timeout``                330 s without a byte from the MTA between packets
+``max_headers``,           1000 headers, 1 MiB of header block per message; more, or more
+``max_header_size``,       than ``max_recipients`` (10000) recipients: nothing more of the
+``max_recipients``         message is kept and end-of-message is answered
+                           ``552 5.3.4`` / ``552 5.5.3`` (the sender's fault, like Exim's
+                           ``header_maxsize`` and Sendmail's ``MaxHeadersLength``)
+``max_connections``        512 connections served at once; as many more wait for a slot,
+                           each at most ``queue_timeout`` (30 s: Postfix's
+                           ``milter_command_timeout`` would have given up on its OPTNEG
+                           reply by then); connections beyond both are closed at once
+=========================  ===============================================================
+
 Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log) is read per
 message through ``listener.gateway`` (serve's GatewayRef), and so are ``[milter] quarantine``
-and ``spool_memory``; ``listen``, ``timeout``, ``max_connections`` and ``max_packet`` are the
-listener's and need a restart. With ``[serve] workers`` > 1 every worker binds a TCP
+and ``spool_memory``; ``listen``, the timeouts and the limits are the listener's and need a
+restart. With ``[serve] workers`` > 1 every worker binds a TCP
 ``listen`` with SO_REUSEPORT; a ``unix:`` socket is opened by worker 0 only.
 """
 
@@ -62,6 +82,19 @@ DEFAULT_LISTEN = "127.0.0.1:7357"
 # whole SMTP session and may legitimately be silent while its client is.
 DEFAULT_TIMEOUT = 330.0
 DEFAULT_MAX_CONNECTIONS = 512
+#: A partial packet must complete within this many seconds of its first byte.
+DEFAULT_PACKET_TIMEOUT = 30.0
+#: How long a connection over ``max_connections`` may wait for a slot.
+DEFAULT_QUEUE_TIMEOUT = 30.0
+#: Per message: header count, header block bytes (as rebuilt: name, ": ", value, CRLF),
+#: recipients. Postfix bounds one header (header_size_limit, 100 KiB) and the message
+#: (message_size_limit, 10 MB), not their count; Exim refuses a header block over 1 MiB.
+DEFAULT_MAX_HEADERS = 1000
+DEFAULT_MAX_HEADER_SIZE = 1024 * 1024
+DEFAULT_MAX_RECIPIENTS = 10000
+REPLY_TOO_MANY_HEADERS = "552 5.3.4 Too many message header fields"
+REPLY_HEADERS_TOO_BIG = "552 5.3.4 Message header size exceeds limit"
+REPLY_TOO_MANY_RECIPIENTS = "552 5.5.3 Too many recipients"
 DEFAULT_QUARANTINE = "both"
 #: Headers buffered in memory before they go to the spool in one write.
 _HEAD_FLUSH = 256 * 1024
@@ -265,6 +298,8 @@ class MilterSession(asyncio.Protocol):
         self._last = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._waiting = False  # over max_connections: not reading yet
+        self._queued_at = 0.0
+        self._packet_start: float | None = None  # first byte of a packet not complete yet
         # connection state
         self.macros: dict[bytes, dict[str, str]] = {}
         self.connect: m.Connect | None = None
@@ -280,8 +315,11 @@ class MilterSession(asyncio.Protocol):
         self.sender = ""
         self.recipients: list[str] = []
         self.headers: list[m.Header] = []
+        self.header_bytes = 0
         self.head_len = 0
         self.in_body = False
+        # a per-message limit was hit: the reply for end of message; nothing more is kept
+        self.refused = ""
         if keep_macros:
             return
         for stage in _MESSAGE_STAGES:
@@ -299,10 +337,18 @@ class MilterSession(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self._last = self.loop.time()
-        self._timer = self.loop.call_later(self.server.timeout, self._check_idle)
-        if not self.server.admit(self):
+        admitted = self.server.admit(self)
+        if admitted is None:  # every slot taken and the queue full
+            self._event("warning", "overload",
+                        f"{self.server.max_connections} connections served and as many "
+                        "waiting: connection closed")
+            transport.close()
+            return
+        if not admitted:
             self._waiting = True
+            self._queued_at = self._last
             transport.pause_reading()
+        self._schedule()
 
     def resume(self) -> None:
         """Called by the listener when a connection slot frees up."""
@@ -316,6 +362,19 @@ class MilterSession(asyncio.Protocol):
         self.codec.receive_data(data)
         if not self._busy:
             self._pump()
+            self._check_partial()
+
+    def _check_partial(self) -> None:
+        """After the complete packets were handled: a partial one left starts its clock."""
+        if self._closed or self._busy:
+            return
+        if not self.codec.buffered:
+            self._packet_start = None
+            return
+        if self._packet_start is None:
+            self._packet_start = self._last
+        if self._timer is None or self._timer.when() > self._deadline():
+            self._schedule()
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
@@ -330,16 +389,40 @@ class MilterSession(asyncio.Protocol):
         # MTA, which gave up on us, applies its milter_default_action.
         self.server.release(self)
 
+    def _deadline(self) -> float:
+        """When this connection is closed unless something happens first."""
+        srv = self.server
+        if self._busy:  # scanning: bounded by the scan timeout, not ours
+            return self.loop.time() + srv.timeout
+        if self._waiting:
+            return self._queued_at + srv.queue_timeout
+        deadline = self._last + srv.timeout
+        if self._packet_start is not None:
+            deadline = min(deadline, self._packet_start + srv.packet_timeout)
+        return deadline
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(self._deadline(), self._check_idle)
+
     def _check_idle(self) -> None:
         if self._closed:
             return
-        idle = self.loop.time() - self._last
-        if self._busy or self._waiting or idle < self.server.timeout:
-            wait = self.server.timeout if (self._busy or self._waiting) else (
-                self.server.timeout - idle)
-            self._timer = self.loop.call_later(wait, self._check_idle)
+        now = self.loop.time()
+        if self._busy or now < self._deadline():
+            self._schedule()
             return
-        self._event("warning", "timeout", f"no data from the MTA for {idle:.0f} s")
+        if self._waiting:
+            why = (f"waited {now - self._queued_at:.0f} s for one of "
+                   f"{self.server.max_connections} connection slots")
+        elif self._packet_start is not None and (
+                now - self._packet_start >= self.server.packet_timeout):
+            why = (f"a packet incomplete after {now - self._packet_start:.0f} s "
+                   f"({self.codec.buffered} bytes received)")
+        else:
+            why = f"no data from the MTA for {now - self._last:.0f} s"
+        self._event("warning", "timeout", why)
         self.close()
 
     def close(self) -> None:
@@ -356,6 +439,7 @@ class MilterSession(asyncio.Protocol):
                 event = codec.next_event()
                 if event is None:
                     break
+                self._packet_start = None  # a whole packet: the next one has its own clock
                 # most frequent first: one packet per header, one per 64 KiB of body
                 if isinstance(event, m.Header):
                     self._header(event)
@@ -365,7 +449,7 @@ class MilterSession(asyncio.Protocol):
                     self._macro(event)
                 elif isinstance(event, m.EndOfMessage):
                     self._end_of_message(event, out)
-                    break
+                    continue  # answered (or being scanned: the loop stops while busy)
                 elif isinstance(event, m.OptNeg):
                     out.append(m.encode(codec.negotiate(
                         event, actions=WANTED_ACTIONS, protocol=WANTED_PROTOCOL,
@@ -375,7 +459,7 @@ class MilterSession(asyncio.Protocol):
                     self._reset_message(keep_macros=True)  # MAIL's macros came just before
                     self.sender = event.sender
                 elif isinstance(event, m.Rcpt):
-                    self.recipients.append(event.recipient)
+                    self._rcpt(event)
                 elif isinstance(event, m.Connect):
                     self.connect = event
                 elif isinstance(event, m.Helo):
@@ -412,10 +496,44 @@ class MilterSession(asyncio.Protocol):
     def _macro(self, event: m.Macro) -> None:
         self.macros[event.stage] = {_macro_name(k): v for k, v in event.macros}
 
+    def _refuse(self, reply: str, detail: str) -> None:
+        """A per-message limit was hit: drop what we hold, answer ``reply`` at end of
+        message, keep nothing more of this message."""
+        if self.refused:
+            return
+        self.refused = reply
+        self.headers = []
+        self.recipients = []
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        self._event("warning", "limit", detail, reply=reply, ids=self._ids())
+
+    def _rcpt(self, event: m.Rcpt) -> None:
+        if self.refused:
+            return
+        if len(self.recipients) >= self.server.max_recipients:
+            self._refuse(REPLY_TOO_MANY_RECIPIENTS,
+                         f"more than max_recipients = {self.server.max_recipients} recipients")
+            return
+        self.recipients.append(event.recipient)
+
     def _header(self, event: m.Header) -> None:
         if self.in_body:  # headers after the body started: not a message we understand
             raise ProtocolError("header after body", reply_hint="close")
-        self.headers.append(event)
+        if self.refused:
+            return
+        srv = self.server
+        # as rebuilt in the spool: name, ": ", value, CRLF
+        self.header_bytes += len(event.name) + len(event.value) + 4
+        if len(self.headers) >= srv.max_headers:
+            self._refuse(REPLY_TOO_MANY_HEADERS,
+                         f"more than max_headers = {srv.max_headers} header fields")
+        elif self.header_bytes > srv.max_header_size:
+            self._refuse(REPLY_HEADERS_TOO_BIG,
+                         f"header block over max_header_size = {srv.max_header_size} bytes")
+        else:
+            self.headers.append(event)
 
     def _start_body(self) -> Spool:
         """Write the rebuilt header block and the empty line, enter the body."""
@@ -447,6 +565,9 @@ class MilterSession(asyncio.Protocol):
         return spool
 
     def _body(self, chunk: bytes) -> None:
+        if self.refused:
+            self.in_body = True  # headers after this are still a protocol error
+            return
         spool = self.spool if self.in_body else self._start_body()
         assert spool is not None
         if chunk:
@@ -454,6 +575,10 @@ class MilterSession(asyncio.Protocol):
 
     def _end_of_message(self, event: m.EndOfMessage, out: list[bytes]) -> None:
         self._body(event.chunk)
+        if self.refused:  # nothing to scan: the sender's message broke a limit
+            out.append(m.encode(m.ReplyCode(self.refused)))
+            self._reset_message()
+            return
         self._busy = True
         self._flush(out)
         assert self.transport is not None
@@ -478,6 +603,7 @@ class MilterSession(asyncio.Protocol):
                 self._last = self.loop.time()
                 self.transport.resume_reading()
                 self._pump()
+                self._check_partial()
 
     async def _decide(self, spool: Spool) -> tuple[list[m.Response], bool, Outcome | None]:
         client_addr = ""
@@ -494,8 +620,7 @@ class MilterSession(asyncio.Protocol):
                       authenticated=authenticated, size=spool.size)
         envelope = Envelope(sender=sender, recipients=recipients, client_addr=client_addr,
                             helo=_safe(self.helo), listener=self.server.name)
-        ids = {k: v for k, v in (("queue_id", self.macro("i")),
-                                 ("mta", self.macro("j"))) if v}
+        ids = self._ids()
         try:
             # "mta": the MTA's hold queue is the quarantine, so our store keeps no copy —
             # but only when the MTA granted SMFIF_QUARANTINE, else nothing would hold it
@@ -513,6 +638,10 @@ class MilterSession(asyncio.Protocol):
         except Exception as exc:  # never acknowledge what we could not check
             self._event("error", "error", f"processing failed: {exc!r}", ids=ids)
             return [m.ReplyCode("451 4.3.0 Temporary failure in content scanning")], False, None
+
+    def _ids(self) -> dict[str, str]:
+        return {k: v for k, v in (("queue_id", self.macro("i")),
+                                  ("mta", self.macro("j"))) if v}
 
     def _event(self, level: str, kind: str, message: str, **extra: Any) -> None:
         peer = ""
@@ -536,7 +665,12 @@ class MilterListener:
                  spool_memory: int | None = None, quarantine_mode: str = DEFAULT_QUARANTINE,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  max_packet: int = m.DEFAULT_MAX_PACKET, name: str = "milter",
-                 drain_timeout: float = 30.0) -> None:
+                 drain_timeout: float = 30.0,
+                 packet_timeout: float = DEFAULT_PACKET_TIMEOUT,
+                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
+                 max_headers: int = DEFAULT_MAX_HEADERS,
+                 max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
+                 max_recipients: int = DEFAULT_MAX_RECIPIENTS) -> None:
         self.gateway = gateway
         self.listen = listen
         self.kind, self.host, self.port = parse_listen(listen)
@@ -548,12 +682,18 @@ class MilterListener:
         self._config: Any = getattr(gateway, "config", None)
         self.max_connections = max_connections
         self.max_packet = max_packet
+        self.packet_timeout = packet_timeout
+        self.queue_timeout = queue_timeout
+        self.max_headers = max_headers
+        self.max_header_size = max_header_size
+        self.max_recipients = max_recipients
         self.name = name
         self.drain_timeout = drain_timeout
         self.tasks: set[asyncio.Task[None]] = set()
         self.sessions: set[MilterSession] = set()
         self._active = 0
-        self._queue: list[MilterSession] = []
+        # waiting for a slot, oldest first (a dict: O(1) removal when one gives up)
+        self._queue: dict[MilterSession, None] = {}
         self._server: asyncio.AbstractServer | None = None
 
     def _follow_config(self) -> None:
@@ -623,22 +763,29 @@ class MilterListener:
         return f"inet:{host}:{self.port}"
 
     # connection slots ----------------------------------------------------------------------
-    def admit(self, session: MilterSession) -> bool:
-        self.sessions.add(session)
+    def admit(self, session: MilterSession) -> bool | None:
+        """True: served now; False: waits for a slot (at most ``queue_timeout``); None:
+        refused (``max_connections`` served and as many waiting)."""
         if self._active < self.max_connections:
             self._active += 1
-            return True
-        self._queue.append(session)
-        return False
+        elif len(self._queue) < self.max_connections:
+            self._queue[session] = None
+        else:
+            return None
+        self.sessions.add(session)
+        return session not in self._queue
 
     def release(self, session: MilterSession) -> None:
+        if session not in self.sessions:
+            return  # refused at once: it held no slot
         self.sessions.discard(session)
         if session in self._queue:
-            self._queue.remove(session)
+            del self._queue[session]
             return
         self._active -= 1
         while self._queue and self._active < self.max_connections:
-            nxt = self._queue.pop(0)
+            nxt = next(iter(self._queue))
+            del self._queue[nxt]
             self._active += 1
             nxt.resume()
 
@@ -679,6 +826,11 @@ async def start(gateway: Gateway) -> list[MilterListener]:
             max_connections=int(table.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
             max_packet=int(table.get("max_packet", m.DEFAULT_MAX_PACKET)),
             drain_timeout=drain,
+            packet_timeout=float(table.get("packet_timeout", DEFAULT_PACKET_TIMEOUT)),
+            queue_timeout=float(table.get("queue_timeout", DEFAULT_QUEUE_TIMEOUT)),
+            max_headers=int(table.get("max_headers", DEFAULT_MAX_HEADERS)),
+            max_header_size=int(table.get("max_header_size", DEFAULT_MAX_HEADER_SIZE)),
+            max_recipients=int(table.get("max_recipients", DEFAULT_MAX_RECIPIENTS)),
         )
         try:
             listeners.append(await listener.start())

@@ -316,6 +316,7 @@ class IcapParser:
         self._pending: Event | None = None  # head waiting for its encapsulated headers
         self._eof = False
         self._ieof = False
+        self._trailer_len = 0  # bytes of chunked trailer read so far (bounded)
 
     # -- input -------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
@@ -518,6 +519,7 @@ class IcapParser:
             return self._chunk_data()
         self._state = _TRAILER
         self._ieof = ieof
+        self._trailer_len = 0
         return self._trailer()
 
     def _chunk_data(self) -> Event | _NeedData:
@@ -539,13 +541,18 @@ class IcapParser:
 
     def _trailer(self) -> Event | _NeedData:
         buf = self._buf
-        # ICAP bodies carry no trailers, but HTTP/1.1 chunked syntax allows them: skip.
+        # ICAP bodies carry no trailers, but HTTP/1.1 chunked syntax allows them: skip them,
+        # all of them together bounded like a header block (an endless trailer is an error,
+        # not an endless message).
         while True:
             end = buf.find(b"\r\n")
             if end < 0:
-                if len(buf) > self.max_header_size:
+                if self._trailer_len + len(buf) > self.max_header_size:
                     raise IcapProtocolError("chunked trailer too large")
                 return self._need("in chunked body")
+            self._trailer_len += end + 2
+            if self._trailer_len > self.max_header_size:
+                raise IcapProtocolError("chunked trailer too large")
             del buf[:end + 2]
             if end == 0:
                 break

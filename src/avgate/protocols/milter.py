@@ -10,8 +10,13 @@ Packet format (every packet, both directions)::
     uint32 len (network order; counts the command byte and the data) | char cmd | data[len-1]
 
 Strings are NUL-terminated; ``uint32``/``uint16`` are network order. ``len == 0`` and
-``len > max_packet`` (default 64 MiB) are protocol errors: the length is checked before a
-byte of data is buffered, so a hostile peer cannot make us allocate.
+``len > max_packet`` are protocol errors: the length is checked before a byte of data is
+buffered, so a hostile peer cannot make us allocate more than ``max_packet`` per connection.
+The default, 256 KiB, is four times libmilter's own default command limit
+(``MILTER_MAX_DATA_SIZE`` 65535, what clamav-milter and opendkim accept): the MTA sends the
+body in chunks of at most ``MILTER_CHUNK_SIZE`` (65535) bytes, macros and envelope packets
+are small, and the largest packet Postfix sends is one header, bounded by its
+``header_size_limit`` (102400 bytes by default).
 
 Commands, MTA → filter (``SMFIC_*``)::
 
@@ -65,7 +70,8 @@ from ..errors import ProtocolError
 
 # -- constants -------------------------------------------------------------------------------
 MILTER_VERSION: Final = 6
-DEFAULT_MAX_PACKET: Final = 64 * 1024 * 1024
+#: See the module docstring: above every packet Postfix and Sendmail send by default.
+DEFAULT_MAX_PACKET: Final = 256 * 1024
 #: Body chunks we send (REPLBODY) are at most this big, like libmilter's MILTER_CHUNK_SIZE.
 MAX_BODY_CHUNK: Final = 65535
 

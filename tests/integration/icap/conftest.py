@@ -205,7 +205,7 @@ FILES = {
     "/clean.bin": CLEAN_BODY,
     "/small.txt": b"hello from the origin\n",
     "/eicar.com": EICAR,
-    "/image.png": EICAR,  # served as image/png: for skip_content_types
+    "/image.png": EICAR,  # served as image/png: still scanned with skip_content_types
 }
 
 

@@ -137,7 +137,8 @@ async def test_preview_continue_then_block(server: fe.IcapServer) -> None:
 
 
 async def test_preview_skip_content_type_early_204(server: fe.IcapServer) -> None:
-    body = EICAR * 100
+    # a real PNG signature: the label alone is not trusted (tests/attacks/test_icap_limits.py)
+    body = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + os.urandom(6800)
     wire = respmod(body, preview=16, ctype="image/png") + proto.encode_chunk(body[:16]) \
         + proto.LAST_CHUNK
     # the rest is never sent: the early 204 must come after the preview alone

@@ -163,3 +163,20 @@ async def test_milter_not_running_tempfails(env: Env) -> None:
     """Postfix's own milter_default_action = tempfail when nothing listens."""
     code, _ = await send(env, make_message("pf nobody home"))
     assert code == 451
+
+
+async def test_too_many_headers_refused_552_through_postfix(env: Env,
+                                                            milter: MilterFactory) -> None:
+    """Over [milter] max_headers: our 552 5.3.4 reaches the SMTP client as is (Postfix
+    accepts the reply: enhanced code class = reply class) and nothing is delivered."""
+    await start_milter(milter, env, milter={"max_headers": 50})
+    msg = make_message("pf many headers")
+    head, sep, body = msg.partition(b"\r\n\r\n")
+    extra = b"".join(b"X-Filler-%d: %d\r\n" % (i, i) for i in range(60))
+    code, text = await send(env, head + b"\r\n" + extra.rstrip(b"\r\n") + sep + body)
+    assert code == 552, text
+    assert "5.3.4" in text and "header" in text
+    code, text = await send(env, make_message("pf few headers"))
+    assert code == 250, text
+    await delivered(env, b"pf few headers")
+    assert not any(b"pf many headers" in d for _, _, d in env.sink.messages)

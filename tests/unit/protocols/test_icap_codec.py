@@ -157,6 +157,45 @@ def test_huge_header_rejected_without_terminator() -> None:
         p.next_event()
 
 
+BODY_START = b"RESPMOD icap://i/s ICAP/1.0\r\nEncapsulated: res-body=0\r\n\r\n"
+
+
+def test_chunk_size_line_is_bounded() -> None:
+    """A chunk-size line (extensions included) longer than MAX_CHUNK_LINE is refused before
+    its end arrives: nothing grows with it."""
+    p = IcapParser("server")
+    p.receive_data(BODY_START + b"5;" + b"x" * proto.MAX_CHUNK_LINE)
+    with pytest.raises(IcapProtocolError, match="chunk-size line too long"):
+        list(p)
+    q = IcapParser("server")
+    q.receive_data(BODY_START + b"0" * 17 + b"5\r\n")  # 18 hex digits: no such chunk
+    with pytest.raises(IcapProtocolError, match="malformed chunk size"):
+        list(q)
+
+
+def test_chunked_trailer_is_bounded_in_total() -> None:
+    """Trailer lines are skipped, but all of them together count against max_header_size:
+    an endless trailer of short lines is an error, not an endless message."""
+    p = IcapParser("server", max_header_size=1024)
+    p.receive_data(BODY_START + b"0\r\n")
+    list(p)
+    with pytest.raises(IcapProtocolError, match="trailer too large"):
+        for _ in range(200):
+            p.receive_data(b"X-T: 1\r\n")
+            list(p)
+    q = IcapParser("server", max_header_size=1024)
+    q.receive_data(BODY_START + b"0\r\n" + b"X-T: 1\r\n" * 10 + b"\r\n")
+    assert [type(e) for e in q] == [Request, BodyEnd]  # a few trailer lines are fine
+
+
+def test_encapsulated_headers_are_bounded() -> None:
+    p = IcapParser("server", max_header_size=1024)
+    p.receive_data(b"RESPMOD icap://i/s ICAP/1.0\r\nEncapsulated: res-hdr=0, res-body=5000"
+                   b"\r\n\r\n")
+    with pytest.raises(IcapProtocolError, match="encapsulated headers too large"):
+        list(p)
+
+
 def test_eof_mid_body_is_an_error_and_clean_eof_is_not() -> None:
     p = IcapParser("server")
     p.receive_data(b"RESPMOD icap://i/s ICAP/1.0\r\nEncapsulated: res-body=0\r\n\r\n5\r\nhe")
