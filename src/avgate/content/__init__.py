@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 from ..limits import Limits, MiB
-from ..result import ScanStatus
+from ..result import LimitKind, ScanStatus
 from .filetype import Kind, detect
 
 __all__ = ["Budget", "Part", "Problem", "decompose", "join_path", "sanitize_name"]
@@ -38,6 +38,7 @@ class Problem:
     path: str
     status: ScanStatus  # SKIPPED or UNKNOWN
     reason: str
+    limit: LimitKind | None = None  # set when a limit (not e.g. encryption) is the reason
 
 
 # Members that decompress to no more than this are never refused for their ratio: a few
@@ -83,12 +84,12 @@ class Budget:
         """
         lim = self.limits
         if self.over_ratio(size, compressed):
-            return Problem(path, ScanStatus.SKIPPED, REASON_RATIO)
+            return Problem(path, ScanStatus.SKIPPED, REASON_RATIO, LimitKind.STRUCTURAL)
         if size > lim.max_file_size:
-            return Problem(path, ScanStatus.SKIPPED, REASON_FILE_SIZE)
+            return Problem(path, ScanStatus.SKIPPED, REASON_FILE_SIZE, LimitKind.SIZE)
         if self.scanned + size > lim.max_scan_size:
             self.stopped = True
-            return Problem(path, ScanStatus.SKIPPED, REASON_SCAN_SIZE)
+            return Problem(path, ScanStatus.SKIPPED, REASON_SCAN_SIZE, LimitKind.SIZE)
         return None
 
 
@@ -189,10 +190,11 @@ def _admit(part: Part, budget: Budget) -> Part | Problem:
     """Apply the per-part limits to a part a decomposer found; count it if it is kept."""
     lim = budget.limits
     if part.depth > lim.max_recursion:
-        return Problem(part.path, ScanStatus.UNKNOWN, REASON_RECURSION)
+        return Problem(part.path, ScanStatus.UNKNOWN, REASON_RECURSION,
+                       LimitKind.STRUCTURAL)
     if budget.files >= lim.max_files:
         budget.stopped = True
-        return Problem(part.path, ScanStatus.SKIPPED, REASON_FILES)
+        return Problem(part.path, ScanStatus.SKIPPED, REASON_FILES, LimitKind.STRUCTURAL)
     problem = budget.refuse(part.path, len(part.data))
     if problem is not None:
         return problem
@@ -207,7 +209,8 @@ def _push(stack: list[tuple[str, Children]], part: Part, budget: Budget,
     kind = detect(part.data)
     if kind is not Kind.OTHER and part.depth >= budget.limits.max_recursion:
         # Its members would all be too deep: say so once instead of extracting them.
-        return Problem(part.path, ScanStatus.UNKNOWN, REASON_RECURSION)
+        return Problem(part.path, ScanStatus.UNKNOWN, REASON_RECURSION,
+                       LimitKind.STRUCTURAL)
     stack.append((part.path, decomposers[kind](part, budget)))
     return None
 

@@ -1,14 +1,17 @@
 """Cheap content type detection from magic bytes: which decomposer, if any, applies.
 
-Only the first few hundred bytes are looked at, so detection costs the same for a 1 KB
-and a 100 MB object. A false positive is harmless (the decomposer reports a corrupt
-container); a false negative means the content is only scanned as one blob.
+Only the first few hundred bytes are looked at, plus the last 64 KiB for a zip's end of
+central directory record and, for text that starts like a mail header, its header block,
+so detection costs about the same for a 1 KB and a 100 MB object. A false positive is
+harmless (the decomposer reports a corrupt container); a false negative means the content
+is only scanned as one blob.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import struct
 
 
 class Kind(enum.Enum):
@@ -33,20 +36,44 @@ _SEVENZIP_MAGIC = b"7z\xbc\xaf\x27\x1c"
 _BZIP2_RE = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")
 _TAR_MAGIC_OFFSET = 257  # "ustar\0" (POSIX) or "ustar " (GNU) in the first header block
 
-# A mail message starts with a header field (RFC 5322 field name: printable ASCII except
-# ":" and space) or an mbox "From " line. Requiring a well-known field name among the first
-# header lines keeps random text such as "Note: ..." from being parsed as mail.
-_FIRST_LINE_RE = re.compile(rb"(?:From |[!-9;-~]+:)")
-_KNOWN_FIELD_RE = re.compile(
-    rb"(?im)^(?:from|to|cc|subject|date|message-id|mime-version|content-type|received"
-    rb"|return-path|reply-to|sender|delivered-to|x-[!-9;-~]*|dkim-signature"
-    rb"|content-transfer-encoding|references|in-reply-to):"
-)
-_HEADER_PROBE = 4096  # bytes of the header block looked at for a known field
+# A zip is read from its end: the end of central directory record (EOCD) lies in the last
+# 22 bytes + a comment of up to 64 KiB, wherever the archive starts (a self-extracting
+# stub or any junk may come first; unzip, ClamAV and Python's zipfile all cope).
+_EOCD = b"PK\x05\x06"
+_EOCD_SIZE = 22
+ZIP_TAIL = _EOCD_SIZE + 0xFFFF
+_EOCD_STRUCT = struct.Struct("<4sHHHHLLH")
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_CENTRAL_DIR = b"PK\x01\x02"
+
+# A mail message starts with a header block: RFC 5322 field lines (a field name, printable
+# ASCII except ":" and space, then ":") and their continuation lines, or an mbox "From "
+# line first. Requiring a well-known field name in the block keeps random text such as
+# "Note: ..." from being parsed as mail. The first field may be as long as the sender likes:
+# the block is followed up to HEADER_PROBE, and a block that runs past it counts as mail.
+_NAME_BYTES = bytes(range(0x21, 0x3A)) + bytes(range(0x3B, 0x7F))
+# Names of up to 998 characters (the line limit) are matched by the regex; a longer one
+# (the email package takes any) is checked with find/translate, so that a long line that is
+# no field costs a memchr, not a character-class loop over it.
+# Blanks before the colon are the obsolete syntax (RFC 5322 4.5.3) that many readers accept.
+_FIELD_START = re.compile(rb"From |[!-9;-~]{1,998}+[ \t]*+:")
+_HEADER_BLOCK_RE = re.compile(
+    rb"(?:(?:From |[!-9;-~]{1,998}+[ \t]*+:|[ \t])[^\n]*+(?:\n|\Z))*+")
+_KNOWN_FIELDS = (
+    rb"from|to|cc|subject|date|message-id|mime-version|content-type|received"
+    rb"|return-path|reply-to|sender|delivered-to|x-[!-9;-~]{0,998}+|dkim-signature"
+    rb"|content-transfer-encoding|references|in-reply-to")
+# After a line break (a literal prefix: the regex engine skips to each one), and at offset 0.
+_KNOWN_FIELD_RE = re.compile(rb"\n(?i:" + _KNOWN_FIELDS + rb")[ \t]*+:")
+_KNOWN_FIRST_RE = re.compile(rb"(?i:" + _KNOWN_FIELDS + rb")[ \t]*+:")
+# The header block is looked at up to here. A block of field lines that runs past it counts
+# as mail even without a known field: 64 KiB of header lines is a message (or hostile; real
+# header blocks are a few KiB), and parsing a text as mail costs nothing in safety.
+HEADER_PROBE = 64 * 1024
 
 
 def detect(data: bytes) -> Kind:
-    """Classify ``data`` by its first bytes; ``Kind.OTHER`` when nothing applies."""
+    """Classify ``data`` by its first bytes (and a zip by its tail); ``Kind.OTHER`` else."""
     head = data[:8]
     if head.startswith(_ZIP_MAGICS):
         return Kind.ZIP
@@ -62,21 +89,65 @@ def detect(data: bytes) -> Kind:
         return Kind.TAR
     if looks_like_mail(data):
         return Kind.MAIL
+    if zip_at_end(data):
+        return Kind.ZIP
     return Kind.OTHER
 
 
 def looks_like_mail(data: bytes) -> bool:
-    """True when ``data`` starts with a header block that contains a well-known mail field."""
-    if not _FIRST_LINE_RE.match(data):
+    """True when ``data`` starts with a header block that contains a well-known mail field.
+
+    The block ends at the first line that is no field and no continuation (the blank line
+    before the body, usually): a body line "To: ..." does not make text look like mail.
+    The work is a few regex passes and memchr calls over at most :data:`HEADER_PROBE` bytes.
+    """
+    limit = min(len(data), HEADER_PROBE)
+    if not _is_field_line(data, 0, limit):
         return False
-    probe = data[:_HEADER_PROBE]
-    # Only the header block counts: a body line "To: ..." must not make text look like mail.
-    # The first blank line, LF or CRLF: "\n\n" is looked for only before the first
-    # "\r\n\r\n" (a CRLF message has none, and scanning the whole probe for it is slow).
-    end = probe.find(b"\r\n\r\n")
-    end_lf = probe.find(b"\n\n", 0, len(probe) if end == -1 else end)
-    if end_lf != -1:
-        end = end_lf
-    if end != -1:
-        probe = probe[:end]
-    return _KNOWN_FIELD_RE.search(probe) is not None
+    end = _header_block_end(data, limit)
+    if _KNOWN_FIRST_RE.match(data, 0, end) or _KNOWN_FIELD_RE.search(data, 0, end):
+        return True
+    # No known field: mail only if the block runs up to the probe's end (which may cut its
+    # last line short: as long as a field name may be).
+    return len(data) > HEADER_PROBE and end > limit - 1000
+
+
+def _is_field_line(data: bytes, pos: int, limit: int) -> bool:
+    """Whether the line at ``pos`` starts a header field (or is an mbox "From " line)."""
+    if _FIELD_START.match(data, pos, limit):
+        return True
+    eol = data.find(b"\n", pos, limit)
+    colon = data.find(b":", pos, limit if eol < 0 else eol)
+    return colon > pos + 998 and not data[pos:colon].translate(None, _NAME_BYTES)
+
+
+def _header_block_end(data: bytes, limit: int) -> int:
+    """Where the header block at the start of ``data`` ends (looked at up to ``limit``)."""
+    pos = 0
+    while True:
+        block = _HEADER_BLOCK_RE.match(data, pos, limit)
+        pos = block.end() if block is not None else pos
+        if pos >= limit or not _is_field_line(data, pos, limit):
+            return pos
+        eol = data.find(b"\n", pos, limit)  # a field with a name past the regex's bound
+        pos = limit if eol < 0 else eol + 1
+
+
+def zip_at_end(data: bytes) -> bool:
+    """True when a plausible zip end of central directory record ends ``data``.
+
+    The record is looked for as unzip and zipfile do (the last signature in the last
+    64 KiB + 22 bytes) and must make sense: its sizes point inside ``data`` and at a
+    central directory entry, or at a zip64 locator. A few ``rfind``/``unpack`` calls.
+    """
+    size = len(data)
+    pos = data.rfind(_EOCD, max(0, size - ZIP_TAIL))
+    if pos < 0 or size - pos < _EOCD_SIZE:
+        return False
+    (_, disk, cd_disk, _, entries, cd_size, cd_offset,
+     _) = _EOCD_STRUCT.unpack_from(data, pos)
+    if pos >= 20 and data[pos - 20:pos - 16] == _ZIP64_LOCATOR:
+        return True  # zip64: the sizes are in the zip64 record before the locator
+    if disk != cd_disk or entries == 0 or cd_size > pos or cd_offset > pos - cd_size:
+        return False
+    return data[pos - cd_size:pos - cd_size + 4] == _CENTRAL_DIR

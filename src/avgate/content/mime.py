@@ -14,12 +14,22 @@ content from us by looking different to us than to the recipient's client:
   (``.../2~cte2``);
 * base64 with padding in the middle: Python stops at the first ``=``, other decoders go
   on; the rest is decoded too (``.../2~b64``).
+
+The preamble and epilogue of a multipart (text before the first and after the last
+boundary) are parts of their own when they hold more than whitespace
+(``message/preamble``, ``message/epilogue``): mail clients show or save them, and a
+signature anchored at offset 0 would never see them inside the whole message.
+
+Limits come first: a message with more boundary lines than ``max_files`` is refused before
+it is parsed (a count of delimiter lines, a few ``bytes.count`` calls), and both parsers
+stop at ``max_files`` entities anyway (:class:`mimeparse.TooManyParts`), so no input
+builds a tree of more than ``max_files`` entities. Parameter lists are parsed in linear
+time (:class:`mimeparse.MimeMessage`).
 """
 
 from __future__ import annotations
 
 import binascii
-import contextlib
 import hashlib
 import re
 from collections.abc import Iterator
@@ -28,15 +38,29 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
 
-from ..result import ScanStatus
-from . import REASON_RECURSION, Budget, Children, Part, Problem, join_path, mimeparse, sanitize_name
+from ..result import LimitKind, ScanStatus
+from . import (
+    REASON_FILES,
+    REASON_RECURSION,
+    Budget,
+    Children,
+    Part,
+    Problem,
+    join_path,
+    mimeparse,
+    sanitize_name,
+)
 
-_PARSER = BytesParser(policy=compat32)
+# The email package's parse, as the fast parser mirrors it (see mimeparse.MimeMessage).
+_PARSER = BytesParser(_class=mimeparse.MimeMessage, policy=compat32)
 
 
-# -- uuencode -------------------------------------------------------------------------------
-_UU_BEGIN = re.compile(rb"(?m)^begin(?:-base64)? +[0-7]{1,4} +([^\r\n]*)\r?$")
-_BEGIN = re.compile(rb"begin ")
+# -- uuencode ---------------------------------------------------------------------------------
+# "begin MODE NAME" starts a uuencoded block (up to "end"); "begin-base64 MODE NAME" (what
+# ``uuencode -m`` writes and ``uudecode`` reads) starts a base64 one, up to "====".
+_UU_BEGIN = re.compile(rb"(?m)^begin(-base64)? +[0-7]{1,4} +([^\r\n]*)\r?$")
+_BEGIN = re.compile(rb"begin[ -]")
+_B64_END = re.compile(rb"(?m)^====[ \t]*\r?$")
 
 
 def _uudecode_at(data: bytes, pos: int) -> tuple[bytes, int]:
@@ -69,14 +93,29 @@ def _uudecode_at(data: bytes, pos: int) -> tuple[bytes, int]:
     return bytes(out), pos
 
 
+def _b64decode_at(data: bytes, pos: int) -> tuple[bytes, int]:
+    """Decode a ``begin-base64`` block from ``pos`` up to its ``====`` line (or the end).
+
+    Characters outside the base64 alphabet are skipped, as GNU uudecode and the email
+    package do; padding in the middle does not hide what follows (see decode_base64).
+    """
+    end = _B64_END.search(data, pos)
+    stop, resume = (len(data), len(data)) if end is None else (end.start(), end.end())
+    decoded = decode_base64(data[pos:stop])
+    return decoded[-1], resume
+
+
 def uu_blocks(data: bytes) -> Iterator[tuple[str, bytes]]:
-    """(name, decoded bytes) for every ``begin MODE NAME`` block in ``data``."""
-    if _BEGIN.search(data) is None:  # the common case (b"begin " not in data, but faster)
+    """(name, decoded bytes) for every ``begin MODE NAME`` / ``begin-base64`` block."""
+    if _BEGIN.search(data) is None:  # the common case (b"begin" not in data, but faster)
         return
     pos = 0
     while (match := _UU_BEGIN.search(data, pos)) is not None:
-        decoded, pos = _uudecode_at(data, match.end())
-        yield match.group(1).decode("latin-1").strip(), decoded
+        if match.group(1):
+            decoded, pos = _b64decode_at(data, match.end())
+        else:
+            decoded, pos = _uudecode_at(data, match.end())
+        yield match.group(2).decode("latin-1").strip(), decoded
 
 
 def uuencoded_parts(part: Part, budget: Budget) -> Children:
@@ -182,9 +221,13 @@ def _leaves(entity: Message, payload: str, path: str, depth: int,
 
 def _walk(message: Message, path: str, depth: int, max_depth: int) -> Iterator[Part | Problem]:
     # Explicit stack: a hostile message can nest multiparts far deeper than Python recurses.
-    stack: list[tuple[Message, str, int, bool]] = [(message, path, depth, True)]
+    # A str on the stack is a preamble or epilogue, due after the parts before it.
+    stack: list[tuple[Message | str, str, int, bool]] = [(message, path, depth, True)]
     while stack:
         entity, path, depth, is_message = stack.pop()
+        if isinstance(entity, str):
+            yield Part(path, entity.encode("utf-8", "surrogateescape"), depth)
+            continue
         payload = getattr(entity, "_payload", None)
         if not (isinstance(payload, list) or (isinstance(payload, str) and payload.isascii())):
             # get_payload() returns a list or an ASCII str as it is; it re-decodes the rest.
@@ -201,15 +244,73 @@ def _walk(message: Message, path: str, depth: int, max_depth: int) -> Iterator[P
                 stack.extend(reversed(inner))
                 continue
             if depth + 1 > max_depth:
-                yield Problem(path, ScanStatus.UNKNOWN, REASON_RECURSION)
+                yield Problem(path, ScanStatus.UNKNOWN, REASON_RECURSION, LimitKind.STRUCTURAL)
                 continue
-            children = [
+            children: list[tuple[Message | str, str, int, bool]] = [
                 (child, join_path(path, str(i)), depth + 1, False)
                 for i, child in enumerate(payload, 1) if isinstance(child, Message)
             ]
+            preamble, epilogue = _text_around(entity)
+            if epilogue is not None:
+                stack.append((epilogue, join_path(path, "epilogue"), depth + 1, False))
             stack.extend(reversed(children))
+            if preamble is not None:
+                yield Part(join_path(path, "preamble"),
+                           preamble.encode("utf-8", "surrogateescape"), depth + 1)
         elif isinstance(payload, str):
             yield from _leaves(entity, payload, path, depth, is_message)
+
+
+def _text_around(entity: Message) -> tuple[str | None, str | None]:
+    """A multipart's preamble and epilogue, each None unless it holds more than blanks."""
+    found: list[str | None] = []
+    for text in (entity.preamble, entity.epilogue):
+        found.append(text if isinstance(text, str) and text.strip() else None)
+    return found[0], found[1]
+
+
+# -- part count ---------------------------------------------------------------------------------
+# Boundary parameters, as far as a regex finds them: enough for a lower bound on the parts.
+# Searched in a lower-cased copy (a literal prefix is found at memchr speed; IGNORECASE is
+# ten times slower), the values taken from the original bytes.
+_BOUNDARY_VALUE = re.compile(rb'boundary[ \t]*=[ \t]*(?:"([^"\r\n]+)"|([^\s;"]+))')
+_MAX_BOUNDARIES = 64  # distinct values counted; more are left to the parsers' own count
+
+
+def part_count_problem(path: str, data: bytes, max_files: int) -> Problem | None:
+    """Refuse a message with more than ``max_files`` parts before parsing it.
+
+    Every part begins after a separator line, ``--`` + a boundary at the start of a line.
+    When the message is short or the lines that start with ``--`` are few (the usual case:
+    at most one ``bytes.count``), nothing more is done; else the separator lines of each
+    boundary parameter found in the message are counted (``--b`` + CRLF or LF exactly).
+    That is a lower bound (a boundary hidden from the regex, or a separator line with
+    trailing blanks, is not counted): the parsers stop at ``max_files`` entities
+    themselves whatever this says.
+    """
+    # A separator line is at least 4 bytes ("--b" and a line end): a message this short
+    # cannot hold too many; most are, and are not even counted.
+    if len(data) <= 4 * max_files or data.count(b"\n--") <= max_files:
+        return None
+    boundaries: set[bytes] = set()
+    for match in _BOUNDARY_VALUE.finditer(data.lower()):
+        group = 1 if match.start(1) >= 0 else 2
+        boundaries.add(data[match.start(group):match.end(group)])
+        if len(boundaries) >= _MAX_BOUNDARIES:
+            break
+    count = 0
+    for boundary in boundaries:
+        line = b"\n--" + boundary
+        count += data.count(line + b"\n") + data.count(line + b"\r\n")
+        if count > max_files:
+            return _too_many_parts(path, max_files, count)
+    return None
+
+
+def _too_many_parts(path: str, max_files: int, count: int | None = None) -> Problem:
+    found = f"{count} MIME parts >" if count is not None else "more MIME parts than"
+    return Problem(path, ScanStatus.SKIPPED, f"{REASON_FILES} ({found} max_files {max_files})",
+                   LimitKind.STRUCTURAL)
 
 
 # -- ambiguous boundaries (CVE-2024-28054) --------------------------------------------------
@@ -217,10 +318,18 @@ _PARAM_EQUALS = re.compile(rb"[ \t]*=")
 _CONTENT_TYPE_FIELD = re.compile(rb"(?i)content-type[ \t]*:")
 
 
-def _header_start(data: bytes, pos: int) -> int:
-    """Start of the (possibly folded) header field that contains offset ``pos``."""
+def _header_start(data: bytes, pos: int, known: tuple[int, int] = (-1, 0)) -> int:
+    """Start of the (possibly folded) header field that contains offset ``pos``.
+
+    ``known`` is (an earlier offset, the start of its field): reaching the line that holds
+    it ends the walk, so that finding the fields of many offsets in one long folded field
+    costs one walk over it rather than one per offset.
+    """
+    before, before_start = known
     start = data.rfind(b"\n", 0, pos) + 1
     while start > 0 and data[start:start + 1] in (b" ", b"\t"):  # a continuation line
+        if start <= before:
+            return before_start  # the line holding ``before``: the same field
         start = data.rfind(b"\n", 0, start - 1) + 1
     return start
 
@@ -229,12 +338,14 @@ def _boundary_params(data: bytes) -> dict[int, list[int]]:
     """Offsets of ``boundary=`` parameters, grouped by the Content-Type field holding them."""
     lower = data.lower()
     fields: dict[int, list[int]] = {}
+    known = (-1, 0)
     pos = lower.find(b"boundary")
     while pos != -1:
         # A parameter: preceded by ";" (whitespace and folding allowed), followed by "=".
         before = lower[max(0, pos - 64):pos].rstrip(b" \t\r\n")
         if before.endswith(b";") and _PARAM_EQUALS.match(lower, pos + 8):
-            start = _header_start(lower, pos)
+            start = _header_start(lower, pos, known)
+            known = (pos, start)
             if _CONTENT_TYPE_FIELD.match(lower, start):
                 fields.setdefault(start, []).append(pos)
         pos = lower.find(b"boundary", pos + 8)
@@ -290,40 +401,112 @@ def last_boundary_view(data: bytes) -> bytes | None:
     return b"".join(out)
 
 
+# -- obsolete header syntax (RFC 5322 4.5.3: blanks before the colon) ----------------------
+# "Content-Type : multipart/mixed" is a header to many readers (obs-optional allows WSP
+# before ":"), but Python's parser ends the header block at such a line, so everything after
+# it becomes body and the attachments are never decoded. When a line of that shape exists,
+# the message is read a second time with the blanks removed.
+_OBS_HEADER = re.compile(rb"(?m)^([!-9;-~]{1,998})[ \t]++:")
+
+
+def obsolete_header_view(data: bytes) -> bytes | None:
+    """``data`` with ``Name :`` header lines rewritten as ``Name:``, or None if there are none.
+
+    Every such line is rewritten, body lines included: this view is scanned *besides* the
+    message as sent, so a body line changed here can only add to what is scanned.
+    """
+    if _OBS_HEADER.search(data) is None:
+        return None
+    return _OBS_HEADER.sub(rb"\1:", data)
+
+
 # The fast parser builds the same Message tree as the email package for ordinary messages
 # and declines the rest (see mimeparse); False makes every parse use the email package.
 FAST_PARSE = True
 
 
-def _parse(data: bytes) -> Message:
+# Header lines (fields and their continuation lines) of all entities of one message: a few
+# dozen per entity in real mail. Each becomes a (name, value) pair in the tree, so a message
+# of nothing but short header lines must not turn 25 MB into a gigabyte of tuples.
+HEADER_LINES_PER_PART = 20
+HEADER_LINES_BASE = 100_000
+
+
+def header_line_budget(max_files: int) -> int:
+    return HEADER_LINES_BASE + HEADER_LINES_PER_PART * max_files
+
+
+def _parse(data: bytes, max_parts: int | None = None,
+           max_header_lines: int | None = None) -> Message:
+    """The message tree; :class:`mimeparse.MimeLimit` past ``max_parts`` entities or
+    ``max_header_lines`` header lines."""
     if FAST_PARSE:
         # Unsupported (something it does not mirror), or a bug of its own: the email
         # package decides, so the fast path can never lose content.
-        with contextlib.suppress(Exception):
-            return mimeparse.parse(data)
-    return _PARSER.parsebytes(data)
+        try:
+            return mimeparse.parse(data, max_parts, max_header_lines)
+        except mimeparse.MimeLimit:
+            raise
+        except Exception:  # noqa: S110 - see above
+            pass
+    return mimeparse.parse_email_package(data, max_parts, max_header_lines)
+
+
+def _limit_problem(path: str, exc: mimeparse.MimeLimit, max_files: int) -> Problem:
+    if isinstance(exc, mimeparse.TooManyHeaderLines):
+        return Problem(path, ScanStatus.SKIPPED,
+                       f"header line limit (more than {header_line_budget(max_files)})",
+                       LimitKind.STRUCTURAL)
+    return _too_many_parts(path, max_files)
 
 
 def mail_parts(part: Part, budget: Budget) -> Children:
     """The decoded leaves of a mail message, under every interpretation parsers disagree on."""
     max_depth = budget.limits.max_recursion
+    max_files = budget.limits.max_files
+    refused = part_count_problem(part.path, part.data, max_files)
+    if refused is not None:
+        yield refused
+        return
+    header_lines = header_line_budget(max_files)
     try:
-        message = _parse(part.data)
+        message = _parse(part.data, max_files, header_lines)
+    except mimeparse.MimeLimit as exc:
+        yield _limit_problem(part.path, exc, max_files)
+        return
     except Exception as exc:
         yield Problem(part.path, ScanStatus.UNKNOWN, f"unparseable message: {type(exc).__name__}")
         return
-    alternative = last_boundary_view(part.data)
-    if alternative is None:
-        yield from _walk(message, part.path, part.depth, max_depth)
-        return
-    seen: set[bytes] = set()
+    alternatives = [(suffix, view) for suffix, view in (
+        ("~boundary2", last_boundary_view(part.data)),
+        ("~obsheader", obsolete_header_view(part.data))) if view is not None]
+    # A "body" that is the whole message again (a parser that gave up on the header block
+    # at its first line) was scanned already, as the message: decomposing it once more would
+    # only nest the same reading down to the recursion limit.
+    # Identical parts within this reading are all kept: replacing infected parts needs
+    # every path.
+    seen: set[bytes] = {hashlib.blake2b(part.data, digest_size=16).digest()}
     for item in _walk(message, part.path, part.depth, max_depth):
         if isinstance(item, Part):
-            seen.add(hashlib.blake2b(item.data, digest_size=16).digest())
-        yield item
-    # Only what the other reading adds: parts both readings share are not scanned twice.
-    for item in _walk(_parse(alternative), part.path + "~boundary2", part.depth, max_depth):
-        if isinstance(item, Part):
-            if hashlib.blake2b(item.data, digest_size=16).digest() in seen:
+            if item.data == part.data:
                 continue
+            if alternatives:
+                seen.add(hashlib.blake2b(item.data, digest_size=16).digest())
         yield item
+    if not alternatives:
+        return
+    # Only what another reading adds: parts the readings share are not scanned twice.
+    for suffix, view in alternatives:
+        path = part.path + suffix
+        try:
+            message = _parse(view, max_files, header_lines)
+        except mimeparse.MimeLimit as exc:
+            yield _limit_problem(path, exc, max_files)
+            return
+        for item in _walk(message, path, part.depth, max_depth):
+            if isinstance(item, Part):
+                digest = hashlib.blake2b(item.data, digest_size=16).digest()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+            yield item

@@ -9,10 +9,10 @@ default types and payload strings for every entity — but finds boundary lines 
 It mirrors ``email.feedparser.FeedParser._parsegen`` step for step (the same "false EOF"
 stack of enclosing boundaries, preamble and close-delimiter handling, duplicate boundary
 lines, the line break before a boundary belonging to the boundary, a start boundary that
-never comes), keeping only what the tree holds: preambles, epilogues and defects are not
-recorded, as nothing in avgate reads them. Whatever it does not mirror raises
-:class:`Unsupported`, and the caller uses the email package instead, so correctness never
-depends on this module handling a corner:
+never comes), keeping what the tree holds, preambles and epilogues included (they are
+scanned as parts of their own); defects are not recorded, as nothing in avgate reads them.
+Whatever it does not mirror raises :class:`Unsupported`, and the caller uses the email
+package instead, so correctness never depends on this module handling a corner:
 
 * a bare CR (a line end to the feed parser) in a header block or next to a boundary line;
 * a boundary containing CR or LF, or nesting deeper than :data:`MAX_DEPTH`;
@@ -21,16 +21,25 @@ depends on this module handling a corner:
 * a line after a part that matches no boundary (the feed parser's ``assert``).
 
 The differential tests in ``tests/unit/content/test_mimeparse.py`` compare both parsers.
+
+Both parsers build :class:`MimeMessage` entities: an ``email.message.Message`` whose
+parameter parser is linear (the stdlib's ``_parseparam`` is quadratic in the number of
+``;`` inside a quoted value: a 62 KB header took seconds), with the same results. Both
+stop with :class:`TooManyParts` once a message has more entities than allowed, so a
+100,000-part message never becomes a 100,000-entity tree.
 """
 
 from __future__ import annotations
 
 import re
-from email.feedparser import headerRE  # type: ignore[attr-defined]
+from email import utils
+from email.feedparser import FeedParser, headerRE  # type: ignore[attr-defined]
 from email.message import Message
 from email.policy import compat32
+from typing import Any
 
-__all__ = ["MAX_DEPTH", "Unsupported", "filename", "param", "parse"]
+__all__ = ["MAX_DEPTH", "MimeLimit", "MimeMessage", "TooManyHeaderLines", "TooManyParts",
+           "Unsupported", "filename", "param", "parse", "parse_email_package", "parse_params"]
 
 MAX_DEPTH = 64  # entities nested deeper than this: left to the email package
 
@@ -39,9 +48,137 @@ class Unsupported(Exception):
     """The message uses something this parser does not mirror: use the email package."""
 
 
+class MimeLimit(Exception):
+    """The message is larger in some count than allowed: parsing stopped."""
+
+
+class TooManyParts(MimeLimit):
+    """The message has more entities (parts, nested parts, enclosed messages) than allowed."""
+
+
+class TooManyHeaderLines(MimeLimit):
+    """The header blocks of the message hold more lines, in all, than allowed."""
+
+
+# -- parameter lists in linear time -----------------------------------------------------
+_UNESCAPED_QUOTE = re.compile(r'(?<!\\)"')
+
+
+def parse_params(value: str) -> list[str]:
+    """``email.message._parseparam(value)``, in linear time.
+
+    The stdlib ends a parameter at the first ``;`` before which the parameter holds an even
+    number of quotes (``"`` not preceded by a backslash), counting from the start of the
+    parameter at every candidate ``;`` and copying the rest of the string after each
+    parameter: quadratic for a quoted value full of ``;``. Here the parity is carried from
+    quote to quote instead (a ``;`` can only end the parameter after a quote changed it), so
+    every character is looked at a bounded number of times; the result is the same list.
+    """
+    s = ";" + str(value)
+    size = len(s)
+    plist: list[str] = []
+    pos = 0  # s[pos] == ";" while pos < size
+    while pos < size:
+        start = pos + 1
+        end = s.find(";", start)
+        if end > start and (s.count('"', start, end) - s.count('\\"', start, end)) % 2:
+            while True:  # an odd number of quotes before ``end``: it is inside a quoted value
+                quote = _UNESCAPED_QUOTE.search(s, end)
+                if quote is None:
+                    end = -1
+                    break
+                after = quote.end()
+                end = s.find(";", after)
+                if end < 0:
+                    break
+                # s[after - 1] is a quote, no backslash: the counts need no look behind
+                if not (s.count('"', after, end) - s.count('\\"', after, end)) % 2:
+                    break
+        if end < 0:
+            end = size
+        f = s[start:end]
+        if "=" in f:
+            i = f.index("=")
+            f = f[:i].strip().lower() + "=" + f[i + 1:].strip()
+        plist.append(f.strip())
+        pos = end
+    return plist
+
+
+class MimeMessage(Message):
+    """An ``email.message.Message`` whose parameter lists are parsed in linear time."""
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        # Message._get_params_preserve, with parse_params for _parseparam.
+        missing = object()
+        value = self.get(header, missing)
+        if value is missing:
+            return failobj
+        params = []
+        for p in parse_params(str(value)):
+            try:
+                name, val = p.split("=", 1)
+                name = name.strip()
+                val = val.strip()
+            except ValueError:
+                # Must have been a bare attribute
+                name = p.strip()
+                val = ""
+            params.append((name, val))
+        return utils.decode_params(params)
+
+
+class _CountingFactory:
+    """The feed parser's message factory: refuses to make more than ``limit`` parts."""
+
+    __slots__ = ("count", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = -1  # the root is no part
+
+    def __call__(self, policy: Any = compat32) -> MimeMessage:
+        self.count += 1
+        if self.count > self.limit:
+            raise TooManyParts(self.limit)
+        return MimeMessage(policy=policy)
+
+
+class _LimitedFeedParser(FeedParser):
+    """The feed parser, counting the header lines of every entity it parses."""
+
+    def __init__(self, factory: Any, max_header_lines: int | None) -> None:
+        super().__init__(_factory=factory, policy=compat32)
+        self._header_budget = max_header_lines
+
+    def _parse_headers(self, lines: list[str]) -> None:
+        if self._header_budget is not None:
+            self._header_budget -= len(lines)
+            if self._header_budget < 0:
+                raise TooManyHeaderLines()
+        super()._parse_headers(lines)  # type: ignore[misc]
+
+
+def parse_email_package(data: bytes, max_parts: int | None = None,
+                        max_header_lines: int | None = None) -> Message:
+    """``BytesParser(_class=MimeMessage, policy=compat32).parsebytes(data)``, stopped with
+    :class:`TooManyParts` at the entity after ``max_parts``, with :class:`TooManyHeaderLines`
+    past ``max_header_lines`` header lines in all (None: no limit)."""
+    factory = _CountingFactory(max_parts if max_parts is not None else -1)
+    parser = _LimitedFeedParser(factory if max_parts is not None else MimeMessage,
+                                max_header_lines)
+    factory.count = -1  # the feed parser makes one message to try the factory out
+    text = data.decode("ascii", "surrogateescape")
+    for start in range(0, len(text), 8192):  # as Parser.parse feeds it
+        parser.feed(text[start:start + 8192])
+    return parser.close()
+
+
 _source_parse = compat32.header_source_parse
 # A run of lines the feed parser's header loop takes (headerRE, then the rest of the line).
-_HEADER_LINES = re.compile(r"(?:(?:From |[\041-\071\073-\176]*:|[\t ])[^\n]*(?:\n|\Z))*")
+# Possessive: the match is always the longest run, and a backtracking point saved for each of
+# a million lines would cost hundreds of megabytes.
+_HEADER_LINES = re.compile(r"(?:(?:From |[\041-\071\073-\176]*+:|[\t ])[^\n]*+(?:\n|\Z))*+")
 # One field of a block whose lines all start with a name and ":" or a blank (continuation):
 # compat32's header_source_parse (name up to ":", value without its leading blanks and,
 # once the caller strips it, the final line break) for every field at once.
@@ -50,14 +187,23 @@ _ODD_FIRST = frozenset(" \t:")  # a continuation or an empty name first
 assert headerRE.pattern == r"^(From |[\041-\071\073-\176]*:|[\t ])"  # the same rule
 
 
-def parse(data: bytes) -> Message:
-    """The Message ``email.parser.BytesParser(policy=compat32).parsebytes(data)`` returns.
+def parse(data: bytes, max_parts: int | None = None,
+          max_header_lines: int | None = None) -> Message:
+    """The Message ``email.parser.BytesParser(policy=compat32).parsebytes(data)`` returns
+    (of :class:`MimeMessage` entities, as :func:`parse_email_package` makes).
 
-    Raises :class:`Unsupported` for input it does not handle exactly like the email package.
+    Raises :class:`Unsupported` for input it does not handle exactly like the email
+    package, :class:`TooManyParts` past ``max_parts`` entities below the root,
+    :class:`TooManyHeaderLines` past ``max_header_lines`` header lines in all.
     """
     # The feed parser works on this text too; ASCII bytes are one character each, others
     # become lone surrogates, so payload slices are exactly the feed parser's strings.
-    return _Parser(data.decode("ascii", "surrogateescape"), data.isascii()).message()
+    parser = _Parser(data.decode("ascii", "surrogateescape"), data.isascii())
+    if max_parts is not None:
+        parser.max_parts = max_parts
+    if max_header_lines is not None:
+        parser.header_budget = max_header_lines
+    return parser.message()
 
 
 # -- parameters -------------------------------------------------------------------------
@@ -102,9 +248,13 @@ def filename(msg: Message) -> str | None:
 class _Parser:
     """One parse: the text, where reading is, and the enclosing boundaries (false EOFs)."""
 
-    __slots__ = ("ascii", "end", "eofstack", "last", "last_multipart", "matches", "pos", "text")
+    __slots__ = ("ascii", "end", "eofstack", "header_budget", "last", "last_multipart",
+                 "matches", "max_parts", "parts", "pos", "text")
 
     def __init__(self, text: str, ascii: bool) -> None:
+        self.parts = 0  # entities made below the root
+        self.max_parts = -1  # no limit
+        self.header_budget = -1  # header lines left to parse; no limit when negative
         self.text = text
         self.ascii = ascii
         self.end = len(text)
@@ -212,8 +362,11 @@ class _Parser:
         """``_parsegen``: one entity from the current position to its (false) EOF."""
         if depth > MAX_DEPTH:
             raise Unsupported("nesting depth")
-        msg = Message(policy=compat32)
+        msg = MimeMessage(policy=compat32)
         if parent is not None:
+            self.parts += 1
+            if self.parts > self.max_parts >= 0:
+                raise TooManyParts(self.max_parts)
             if parent_type == "multipart/digest":
                 msg.set_default_type("message/rfc822")
             parent.attach(msg)
@@ -241,6 +394,11 @@ class _Parser:
         found = _HEADER_LINES.match(text, start, limit)
         pos = found.end()  # type: ignore[union-attr]
         block = text[start:pos]
+        if self.header_budget >= 0:
+            # the lines the feed parser would hand _parse_headers (the last may lack a LF)
+            self.header_budget -= block.count("\n") + (not block.endswith("\n") and bool(block))
+            if self.header_budget < 0:
+                raise TooManyHeaderLines()
         if "\r" in block and block.count("\r") != block.count("\r\n"):
             raise Unsupported("bare CR")
         if pos < limit:  # the line that ended the block
@@ -317,14 +475,19 @@ class _Parser:
         if eof <= first:  # an enclosing boundary wins a tie, as readline checks those first
             self.pos = eof
             msg.set_payload(self.text[start:eof])
+            msg.epilogue = ""
             return
         close, self.pos = self.boundary_tail(first + len(sep))  # type: ignore[misc]
         if close:
             # The close delimiter before any part: the preamble is the payload, and what
-            # follows up to the EOF is an epilogue.
+            # follows up to the EOF is read as an epilogue and dropped (the feed parser's
+            # epilogue is then empty).
             msg.set_payload(self.text[start:first])
             self.pos = self.eof_at(self.pos)
+            msg.epilogue = ""
             return
+        if first > start:  # the preamble, without the line break of the boundary line
+            msg.preamble = _strip_eol(self.text[start:first])
         while True:
             # After a separator line: further boundary lines (even a close delimiter) are
             # skipped, as the feed parser does not make empty parts of doubled boundaries.
@@ -335,15 +498,18 @@ class _Parser:
                 self.pos = found[1]
             self.eofstack.append(sep)
             self.entity(msg, ctype, depth + 1)
-            # The line break before the boundary line belongs to the boundary.
+            # The line break before the boundary line belongs to the boundary: it comes off
+            # the payload of the part before it, or off the epilogue of a multipart.
+            last = self.last
+            assert last is not None
             if not self.last_multipart:
-                last = self.last
                 payload = vars(last)["_payload"]  # what get_payload() would transform
                 if isinstance(payload, str):
-                    if payload.endswith("\r\n"):
-                        last.set_payload(payload[:-2])  # type: ignore[union-attr]
-                    elif payload.endswith(("\n", "\r")):
-                        last.set_payload(payload[:-1])  # type: ignore[union-attr]
+                    last.set_payload(_strip_eol(payload))
+            elif last.epilogue == "":
+                last.epilogue = None
+            elif last.epilogue is not None:
+                last.epilogue = _strip_eol(last.epilogue)
             self.eofstack.pop()
             self.last, self.last_multipart = msg, True
             if self.at_eof():
@@ -353,5 +519,15 @@ class _Parser:
                 raise Unsupported("line after a part is no boundary")
             close, self.pos = found
             if close:
-                self.pos = self.eof_at(self.pos)  # the epilogue, not kept
+                start, self.pos = self.pos, self.eof_at(self.pos)
+                msg.epilogue = self.text[start:self.pos]
                 return
+
+
+def _strip_eol(text: str) -> str:
+    """``text`` without one final CRLF, LF or CR (the feed parser's NLCRE_eol)."""
+    if text.endswith("\r\n"):
+        return text[:-2]
+    if text.endswith(("\n", "\r")):
+        return text[:-1]
+    return text

@@ -183,7 +183,7 @@ def test_single_boundary_messages_are_parsed_once() -> None:
     data = mail(attachments=[("a.txt", b"alpha"), ("b.txt", b"beta")],
                 boundary="boundary-with-boundary-in-it")
     paths = [p.path for p in parts(run(data))]
-    assert paths == ["m", "m/1", "m/2/a.txt", "m/3/b.txt"]
+    assert paths == ["m", "m/preamble", "m/1", "m/2/a.txt", "m/3/b.txt"]
 
 
 def test_duplicate_transfer_encoding_decodes_both() -> None:

@@ -45,3 +45,17 @@ def test_looks_like_mail(data: bytes, is_mail: bool) -> None:
 def test_bzip2_needs_its_block_magic() -> None:
     assert detect(b"BZh91AY&SY" + bytes(20)) is Kind.BZIP2
     assert detect(b"BZh9 some text") is Kind.OTHER
+
+
+def test_detection_stays_cheap_on_long_lines() -> None:
+    # A long line that is no header field must not be scanned character by character (nor
+    # backtracked), and a zip's end record is only looked for in the last 64 KiB.
+    import time
+
+    samples = [b"Note: hello\n" + b"x" * 2_000_000, b"x" * 2_000_000,
+               b"J" * 5000 + b" v\r\n" + b"y" * 2_000_000, bytes(2_000_000)]
+    for data in samples:
+        start = time.perf_counter()
+        for _ in range(20):
+            assert detect(data) is Kind.OTHER
+        assert (time.perf_counter() - start) / 20 < 0.005

@@ -12,7 +12,7 @@ import pytest
 
 from avgate.content import RATIO_FLOOR, Part, Problem, decompose
 from avgate.limits import Limits
-from avgate.result import ScanStatus
+from avgate.result import LimitKind, ScanStatus
 from tests.corpus import EICAR, make_7z, make_tar, make_zip, zip_bomb
 
 RATIO = "compression ratio limit (possible archive bomb)"
@@ -36,7 +36,8 @@ def test_max_file_size_member(build: Callable[[list[tuple[str, bytes]]], bytes])
         ("m/big.bin", "part"), ("m/small.txt", "part")]
     items = run(data, Limits(max_file_size=4999))
     assert outcome(items)[1:] == [("m/big.bin", "file size limit"), ("m/small.txt", "part")]
-    assert items[1] == Problem("m/big.bin", ScanStatus.SKIPPED, "file size limit")
+    assert items[1] == Problem("m/big.bin", ScanStatus.SKIPPED, "file size limit",
+                               LimitKind.SIZE)
 
 
 def test_max_file_size_of_a_decompressed_stream() -> None:
@@ -49,7 +50,7 @@ def test_max_file_size_of_a_decompressed_stream() -> None:
 def test_max_file_size_root() -> None:
     assert outcome(run(b"x" * 100, Limits(max_file_size=100))) == [("m", "part")]
     assert run(b"x" * 101, Limits(max_file_size=100)) == [
-        Problem("m", ScanStatus.SKIPPED, "file size limit")]
+        Problem("m", ScanStatus.SKIPPED, "file size limit", LimitKind.SIZE)]
 
 
 # -- max_files ------------------------------------------------------------------------------
@@ -57,10 +58,24 @@ def test_max_files() -> None:
     data = make_zip([(f"f{i}.txt", b"%d" % i) for i in range(3)])
     assert [i.path for i in run(data, Limits(max_files=3))] == [
         "m", "m/f0.txt", "m/f1.txt", "m/f2.txt"]
+    # One file too many: the archive's central directory is refused before anything is
+    # extracted (a structural limit: the sender chose the shape).
     items = run(data, Limits(max_files=2))
-    assert outcome(items) == [("m", "part"), ("m/f0.txt", "part"), ("m/f1.txt", "part"),
-                              ("m/f2.txt", "file count limit")]
-    assert items[-1].status is ScanStatus.SKIPPED  # type: ignore[union-attr]
+    assert items[1:] == [Problem("m", ScanStatus.SKIPPED,
+                                 "file count limit (more than max_files 2 files in the archive)",
+                                 LimitKind.STRUCTURAL)]
+
+
+def test_max_files_counts_parts_across_containers() -> None:
+    # Each archive fits on its own; the running count stops the decomposition.
+    data = make_tar([("a.zip", make_zip([("a1", b"1"), ("a2", b"2")])),
+                     ("b.zip", make_zip([("b1", b"3"), ("b2", b"4")]))])
+    items = run(data, Limits(max_files=4))
+    assert outcome(items) == [("m", "part"), ("m/a.zip", "part"), ("m/a.zip/a1", "part"),
+                              ("m/a.zip/a2", "part"), ("m/b.zip", "part"),
+                              ("m/b.zip/b1", "file count limit")]
+    assert items[-1] == Problem("m/b.zip/b1", ScanStatus.SKIPPED, "file count limit",
+                                LimitKind.STRUCTURAL)
 
 
 def test_max_files_stops_nested_decomposition_too() -> None:
@@ -90,7 +105,7 @@ def test_max_scan_size_stops_everything_after_it() -> None:
 
 def test_max_scan_size_root() -> None:
     assert run(b"x" * 11, Limits(max_scan_size=10)) == [
-        Problem("m", ScanStatus.SKIPPED, "scan size limit")]
+        Problem("m", ScanStatus.SKIPPED, "scan size limit", LimitKind.SIZE)]
 
 
 # -- max_recursion --------------------------------------------------------------------------
@@ -177,7 +192,21 @@ def test_tar_member_declared_size_is_checked_before_reading() -> None:
     items = run(buf.getvalue(), Limits(max_file_size=len(buf.getvalue()),
                                        max_scan_size=10**9))
     assert outcome(items)[1:] == [("m/huge.bin", "part")]
+    items = run(buf.getvalue(), Limits(max_scan_size=len(buf.getvalue()) + 9_999))
+    assert items[1:] == [Problem("m/huge.bin", ScanStatus.SKIPPED, "scan size limit",
+                                 LimitKind.SIZE)]
+
+
+def test_tar_member_declared_past_the_end_is_truncated_not_a_size_limit() -> None:
+    # A header may claim any size; the member cannot hold more than the archive does. What
+    # is there is scanned, then the truncation is reported (corrupt: no limit at all).
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("huge.bin")
+        info.size = 10_000
+        tf.addfile(info, io.BytesIO(EICAR + bytes(10_000 - len(EICAR))))
     items = run(buf.getvalue()[:2048], Limits(max_file_size=5000))  # truncated member
-    reasons = [i.reason for i in items if isinstance(i, Problem)]
-    # Refused on the header's size without reading; then the truncation is noticed.
-    assert reasons == ["file size limit", "corrupt archive: unexpected end of data"]
+    assert [(i.path, i.data[:len(EICAR)]) for i in items if isinstance(i, Part)][1:] == [
+        ("m/huge.bin", EICAR)]
+    assert [i for i in items if isinstance(i, Problem)] == [
+        Problem("m/huge.bin", ScanStatus.UNKNOWN, "corrupt archive: truncated member")]

@@ -34,10 +34,11 @@ SMALL = Limits(max_recursion=3, max_files=12)
 
 
 def tree(msg: Message) -> tuple:
-    """Everything of a Message that decomposition can see."""
+    """Everything of a Message that decomposition can see (preamble and epilogue included)."""
     payload = msg._payload
     body = [tree(m) for m in payload] if isinstance(payload, list) else payload
-    return (type(msg), list(msg._headers), msg.get_default_type(), body)
+    return (type(msg), list(msg._headers), msg.get_default_type(), body, msg.preamble,
+            msg.epilogue)
 
 
 def reference(data: bytes) -> Message:
@@ -354,3 +355,67 @@ def test_nested_rfc822_takes_the_fast_path() -> None:
     data = nested_mail(mail(attachments=[("eicar.com", EICAR)]))
     same(data, must_be_fast=True)
     assert [p.path for p in _all_parts(data) if p.data == EICAR] == ["m/2/2/eicar.com"]
+
+
+# -- linear parameter parsing and the part limit --------------------------------------------
+PARAM_TEXT = st.text('";\\= a\t\'*', max_size=40)
+
+
+@FUZZ
+@given(st.one_of(PARAM_TEXT, parameter_lists()))
+def test_parse_params_is_the_stdlib_parseparam(value: str) -> None:
+    import email.message
+
+    assert mimeparse.parse_params(value) == email.message._parseparam(value)  # type: ignore[attr-defined]
+
+
+@FUZZ
+@given(parameter_lists())
+def test_mime_message_params_match_the_email_package(value: str) -> None:
+    ours, theirs = mimeparse.MimeMessage(), Message()
+    for msg in (ours, theirs):
+        msg["Content-Type"] = value
+        msg["Content-Disposition"] = value
+    for get in (lambda m: m.get_params(), lambda m: m.get_filename(),
+                lambda m: m.get_boundary(), lambda m: m.get_content_charset()):
+        try:
+            expected = get(theirs)
+        except Exception as exc:  # the stdlib fails: ours fails alike
+            with pytest.raises(type(exc)):
+                get(ours)
+        else:
+            assert get(ours) == expected
+
+
+@pytest.mark.parametrize("data", [
+    # preambles and epilogues: whitespace only, nested, before an outer boundary, CR LF
+    b"Content-Type: multipart/mixed; boundary=o\n\n \t\n--o\n\nx\n--o--\n\n\n",
+    b"Content-Type: multipart/mixed; boundary=o\n\npre\n\n--o\nContent-Type: multipart/mixed;"
+    b" boundary=i\n\ninner pre\n--i\n\ny\n--i--\ninner epi\n\n--o--\nouter epi",
+    b"Content-Type: multipart/mixed; boundary=o\n\n--o\nContent-Type: multipart/mixed;"
+    b" boundary=i\n\n--i\n\ny\n--i--\n--o\n\nz\n--o--",
+    b"Content-Type: multipart/mixed; boundary=o\n\n--o\nContent-Type: multipart/mixed;"
+    b" boundary=i\n\nno start boundary\n--o--\nepi\n",
+    b"Content-Type: multipart/mixed; boundary=o\n\n--o\nContent-Type: multipart/mixed;"
+    b" boundary=i\n\n--i\n\ny\n--i--",
+])
+def test_preamble_and_epilogue_corner_cases(data: bytes) -> None:
+    same(data)
+    same(data.replace(b"\n", b"\r\n"))
+
+
+def test_both_parsers_stop_at_the_part_limit() -> None:
+    data = (b"Content-Type: multipart/mixed; boundary=b\n\n" + b"--b\n\nx\n" * 30 + b"--b--\n")
+    assert len(mimeparse.parse(data, 30).get_payload()) == 30
+    assert len(mimeparse.parse_email_package(data, 30).get_payload()) == 30
+    with pytest.raises(mimeparse.TooManyParts):
+        mimeparse.parse(data, 29)
+    with pytest.raises(mimeparse.TooManyParts):
+        mimeparse.parse_email_package(data, 29)
+    # an enclosed message is an entity too
+    nested = b"Content-Type: message/rfc822\n\nContent-Type: text/plain\n\nx\n"
+    with pytest.raises(mimeparse.TooManyParts):
+        mimeparse.parse(nested, 0)
+    with pytest.raises(mimeparse.TooManyParts):
+        mimeparse.parse_email_package(nested, 0)
+    assert tree(mimeparse.parse(nested, 1)) == tree(mimeparse.parse_email_package(nested, 1))
