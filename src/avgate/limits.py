@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from pydantic import Field
+
+from .settings import Section, Size
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -22,28 +26,23 @@ DEFAULT_SPOOL_MEMORY = 1 * MiB
 DEFAULT_WORKER_MEMORY = 1 * GiB
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds on what decomposition and engines will do with one object.
+class Limits(Section):
+    """``[limits]``: bounds on what decomposition and engines will do with one object.
 
     max_scan_size: total bytes scanned per object (including extracted data)
     max_file_size: largest single file/part scanned (compressed or extracted)
     max_recursion: nesting depth of archives/MIME
     max_files: number of parts extracted from one object
     max_ratio: decompressed/compressed ratio for one member (zip bomb guard)
+    scan_timeout: seconds one object may take (the scan worker's hard budget)
     """
 
-    max_scan_size: int = DEFAULT_MAX_SCAN_SIZE
-    max_file_size: int = DEFAULT_MAX_FILE_SIZE
-    max_recursion: int = DEFAULT_MAX_RECURSION
-    max_files: int = DEFAULT_MAX_FILES
-    max_ratio: float = DEFAULT_MAX_RATIO
-    scan_timeout: float = DEFAULT_SCAN_TIMEOUT
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ValueError(f"limits.{f.name} must be > 0")
+    max_scan_size: Size = DEFAULT_MAX_SCAN_SIZE
+    max_file_size: Size = DEFAULT_MAX_FILE_SIZE
+    max_recursion: int = Field(DEFAULT_MAX_RECURSION, gt=0)
+    max_files: int = Field(DEFAULT_MAX_FILES, gt=0)
+    max_ratio: float = Field(float(DEFAULT_MAX_RATIO), gt=1)
+    scan_timeout: float = Field(DEFAULT_SCAN_TIMEOUT, gt=0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,11 +15,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .result import ScanResult
+from .settings import Section
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
@@ -52,6 +53,13 @@ def scan_event(result: ScanResult, *, frontend: str, listener: str = "",
         event["reason"] = result.reason
     event.update(extra)
     return event
+
+
+class LogSettings(Section):
+    """``[log]``: the scan log (JSON lines; stdout for ``serve`` when no path) and its level."""
+
+    path: str | None = None
+    level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class ScanLog:
@@ -185,12 +193,8 @@ def record_scan(frontend: str, result: ScanResult) -> None:
         findings_total.labels(name=name).inc()
     if result.cached:
         cache_hits_total.inc()
-        return  # a cache hit asked no engine: no engine latency to record
-    for engine in result.engines:
-        # the merged result has one elapsed time; engines ran within it
-        engine_latency.labels(engine=engine.name).observe(result.elapsed)
-        if result.status.value == "error":
-            engine_errors_total.labels(engine=engine.name).inc()
+    # engine latency and errors are recorded per engine by BaseEngine.scan, from that
+    # engine's own result (the merged one has one elapsed time and one status for all)
 
 
 def set_quarantine_size(records: int, size: int) -> None:

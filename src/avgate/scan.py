@@ -12,19 +12,34 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from .config import Config
 from .engines.base import BaseEngine, EngineContext, build_engine
 from .errors import SpoolError
-from .limits import DEFAULT_LIMITS, Limits
+from .limits import DEFAULT_LIMITS, DEFAULT_SPOOL_MEMORY, DEFAULT_WORKER_MEMORY, Limits
 from .result import LimitKind, ScanResult, ScanStatus, merge
+from .settings import Section, Size
 from .spool import Spool
 from .workers import default_size
 
 #: results worth remembering: deterministic for the same bytes and signatures
 _CACHEABLE = frozenset({ScanStatus.CLEAN, ScanStatus.INFECTED, ScanStatus.SKIPPED,
                         ScanStatus.UNKNOWN})
+
+
+class ScanSettings(Section):
+    """``[scan]``: mode, verdict cache, spool, scan workers."""
+
+    mode: Literal["first_infected", "all"] = "first_infected"
+    cache: bool = True
+    cache_size: int = Field(10_000, gt=0)
+    spool_memory: Size = DEFAULT_SPOOL_MEMORY  # bytes kept in memory before a temp file
+    spool_dir: str | None = None
+    workers: int = Field(0, ge=0)  # scan worker processes; 0: one per core
+    worker_memory: Size = DEFAULT_WORKER_MEMORY  # address-space cap of each scan worker
 
 
 class VerdictCache:
@@ -78,7 +93,7 @@ class ScanService:
     @classmethod
     def from_config(cls, config: Config) -> ScanService:
         workers = config.scan.workers
-        serve_workers = int(config.serve.get("workers", 1))
+        serve_workers = config.serve.workers
         if not workers and serve_workers > 1:
             # every serve process has its own scan workers: share the cores between them
             workers = max(1, default_size() // serve_workers)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import ipaddress
 import os
 import signal
 import sys
@@ -58,11 +57,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+from pydantic import Field
+
 from . import config as config_mod
 from .config import Config
 from .errors import AvgateError, ConfigError
-from .gateway import Envelope, Gateway, Outcome
+from .frontends.listen import Address, ListenOptions
+from .gateway import Gateway, Outcome
 from .policy import Context
+from .settings import Section
 from .spool import Spool
 
 FRONTENDS: dict[str, str] = {
@@ -73,21 +76,26 @@ FRONTENDS: dict[str, str] = {
     "clamd_listener": "avgate.frontends.clamd:start",
 }
 
-DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+
+class ServeSettings(Section):
+    """``[serve]``: worker processes sharing the listeners, and the drain on SIGTERM/reload."""
+
+    workers: int = Field(1, gt=0)
+    drain_timeout: float = Field(30.0, gt=0)
 #: start-up window: a worker that exits within it is a start-up failure (not restarted)
 WORKER_STARTUP_S = 10.0
 
 _worker_index: int | None = None  # set in worker processes (``[serve] workers`` > 1)
 
 
-def reuse_port(config: Config) -> bool:
-    """Whether front-ends must bind TCP listeners with SO_REUSEPORT (several workers)."""
-    return int(config.serve.get("workers", 1)) > 1
-
-
-def serves_unix_sockets() -> bool:
-    """Whether this process opens unix-socket listeners (not shareable between workers)."""
-    return _worker_index in (None, 0)
+def listen_options(config: Config) -> ListenOptions:
+    """What this process tells its front-ends: SO_REUSEPORT when several serve workers share
+    the TCP ports, unix sockets only in worker 0 (they cannot be shared), the drain bound."""
+    return ListenOptions(reuse_port=config.serve.workers > 1,
+                         unix_sockets=_worker_index in (None, 0),
+                         drain_timeout=config.serve.drain_timeout, base_dir=config.base_dir)
 
 
 def _say(line: str) -> None:
@@ -100,22 +108,6 @@ def _warn(line: str) -> None:
     print(line + "\n", end="", file=sys.stderr, flush=True)
 
 
-def _is_exposed(listen: str) -> bool:
-    """True when a listen address accepts connections from other machines."""
-    if listen.startswith(("unix:", "local:")):
-        return False
-    if listen.startswith(("inet:", "inet6:")):
-        host = listen.partition("@")[2] or "0.0.0.0"
-    else:
-        host = listen.rpartition(":")[0].strip("[]")
-    if host in ("localhost", ""):
-        return host == ""
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True  # a host name: assume it resolves to a reachable address
-
-
 def exposure_warnings(config: Config) -> list[str]:
     """One loud line per listener bound beyond loopback with nobody authenticated.
 
@@ -123,15 +115,15 @@ def exposure_warnings(config: Config) -> list[str]:
     a non-loopback address anyone who can reach the port can use avgate as a verdict oracle
     (or relay through the SMTP next hop). The HTTP API warns for itself (it has tokens).
     """
-    found: list[tuple[str, str]] = [("smtp", x["listen"]) for x in config.smtp_listeners]
+    found: list[tuple[str, Address]] = [("smtp", x.listen) for x in config.smtp_listeners]
     for name in ("milter", "icap", "clamd_listener"):
         section = getattr(config, name)
         if section is not None:
-            found.append((name, section["listen"]))
+            found.append((name, section.listen))
     return [f"avgate: WARNING: {name} listens on {listen}, beyond loopback, with no "
             "authentication: anyone who can reach it can submit content and read verdicts; "
             "bind a loopback or unix address, or firewall it"
-            for name, listen in found if _is_exposed(listen)]
+            for name, listen in found if not listen.is_loopback]
 
 
 class GatewayRef:
@@ -157,8 +149,7 @@ class GatewayRef:
     def new_spool(self) -> Spool:
         return self.current.new_spool()
 
-    async def process(self, spool: Spool, ctx: Context, envelope: Envelope | None = None,
-                      ids: dict[str, str] | None = None,
+    async def process(self, spool: Spool, ctx: Context, ids: dict[str, str] | None = None,
                       store_quarantine: bool = True) -> Outcome:
         """``Gateway.process`` on the current Gateway, counted for drain and retirement."""
         gw = self.current
@@ -166,8 +157,7 @@ class GatewayRef:
         self._inflight[key] = self._inflight.get(key, 0) + 1
         self._idle.setdefault(key, asyncio.Event()).clear()
         try:
-            return await gw.process(spool, ctx, envelope, ids,
-                                    store_quarantine=store_quarantine)
+            return await gw.process(spool, ctx, ids, store_quarantine=store_quarantine)
         finally:
             self._inflight[key] -= 1
             if not self._inflight[key]:
@@ -207,13 +197,15 @@ class GatewayRef:
 
 def _listen_layout(config: Config) -> dict[str, Any]:
     """What only a restart can change: which front-ends run and where they listen."""
-    return {
-        "smtp": [(x.get("name"), x.get("listen")) for x in config.smtp_listeners],
-        **{name: (None if getattr(config, name) is None else
-                  {k: v for k, v in getattr(config, name).items()
-                   if k in ("listen", "unix_socket", "tls_cert", "tls_key")})
-           for name in ("milter", "icap", "http", "clamd_listener")},
-    }
+    def where(section: Any) -> Any:
+        if section is None:
+            return None
+        return {k: getattr(section, k, None)
+                for k in ("listen", "unix_socket", "tls_cert", "tls_key")}
+
+    return {"smtp": [(x.name, str(x.listen)) for x in config.smtp_listeners],
+            **{name: where(getattr(config, name))
+               for name in ("milter", "icap", "http", "clamd_listener")}}
 
 
 def _open_log(config: Config) -> Any:
@@ -222,10 +214,10 @@ def _open_log(config: Config) -> Any:
         from .observability import ScanLog
     except ImportError:  # pragma: no cover - observability is part of the package
         return None
-    path = config.log.get("path")
+    path = config.log.path
     if path:
         path = str(Path(config.base_dir, path))
-    return ScanLog(path, config.log.get("level", "info"))
+    return ScanLog(path, config.log.level)
 
 
 class Server:
@@ -233,7 +225,7 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.drain_timeout = float(config.serve.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT))
+        self.drain_timeout = config.serve.drain_timeout
         self.log = _open_log(config)
         self.ref = GatewayRef(Gateway.from_config(config, log=self.log), self.reload)
         self.listeners: list[Any] = []
@@ -273,7 +265,8 @@ class Server:
                 _say(f"avgate: {name}: front-end not available in this build")
                 continue
             # front-ends are typed against Gateway; the ref forwards every attribute to it
-            started = await getattr(module, func)(cast(Gateway, self.ref))
+            started = await getattr(module, func)(cast(Gateway, self.ref),
+                                                  listen_options(cfg))
             for srv in started:
                 describe = getattr(srv, "describe", None)
                 _say(f"avgate: {name}: listening on {describe() if describe else srv}")
@@ -410,7 +403,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
 
 def run(config: Config) -> int:
     """``avgate serve``: one process, or a supervisor of ``[serve] workers`` processes."""
-    workers = int(config.serve.get("workers", 1))
+    workers = config.serve.workers
     if workers > 1:
         return _supervise(config, workers)
     return _run_one(config)

@@ -50,7 +50,8 @@ from typing import Any
 
 #: modules the forkserver imports once, so every worker starts with them loaded
 PRELOAD = ["avgate.workers", "avgate.engines.embedded", "avgate.content",
-           "avgate.content.mime", "avgate.content.archives"]
+           "avgate.content.mime", "avgate.content.archives",
+           "avgate.content.sevenzip"]
 
 _HEADER = struct.Struct("!i")
 _BIG = struct.Struct("!Q")

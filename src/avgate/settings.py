@@ -1,0 +1,86 @@
+"""Typed settings: the base every config section derives from, and the value types they share.
+
+Each section is a frozen pydantic model declared beside the code it configures (an engine's
+``Settings`` in its engine module, a front-end's in its front-end module), with its defaults
+stated there once. :mod:`avgate.config` reads the TOML file, builds every section and turns
+pydantic's errors into ``file: key (line N): message`` lines.
+
+Why pydantic v2: it validates nested models, unions discriminated by ``type`` and custom
+value types (sizes like ``"25 MiB"``, listen addresses) with errors that carry the key path,
+which is what ``config check`` reports; and the models are frozen, typed objects that mypy
+checks where they are used. msgspec is faster, but config is read once per start or reload
+and its errors are less precise.
+
+Models are strict (TOML already gives typed values: ``max_files = "10"`` is an error, not a
+silent conversion), except where a type says otherwise (sizes accept ``"25 MiB"``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+
+from .frontends.listen import Address, parse_listen, parse_mode
+
+
+class Section(BaseModel):
+    """A config table: frozen, strict, unknown keys refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True,
+                              arbitrary_types_allowed=True)
+
+
+def _size(value: Any) -> int:
+    from .limits import parse_size  # limits.py builds on this module
+
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a size (bytes, or e.g. \"25 MiB\"), got {value!r}")
+    return parse_size(value)
+
+
+def _positive(value: int) -> int:
+    if value <= 0:
+        raise ValueError("expected a size > 0")
+    return value
+
+
+def _listen(value: Any) -> Address:
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected an address string, got {value!r}")
+    return parse_listen(value, "address")
+
+
+def _mode(value: Any) -> int:
+    # Only the octal string: a TOML integer 660 would be decimal 660 = 0o1224, nonsense.
+    return parse_mode(value)
+
+
+def _group(value: Any) -> str | int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError(f"expected a group name or a gid, got {value!r}")
+
+
+def _str_tuple(value: Any) -> Any:
+    return (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) \
+        else value
+
+
+#: a byte size: an integer, or a string such as "25 MiB", "10M", "512KB"
+Size = Annotated[int, BeforeValidator(_size), AfterValidator(_positive)]
+#: a size that may be 0
+SizeOrZero = Annotated[int, BeforeValidator(_size)]
+#: a listen address (see avgate.frontends.listen); shown as its text
+Listen = Annotated[Address, BeforeValidator(_listen), PlainSerializer(str, return_type=str)]
+#: a unix permission mode given as an octal string ("0660")
+Mode = Annotated[int, BeforeValidator(_mode), PlainSerializer(lambda v: f"{v:04o}",
+                                                               return_type=str)]
+#: one string or a list of strings, kept as a tuple
+StrTuple = Annotated[tuple[str, ...], BeforeValidator(_str_tuple)]
+#: a unix group name or a numeric gid (resolved when the socket is created)
+Group = Annotated[str | int, BeforeValidator(_group)]
