@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from avgate.engines.base import EngineContext, build_engine
-from avgate.engines.clamd import ClamdEngine
-from avgate.engines.command import CommandEngine
+from avgate.engines.clamd import ClamdEngine, ClamdEngineSettings
+from avgate.engines.command import CommandEngine, CommandEngineSettings
 from avgate.result import ScanStatus
 from avgate.spool import Spool
 from tests.clamd_daemon import EICAR, EICAR_NAME, MARKER, MARKER_NAME, ClamdDaemon
@@ -27,8 +27,8 @@ CTX = EngineContext()
 async def engine(request: pytest.FixtureRequest, clamd_alive: ClamdDaemon
                  ) -> AsyncIterator[ClamdEngine]:
     address = clamd_alive.tcp if request.param == "tcp" else clamd_alive.unix
-    eng = build_engine({"type": "clamd", "name": "clamd", "servers": [address],
-                        "connect_timeout": 2, "scan_timeout": 20}, CTX)
+    eng = build_engine(ClamdEngineSettings(servers=address, connect_timeout=2,
+                                           scan_timeout=20), CTX)
     assert isinstance(eng, ClamdEngine)
     await eng.start()
     yield eng
@@ -100,9 +100,9 @@ async def test_version_and_db_version(engine: ClamdEngine) -> None:
 
 
 async def test_health_reports_each_server(clamd_alive: ClamdDaemon) -> None:
-    eng = ClamdEngine("clamd", CTX, servers=[clamd_alive.tcp, clamd_alive.unix,
-                                              "unix:/nonexistent/clamd.sock"],
-                      connect_timeout=1)
+    eng = ClamdEngine(ClamdEngineSettings(
+        servers=(clamd_alive.tcp, clamd_alive.unix, "unix:/nonexistent/clamd.sock"),
+        connect_timeout=1), CTX)
     health: dict[str, Any] = await eng.health()
     assert health["ok"] is True
     by_server = {s["server"]: s for s in health["servers"]}
@@ -113,7 +113,7 @@ async def test_health_reports_each_server(clamd_alive: ClamdDaemon) -> None:
 
 async def test_engine_cpu_per_small_scan(clamd_alive: ClamdDaemon) -> None:
     """Client-side CPU for a 20 KB scan stays small (clamd's own work is not counted)."""
-    eng = ClamdEngine("clamd", CTX, servers=[clamd_alive.unix])
+    eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.unix), CTX)
     spool = Spool.from_bytes(os.urandom(20_000))
     for _ in range(5):
         await eng.scan(spool)
@@ -138,11 +138,11 @@ CLAMDSCAN = "/usr/bin/clamdscan"
 ])
 async def test_command_engine_with_clamdscan(clamd_alive: ClamdDaemon, data: bytes,
                                              status: ScanStatus, virus: str) -> None:
-    eng = build_engine({
-        "type": "command", "name": "clamdscan", "timeout": 20,
+    eng = build_engine(CommandEngineSettings(
+        name="clamdscan", timeout=20,
         # clamdscan finds the socket in clamd's own config file
-        "command": f"{CLAMDSCAN} --no-summary --config-file={clamd_alive.config_path} {{path}}",
-    }, CTX)
+        command=f"{CLAMDSCAN} --no-summary --config-file={clamd_alive.config_path} {{path}}",
+    ), CTX)
     assert isinstance(eng, CommandEngine)
     spool = Spool.from_bytes(data)
     try:
@@ -166,7 +166,7 @@ def _corpus() -> list[Any]:
 @pytest.mark.parametrize("sample", _corpus() or [pytest.param(None, marks=pytest.mark.skip(
     reason="tests/corpus.py not available"))], ids=lambda s: getattr(s, "name", "none"))
 async def test_corpus_through_real_clamd(sample: Any, clamd_alive: ClamdDaemon) -> None:
-    eng = ClamdEngine("clamd", CTX, servers=[clamd_alive.unix], scan_timeout=30)
+    eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.unix, scan_timeout=30), CTX)
     result = await eng.scan(Spool.from_bytes(sample.data))
     expected = getattr(sample, "clamd_expected", None) or sample.expected
     assert result.status == expected, result.reason

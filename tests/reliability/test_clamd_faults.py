@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.reliability.conftest import Ledger, Sink, scanned_correctly, send_batch
+from tests.reliability.conftest import Ledger, Sink, send_batch, wrongly_scanned
 
 pytestmark = pytest.mark.clamd
 
@@ -30,7 +30,7 @@ async def test_clamd_sigkill_mid_run_then_restart(avgate: Any, sink: Sink, own_c
                       scan={"cache": False})
     ledger = Ledger()
     before = await send_batch(gw.port, ledger, 8, tag="before-")
-    assert not scanned_correctly(ledger, before)
+    assert not wrongly_scanned(ledger, before)
 
     # kill while a batch is in flight: each message is either scanned or tempfailed
     async def kill_soon() -> None:
@@ -46,7 +46,7 @@ async def test_clamd_sigkill_mid_run_then_restart(avgate: Any, sink: Sink, own_c
     d.start()  # same port and socket (ClamdDaemon keeps them)
     await asyncio.sleep(0.15)  # > retry_after: the server is no longer marked down
     after = await send_batch(gw.port, ledger, 8, tag="after-")
-    assert not scanned_correctly(ledger, after), after
+    assert not wrongly_scanned(ledger, after), after
 
     ledger.check([x.data for x in sink.messages], sent=30)
     assert ledger.count("tempfailed") >= 6
@@ -57,7 +57,7 @@ async def test_clamd_hung_sigstop_timeouts_fire(avgate: Any, sink: Sink, own_cla
     gw = await avgate(listener={"next_hop": sink.address}, engines=clamd_engine([d.tcp]),
                       scan={"cache": False})
     ledger = Ledger()
-    assert not scanned_correctly(ledger, await send_batch(gw.port, ledger, 4, tag="up-"))
+    assert not wrongly_scanned(ledger, await send_batch(gw.port, ledger, 4, tag="up-"))
 
     d.pause()
     try:
@@ -73,7 +73,7 @@ async def test_clamd_hung_sigstop_timeouts_fire(avgate: Any, sink: Sink, own_cla
 
     await asyncio.sleep(0.15)
     again = await send_batch(gw.port, ledger, 4, tag="resumed-")
-    assert not scanned_correctly(ledger, again), again
+    assert not wrongly_scanned(ledger, again), again
     ledger.check([x.data for x in sink.messages], sent=14)
 
 
@@ -85,13 +85,13 @@ async def test_one_of_two_clamd_down_no_tempfails(avgate: Any, sink: Sink, own_c
                       engines=clamd_engine([d1.tcp, d2.tcp], strategy=strategy),
                       scan={"cache": False})
     ledger = Ledger()
-    assert not scanned_correctly(ledger, await send_batch(gw.port, ledger, 4, tag="both-"))
+    assert not wrongly_scanned(ledger, await send_batch(gw.port, ledger, 4, tag="both-"))
     (d1.kill if fault == "kill" else d1.pause)()
     try:
         one = await send_batch(gw.port, ledger, 12, tag="one-")
     finally:
         d1.resume()
-    assert not scanned_correctly(ledger, one), one
+    assert not wrongly_scanned(ledger, one), one
     assert ledger.count("tempfailed") == 0
     ledger.check([x.data for x in sink.messages], sent=16)
 

@@ -12,14 +12,23 @@ import abc
 import asyncio
 import importlib
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from ..errors import ConfigError, EngineError, EngineTimeout
+from .. import observability
+from ..errors import ConfigError, EngineError
 from ..limits import DEFAULT_LIMITS, DEFAULT_WORKER_MEMORY, Limits, Timeouts
 from ..result import EngineInfo, ScanResult, ScanStatus
+from ..settings import Section
 from ..spool import Spool
+
+
+class EngineSettings(Section):
+    """One ``[[engines]]`` table: ``type`` picks the engine, ``name`` labels it (logs, cache
+    key, findings). Every engine subclasses this with its own keys and defaults."""
+
+    type: str
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,24 +58,27 @@ class Engine(Protocol):
 
 
 class BaseEngine(abc.ABC):
-    """Shared behaviour: timing, error → result translation, scan timeout."""
+    """Shared behaviour: timing, error → result translation, the scan budget, metrics."""
 
     type_name: ClassVar[str] = ""
-    #: keys this engine accepts in its [[engines]] table (besides "type" and "name")
-    config_keys: ClassVar[frozenset[str]] = frozenset()
-    #: True when ``_scan`` enforces the scan timeout itself (the embedded engine's workers
-    #: are killed at the budget, which makes a verdict; an outer timeout would race it)
+    #: the engine's ``[[engines]]`` settings class (keys and defaults of this type)
+    Settings: ClassVar[type[EngineSettings]] = EngineSettings
+    #: True when ``_scan`` spends the deadline itself, bounding every wait by it (network
+    #: engines, to say which server timed out; the embedded engine's workers are killed at
+    #: the budget, which makes a verdict): an outer timeout would race it
     own_timeout: ClassVar[bool] = False
 
     def __init__(self, name: str, ctx: EngineContext) -> None:
         self.name = name
         self.ctx = ctx
+        #: ``scan``: the budget of one scan, [limits] scan_timeout: one deadline, spent by
+        #: every server and retry inside, never multiplied
         self.timeouts = Timeouts(scan=ctx.limits.scan_timeout)
 
     @classmethod
     @abc.abstractmethod
-    def from_config(cls, table: Mapping[str, Any], ctx: EngineContext) -> BaseEngine:
-        """Build from one [[engines]] table; raise ConfigError naming the key."""
+    def from_settings(cls, settings: Any, ctx: EngineContext) -> BaseEngine:
+        """Build from one ``[[engines]]`` table, validated into an instance of ``cls.Settings``."""
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load signatures / open pools. Called once before the first scan."""
@@ -88,26 +100,30 @@ class BaseEngine(abc.ABC):
         return {"name": self.name, "type": self.type_name, "ok": True}
 
     async def scan(self, spool: Spool) -> ScanResult:
+        """Scan within the budget; never raises for a failed scan. Records this engine's
+        latency and errors (its own, not the merged result's)."""
         start = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.timeouts.scan
         try:
-            async with asyncio.timeout(None if self.own_timeout else self.timeouts.scan):
-                result = await self._scan(spool)
+            async with asyncio.timeout_at(None if self.own_timeout else deadline):
+                result = await self._scan(spool, deadline)
         except TimeoutError:
             result = ScanResult.error(f"{self.name}: scan timeout after {self.timeouts.scan:g}s")
-        except EngineTimeout as exc:
-            result = ScanResult.error(f"{self.name}: {exc}")
         except EngineError as exc:
             result = ScanResult.error(f"{self.name}: {exc}")
         except OSError as exc:  # safety net: engines translate their own I/O errors
             result = ScanResult.error(f"{self.name}: {exc.strerror or exc}")
         elapsed = time.perf_counter() - start
+        observability.engine_latency.labels(engine=self.name).observe(elapsed)
+        if result.status is ScanStatus.ERROR:
+            observability.engine_errors_total.labels(engine=self.name).inc()
         engines = result.engines or (self.info(),)
         return result.with_(elapsed=elapsed, engines=engines,
                             sha256=result.sha256 or spool.sha256, size=result.size or spool.size)
 
     @abc.abstractmethod
-    async def _scan(self, spool: Spool) -> ScanResult:
-        """Scan one object; may raise EngineError."""
+    async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
+        """Scan one object by ``deadline`` (event-loop time); may raise EngineError."""
 
 
 # -- registry -------------------------------------------------------------------------------
@@ -134,17 +150,10 @@ def engine_class(type_name: str) -> type[BaseEngine]:
     return cls
 
 
-def build_engine(table: Mapping[str, Any], ctx: EngineContext) -> BaseEngine:
-    type_name = table.get("type", "embedded")
-    cls = engine_class(type_name)
-    unknown = set(table) - {"type", "name"} - cls.config_keys
-    if unknown:
-        raise ConfigError(
-            f"engines ({type_name}): unknown key(s) {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(sorted(cls.config_keys | {'type', 'name'}))}"
-        )
-    return cls.from_config(table, ctx)
-
-
-def status_of(value: str) -> ScanStatus:
-    return ScanStatus(value)
+def build_engine(settings: EngineSettings, ctx: EngineContext) -> BaseEngine:
+    """The engine ``settings`` describe (settings as :mod:`avgate.config` built them)."""
+    cls = engine_class(settings.type)
+    if not isinstance(settings, cls.Settings):
+        raise TypeError(f"a {settings.type} engine is built from {cls.Settings.__name__}, "
+                        f"not {type(settings).__name__}")
+    return cls.from_settings(settings, ctx)

@@ -16,14 +16,15 @@ import os
 import re
 import shlex
 import signal
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from ..errors import ConfigError, EngineTimeout, EngineUnavailable
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+
+from ..errors import EngineTimeout, EngineUnavailable
 from ..limits import Timeouts
 from ..result import Finding, ScanResult, ScanStatus
 from ..spool import Spool
-from .base import BaseEngine, EngineContext
+from .base import BaseEngine, EngineContext, EngineSettings
 
 PATH_PLACEHOLDER = "{path}"
 DEFAULT_VIRUS_REGEX = r":\s+(\S+)\s+FOUND\s*$"  # clamscan/clamdscan: "<path>: <name> FOUND"
@@ -33,72 +34,91 @@ _STDERR_TAIL = 2048  # kept for the error reason
 _REASON_TAIL = 300
 
 
+def _argv(value: Any) -> tuple[str, ...]:
+    """A command line (split like a shell would, never run by one) or a list of arguments."""
+    if isinstance(value, str):
+        argv = shlex.split(value)
+    elif isinstance(value, list | tuple) and all(isinstance(a, str) for a in value):
+        argv = list(value)
+    else:
+        raise ValueError("expected a string or a list of strings")
+    if not any(PATH_PLACEHOLDER in a for a in argv):
+        raise ValueError(f"must contain {PATH_PLACEHOLDER}")
+    return tuple(argv)
+
+
+def _exit_codes(value: Any) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value):
+        raise ValueError("expected an exit code or a list of exit codes (0-255)")
+    return tuple(value)
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+    return value
+
+
+Argv = Annotated[tuple[str, ...], BeforeValidator(_argv)]
+ExitCodes = Annotated[tuple[int, ...], BeforeValidator(_exit_codes)]
+
+
+class CommandEngineSettings(EngineSettings):
+    """``[[engines]] type = "command"``.
+
+    command: the scanner's command line with ``{path}`` (a string, split once like a shell
+        would but never run by one, or a list of arguments)
+    clean_exit, infected_exit, error_exit: exit codes (one or a list) of each verdict; any
+        other exit is an error too
+    virus_regex: finds the virus name in stdout (group "virus", else the first group)
+    timeout: seconds the scanner may run before its process group is killed (unset:
+        [limits] scan_timeout)
+    """
+
+    type: Literal["command"] = "command"
+    name: str = "command"
+    command: Argv
+    clean_exit: ExitCodes = (0,)
+    infected_exit: ExitCodes = (1,)
+    error_exit: ExitCodes = ()
+    virus_regex: Annotated[str, AfterValidator(_regex)] = DEFAULT_VIRUS_REGEX
+    timeout: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _distinct_exits(self) -> CommandEngineSettings:
+        overlap = set(self.clean_exit) & set(self.infected_exit)
+        if overlap:
+            raise ValueError(f"exit code(s) {sorted(overlap)} both clean and infected")
+        return self
+
+
 class CommandEngine(BaseEngine):
     """Runs ``command`` per object and maps its exit code to a verdict."""
 
     type_name: ClassVar[str] = "command"
-    config_keys: ClassVar[frozenset[str]] = frozenset({
-        "command", "infected_exit", "clean_exit", "error_exit", "virus_regex", "timeout",
-    })
+    Settings = CommandEngineSettings
 
-    def __init__(self, name: str, ctx: EngineContext, *, argv: Sequence[str],
-                 clean_exit: Sequence[int] = (0,), infected_exit: Sequence[int] = (1,),
-                 error_exit: Sequence[int] = (), virus_regex: str = DEFAULT_VIRUS_REGEX,
-                 timeout: float | None = None) -> None:
-        super().__init__(name, ctx)
-        if not argv or not any(PATH_PLACEHOLDER in a for a in argv):
-            raise ValueError(f"command must contain {PATH_PLACEHOLDER}")
-        overlap = set(clean_exit) & set(infected_exit)
-        if overlap:
-            raise ValueError(f"exit code(s) {sorted(overlap)} both clean and infected")
-        self.argv = tuple(argv)
-        self.clean_exit = frozenset(clean_exit)
-        self.infected_exit = frozenset(infected_exit)
-        self.error_exit = frozenset(error_exit)
-        self.virus_re = re.compile(virus_regex, re.MULTILINE)
-        self.timeout = timeout if timeout is not None else ctx.limits.scan_timeout
+    def __init__(self, settings: CommandEngineSettings, ctx: EngineContext) -> None:
+        super().__init__(settings.name, ctx)
+        self.settings = settings
+        self.argv = settings.command
+        self.clean_exit = frozenset(settings.clean_exit)
+        self.infected_exit = frozenset(settings.infected_exit)
+        self.error_exit = frozenset(settings.error_exit)
+        self.virus_re = re.compile(settings.virus_regex, re.MULTILINE)
+        self.timeout = settings.timeout or ctx.limits.scan_timeout
         # our own timeout kills the process group; the base timeout is only a backstop
         self.timeouts = Timeouts(scan=self.timeout + 5.0)
 
     @classmethod
-    def from_config(cls, table: Mapping[str, Any], ctx: EngineContext) -> CommandEngine:
-        """Build from an ``[[engines]]`` table with ``type = "command"``."""
-        name = str(table.get("name", "command"))
-        where = f"engines ({name})"
-        command = table.get("command")
-        if isinstance(command, str):
-            try:
-                argv = shlex.split(command)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: command: {exc}") from exc
-        elif isinstance(command, list) and all(isinstance(a, str) for a in command):
-            argv = list(command)
-        else:
-            raise ConfigError(f"{where}: command: required, a string or a list of strings")
-        if not any(PATH_PLACEHOLDER in a for a in argv):
-            raise ConfigError(f"{where}: command: must contain {PATH_PLACEHOLDER}")
-        kw: dict[str, Any] = {"argv": argv}
-        for key in ("clean_exit", "infected_exit", "error_exit"):
-            if key in table:
-                kw[key] = _exit_codes(table[key], f"{where}: {key}")
-        if "virus_regex" in table:
-            regex = table["virus_regex"]
-            try:
-                if not isinstance(regex, str):
-                    raise TypeError("must be a string")
-                re.compile(regex)
-            except (re.error, TypeError) as exc:
-                raise ConfigError(f"{where}: virus_regex: {exc}") from exc
-            kw["virus_regex"] = regex
-        if "timeout" in table:
-            value = table["timeout"]
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"{where}: timeout: must be a number > 0")
-            kw["timeout"] = float(value)
-        try:
-            return cls(name, ctx, **kw)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
+    def from_settings(cls, settings: CommandEngineSettings, ctx: EngineContext
+                      ) -> CommandEngine:
+        return cls(settings, ctx)
 
     def version(self) -> str:
         return os.path.basename(self.argv[0])
@@ -109,7 +129,7 @@ class CommandEngine(BaseEngine):
         path = os.path.abspath(path)
         return [a.replace(PATH_PLACEHOLDER, path) for a in self.argv]
 
-    async def _scan(self, spool: Spool) -> ScanResult:
+    async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
         argv = self.argv_for(spool.path())
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -172,11 +192,3 @@ async def _read_tail(stream: asyncio.StreamReader, cap: int) -> bytes:
             del kept[:-cap]
     return bytes(kept)
 
-
-def _exit_codes(value: Any, where: str) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in value):
-        raise ConfigError(f"{where}: must be an exit code or a list of exit codes (0-255)")
-    return list(value)

@@ -1,6 +1,7 @@
 """The embedded engine: YARA-X rules, ClamAV hash/body signatures and built-in EICAR, in-process.
 
-Config (``[[engines]] type = "embedded"``, the default engine)::
+Config (``[[engines]] type = "embedded"``, the default engine; see
+:class:`EmbeddedEngineSettings`)::
 
     rules = ["rules/", "extra.yar"]        # YARA files, or directories of *.yar / *.yara
     signatures = ["/var/lib/avgate/sigs"]  # ClamAV .hdb/.hsb/.ndb files or directories
@@ -24,18 +25,18 @@ import importlib.metadata
 import io
 import math
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yara_x
+from pydantic import BeforeValidator
 
 from .. import __version__
-from ..errors import ConfigError, ContentError, EngineError, EngineTimeout, SignatureError
+from ..errors import EngineError, EngineTimeout, SignatureError
 from ..result import Finding, LimitKind, ScanResult, ScanStatus, worst, worst_limit
 from ..spool import Spool
 from ..workers import BudgetExceeded, WorkerError, WorkerPool, default_size
-from .base import BaseEngine, EngineContext
+from .base import BaseEngine, EngineContext, EngineSettings
 from .signatures import NDB_NAMESPACE, SignatureSet, signature_files
 
 EICAR_NAME = "Eicar-Test-Signature"
@@ -59,30 +60,47 @@ def is_eicar(data: bytes) -> bool:
             and not data[len(EICAR):].strip(_EICAR_TRAILER))
 
 
-def _string_list(table: Mapping[str, Any], key: str, prefix: str) -> list[str]:
-    value = table.get(key, [])
+def _paths(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         value = [value]  # a single path is a common shorthand
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{prefix}{key}: expected a list of paths, got {value!r}")
-    return list(value)
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of paths, got {value!r}")
+    return tuple(value)
+
+
+Paths = Annotated[tuple[str, ...], BeforeValidator(_paths)]
+
+
+class EmbeddedEngineSettings(EngineSettings):
+    """``[[engines]] type = "embedded"``.
+
+    rules: YARA files, or directories of *.yar / *.yara (one path or a list)
+    signatures: ClamAV .hdb/.hsb/.ndb files or directories (one path or a list)
+    builtin: built-in EICAR detection ("Eicar-Test-Signature")
+    Relative paths are relative to the config file's directory.
+    """
+
+    type: Literal["embedded"] = "embedded"
+    name: str = "embedded"
+    rules: Paths = ()
+    signatures: Paths = ()
+    builtin: bool = True
 
 
 class EmbeddedEngine(BaseEngine):
     """In-process scanning with YARA-X and ClamAV hash/body signatures."""
 
     type_name = "embedded"
-    config_keys = frozenset({"rules", "signatures", "builtin"})
+    Settings = EmbeddedEngineSettings
     # the scan timeout is the scan worker's budget, enforced by killing the worker
     own_timeout = True
 
-    def __init__(self, name: str, ctx: EngineContext, *, rules: list[str] | None = None,
-                 signatures: list[str] | None = None, builtin: bool = True) -> None:
-        super().__init__(name, ctx)
+    def __init__(self, settings: EmbeddedEngineSettings, ctx: EngineContext) -> None:
+        super().__init__(settings.name, ctx)
         base = Path(ctx.base_dir)
-        self.rule_paths = [base / p for p in rules or []]
-        self.signature_paths = [base / p for p in signatures or []]
-        self.builtin = builtin
+        self.rule_paths = [base / p for p in settings.rules]
+        self.signature_paths = [base / p for p in settings.signatures]
+        self.builtin = settings.builtin
         self._sigs = SignatureSet()
         self._rules: yara_x.Rules | None = None
         self._body_names: list[str] = []
@@ -91,19 +109,9 @@ class EmbeddedEngine(BaseEngine):
         self._pool: WorkerPool | None = None
 
     @classmethod
-    def from_config(cls, table: Mapping[str, Any], ctx: EngineContext) -> EmbeddedEngine:
-        """Build from an ``[[engines]]`` table; ``ConfigError`` names the bad key."""
-        index = table.get("_index")
-        prefix = f"engines[{index}]." if index is not None else ""
-        rules = _string_list(table, "rules", prefix)
-        signatures = _string_list(table, "signatures", prefix)
-        builtin = table.get("builtin", True)
-        if not isinstance(builtin, bool):
-            raise ConfigError(f"{prefix}builtin: expected true or false, got {builtin!r}")
-        name = table.get("name", cls.type_name)
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"{prefix}name: expected a non-empty string, got {name!r}")
-        return cls(name, ctx, rules=rules, signatures=signatures, builtin=builtin)
+    def from_settings(cls, settings: EmbeddedEngineSettings, ctx: EngineContext
+                      ) -> EmbeddedEngine:
+        return cls(settings, ctx)
 
     # -- loading --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,7 +144,7 @@ class EmbeddedEngine(BaseEngine):
     @classmethod
     def _from_worker_state(cls, state: tuple[Any, ...]) -> EmbeddedEngine:
         name, ctx, builtin, hashes, body_names, rules, db_version = state
-        engine = cls(name, ctx, builtin=builtin)
+        engine = cls(EmbeddedEngineSettings(name=name, builtin=builtin), ctx)
         engine._sigs = SignatureSet(hashes=hashes)
         engine._body_names = body_names
         engine._rules = yara_x.Rules.deserialize_from(io.BytesIO(rules)) if rules else None
@@ -197,7 +205,7 @@ class EmbeddedEngine(BaseEngine):
                 "workers": vars_of(self._pool.stats()) if self._pool is not None else None}
 
     # -- scanning -------------------------------------------------------------------------
-    async def _scan(self, spool: Spool) -> ScanResult:
+    async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
         limits = self.ctx.limits
         if spool.size > limits.max_scan_size:
             return ScanResult(ScanStatus.SKIPPED, limit=LimitKind.SIZE, reason=(
@@ -293,9 +301,6 @@ class EmbeddedEngine(BaseEngine):
                 assert isinstance(item, Part)
                 findings.extend(Finding(name, self.name, item.path)
                                 for name in self._match(item.data, slot))
-        except ContentError as exc:
-            status = ScanStatus(getattr(exc, "status", ScanStatus.UNKNOWN))
-            problems.append(("", status, str(exc)))
         except EngineError:
             raise
         except Exception as exc:

@@ -1,11 +1,13 @@
 """ICAP engine: any ICAP antivirus server (c-icap virus_scan, Kaspersky, Sophos, ...) as an engine.
 
-``url = "icap://host:1344/service"``. The object goes out as the body of an encapsulated
-``HTTP/1.1 200 OK`` response in a RESPMOD request:
+Config (``[[engines]] type = "icap"``): ``url = "icap://host:1344/service"``, or a list of
+such URLs (servers offering the same service, chosen like clamd's: see
+:class:`IcapEngineSettings` and :mod:`avgate.engines.upstream`). The object goes out as the
+body of an encapsulated ``HTTP/1.1 200 OK`` response in a RESPMOD request:
 
-1. OPTIONS first, cached for the server's ``Options-TTL``: it gives the Preview size, whether
-   ``204`` is allowed, and the ``ISTag`` (our :meth:`db_version`: it changes when the server's
-   signatures change, which invalidates our verdict cache).
+1. OPTIONS first, cached per server for its ``Options-TTL``: it gives the Preview size,
+   whether ``204`` is allowed, and the ``ISTag`` (our :meth:`db_version`: it changes when the
+   server's signatures change, which invalidates our verdict cache).
 2. RESPMOD with a preview of ``min(Preview, preview)`` bytes (``ieof`` when the whole object
    fits); on ``100 Continue`` the rest is streamed from the spool in chunks.
 3. The answer: ``204`` → clean; ``200`` with ``X-Infection-Found`` / ``X-Violations-Found`` /
@@ -15,7 +17,8 @@
 One connection per scan: ICAP servers close idle connections on their own schedule and a
 stale pooled connection would cost a retry on the slow path; a loopback connect is cheap.
 Errors: connect refused/reset → EngineUnavailable, no answer in time → EngineTimeout, an
-answer we cannot parse (or an ICAP error status) → EngineProtocolError.
+answer we cannot parse (or an ICAP error status) → EngineProtocolError; each moves the scan
+on to the next server, within the one budget of the scan (``[limits] scan_timeout``).
 """
 
 from __future__ import annotations
@@ -25,26 +28,22 @@ import contextlib
 import hashlib
 import time
 import urllib.parse
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Literal
 
-from ..errors import (
-    ConfigError,
-    EngineError,
-    EngineProtocolError,
-    EngineTimeout,
-    EngineUnavailable,
-)
-from ..limits import DEFAULT_CONNECT_TIMEOUT, Timeouts
+from pydantic import AfterValidator, Field
+
+from ..errors import EngineError, EngineProtocolError, EngineTimeout, EngineUnavailable
 from ..protocols import icap as proto
 from ..result import Finding, ScanResult, ScanStatus
+from ..settings import StrTuple
 from ..spool import Spool
-from .base import BaseEngine, EngineContext
+from .base import EngineContext
+from .upstream import Bound, Clock, Upstream, UpstreamEngine, UpstreamSettings, server_urls
 
 DEFAULT_PORT = 1344
 DEFAULT_OPTIONS_TTL = 300.0  # when the server sends no Options-TTL
-DEFAULT_CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = 64 * 1024
 MODIFIED_NAME = "ICAP.Modified"
 _READ_SIZE = 64 * 1024
 
@@ -59,131 +58,137 @@ class ServerOptions:
     ttl: float
     service: str
     methods: tuple[str, ...]
-    fetched: float  # monotonic time
+    fetched: float  # clock time
 
     def fresh(self, now: float) -> bool:
         return now - self.fetched < self.ttl
 
 
-class IcapEngine(BaseEngine):
+def parse_url(url: str) -> tuple[str, int, str]:
+    """``icap://host[:port]/service`` → (host, port, service)."""
+    split = urllib.parse.urlsplit(url)
+    if split.scheme != "icap" or not split.hostname:
+        raise ValueError(f"expected icap://host:port/service, got {url!r}")
+    try:
+        port = split.port or DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    service = split.path.lstrip("/")
+    if split.query:
+        service += "?" + split.query
+    if not service:
+        raise ValueError(f"missing service name in {url!r}")
+    return split.hostname, port, service
+
+
+@dataclass(slots=True, eq=False)
+class IcapServer(Upstream):
+    """One ICAP server: its service URI, health state and last OPTIONS answer."""
+
+    host: str = ""
+    port: int = DEFAULT_PORT
+    service: str = ""
+    options: ServerOptions | None = None
+    options_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @classmethod
+    def parse(cls, url: str) -> IcapServer:
+        host, port, service = parse_url(url)
+        return cls(url, host=host, port=port, service=service)
+
+    @property
+    def icap_uri(self) -> str:
+        return f"icap://{self.host}:{self.port}/{self.service}"
+
+
+class IcapEngineSettings(UpstreamSettings):
+    """``[[engines]] type = "icap"``.
+
+    url: ``icap://host[:port]/service`` (port 1344 by default), or a list of them
+    preview: most bytes sent as preview (unset: what the server offers)
+    strategy, connect_timeout, scan_timeout, retry_after, max_failures: see UpstreamSettings
+    """
+
+    type: Literal["icap"] = "icap"
+    name: str = "icap"
+    url: Annotated[StrTuple, AfterValidator(server_urls(parse_url))]
+    preview: int | None = Field(None, ge=0)
+
+
+class IcapEngine(UpstreamEngine[IcapServer]):
     """Scans by sending the object to an ICAP server in a RESPMOD request."""
 
     type_name: ClassVar[str] = "icap"
-    config_keys: ClassVar[frozenset[str]] = frozenset({
-        "url", "connect_timeout", "scan_timeout", "preview",
-    })
+    Settings = IcapEngineSettings
 
-    def __init__(self, name: str, ctx: EngineContext, *, url: str,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 scan_timeout: float | None = None, preview: int | None = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        super().__init__(name, ctx)
-        self.url = url
-        self.host, self.port, self.service = parse_url(url)
-        self.icap_uri = f"icap://{self.host}:{self.port}/{self.service}"
-        self.connect_timeout = connect_timeout
-        self.scan_timeout = scan_timeout if scan_timeout is not None else ctx.limits.scan_timeout
-        self.max_preview = preview  # None: whatever the server offers
-        self.chunk_size = chunk_size
-        # OPTIONS (connect + reply) and RESPMOD (connect + scan) within one scan
-        self.timeouts = Timeouts(connect=connect_timeout,
-                                 scan=3 * connect_timeout + self.scan_timeout)
-        self.options: ServerOptions | None = None
-        self._options_lock = asyncio.Lock()
-        self._refresh: asyncio.Task[Any] | None = None
+    def __init__(self, settings: IcapEngineSettings, ctx: EngineContext, *,
+                 clock: Clock = time.monotonic) -> None:
+        super().__init__(settings, [IcapServer.parse(u) for u in settings.url], ctx, clock)
+        self.settings = settings
 
     @classmethod
-    def from_config(cls, table: Mapping[str, Any], ctx: EngineContext) -> IcapEngine:
-        """Build from an ``[[engines]]`` table with ``type = "icap"``."""
-        name = str(table.get("name", "icap"))
-        where = f"engines ({name})"
-        url = table.get("url")
-        if not isinstance(url, str):
-            raise ConfigError(f"{where}: url: required, e.g. \"icap://127.0.0.1:1344/avscan\"")
-        try:
-            parse_url(url)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: url: {exc}") from exc
-        kw: dict[str, Any] = {"url": url}
-        for key in ("connect_timeout", "scan_timeout"):
-            if key in table:
-                value = table[key]
-                if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                    raise ConfigError(f"{where}: {key}: must be a number > 0")
-                kw[key] = float(value)
-        if "preview" in table:
-            value = table["preview"]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{where}: preview: must be an integer >= 0")
-            kw["preview"] = value
-        return cls(name, ctx, **kw)
+    def from_settings(cls, settings: IcapEngineSettings, ctx: EngineContext) -> IcapEngine:
+        return cls(settings, ctx)
 
     # -- lifecycle / info ----------------------------------------------------------------
     async def start(self) -> None:
-        """Ask for OPTIONS; a server that is down now is not an error (scans will say so)."""
-        with contextlib.suppress(EngineError):
-            await self._fetch_options()
+        """Ask every server for OPTIONS; one that is down now is not an error (scans say so)."""
+        deadline = self.deadline()
 
-    async def close(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
-            with contextlib.suppress(asyncio.CancelledError, EngineError):
-                await self._refresh
-            self._refresh = None
+        async def fetch(server: IcapServer) -> None:
+            with contextlib.suppress(EngineError):
+                await self._fetch_options(server, deadline)
+
+        await asyncio.gather(*(fetch(s) for s in self.servers))
 
     def db_version(self) -> str:
-        """The server's ISTag; re-asked in the background once Options-TTL has passed."""
-        opts = self.options
-        if opts is None or not opts.fresh(time.monotonic()):
+        """The servers' ISTags (joined with ``|`` if they differ); re-asked in the background
+        once a server's Options-TTL has passed."""
+        now = self.clock()
+        if any(s.options is None or not s.options.fresh(now) for s in self.servers):
             self._schedule_refresh()
-        return opts.istag if opts else ""
+        return "|".join(dict.fromkeys(s.options.istag for s in self.servers if s.options))
 
     def version(self) -> str:
-        opts = self.options
-        if opts is None:
-            return ""
-        return f"{opts.service} {opts.istag}".strip()
-
-    def _schedule_refresh(self) -> None:
-        if self._refresh is not None and not self._refresh.done():
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._refresh = loop.create_task(self.start())
+        for s in self.servers:
+            if s.options is not None:
+                return f"{s.options.service} {s.options.istag}".strip()
+        return ""
 
     async def health(self) -> dict[str, Any]:
-        """OPTIONS now; ``ok`` when the server answers 200."""
-        started = time.perf_counter()
-        report: dict[str, Any] = {"name": self.name, "type": self.type_name, "url": self.url}
-        try:
-            opts = await self._fetch_options()
-        except EngineError as exc:
-            report.update(ok=False, error=str(exc))
-        else:
-            report.update(ok=True, istag=opts.istag, service=opts.service,
-                          latency_ms=round((time.perf_counter() - started) * 1000, 3))
-        return report
+        """OPTIONS to every server now; ``ok`` when at least one answers 200."""
+        async def options(server: IcapServer) -> dict[str, Any]:
+            opts = await self._fetch_options(server, self.deadline())
+            return {"istag": opts.istag, "service": opts.service}
+
+        ok, reports = await self.upstreams.health(options)
+        return {"name": self.name, "type": self.type_name, "ok": ok, "servers": reports}
 
     # -- OPTIONS -------------------------------------------------------------------------
-    async def _current_options(self) -> ServerOptions:
-        opts = self.options
-        if opts is not None and opts.fresh(time.monotonic()):
+    async def _current_options(self, server: IcapServer, deadline: float) -> ServerOptions:
+        opts = server.options
+        if opts is not None and opts.fresh(self.clock()):
             return opts
-        async with self._options_lock:  # one OPTIONS for many concurrent scans
-            opts = self.options
-            if opts is not None and opts.fresh(time.monotonic()):
-                return opts
-            return await self._fetch_options()
-
-    async def _fetch_options(self) -> ServerOptions:
-        request = proto.encode_request("OPTIONS", self.icap_uri,
-                                       [("Host", self.host), ("User-Agent", "avgate"),
-                                        ("Connection", "close")])
-        reader, writer = await self._connect()
         try:
-            async with asyncio.timeout(self.connect_timeout + self.scan_timeout):
+            async with asyncio.timeout_at(deadline):
+                await server.options_lock.acquire()  # one OPTIONS for many concurrent scans
+        except TimeoutError:
+            raise EngineTimeout("no OPTIONS reply in time") from None
+        try:
+            opts = server.options
+            if opts is not None and opts.fresh(self.clock()):
+                return opts
+            return await self._fetch_options(server, deadline)
+        finally:
+            server.options_lock.release()
+
+    async def _fetch_options(self, server: IcapServer, deadline: float) -> ServerOptions:
+        request = proto.encode_request("OPTIONS", server.icap_uri,
+                                       [("Host", server.host), ("User-Agent", "avgate"),
+                                        ("Connection", "close")])
+        reader, writer = await self._connect(server, deadline)
+        try:
+            async with asyncio.timeout_at(Bound.of(self.settings.scan_timeout, deadline).when):
                 writer.write(request)
                 await writer.drain()
                 parser = proto.IcapParser("client")
@@ -201,7 +206,7 @@ class IcapEngine(BaseEngine):
         h = resp.headers
         methods = tuple(m.upper() for m in h.list_values("methods"))
         if methods and "RESPMOD" not in methods:
-            raise EngineProtocolError(f"service {self.service!r} does not offer RESPMOD "
+            raise EngineProtocolError(f"service {server.service!r} does not offer RESPMOD "
                                       f"(Methods: {', '.join(methods)})")
         pv = h.get("preview")
         ttl = h.get("options-ttl")
@@ -212,41 +217,52 @@ class IcapEngine(BaseEngine):
             ttl=float(ttl) if ttl.isdigit() and int(ttl) > 0 else DEFAULT_OPTIONS_TTL,
             service=h.get("service"),
             methods=methods,
-            fetched=time.monotonic(),
+            fetched=self.clock(),
         )
-        self.options = opts
+        server.options = opts
         return opts
 
     # -- scanning ------------------------------------------------------------------------
-    async def _scan(self, spool: Spool) -> ScanResult:
+    async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
         if spool.size > self.ctx.limits.max_scan_size:
             return ScanResult(ScanStatus.SKIPPED, reason=(
                 f"size limit: {spool.size} bytes > max_scan_size "
                 f"{self.ctx.limits.max_scan_size}"))
-        opts = await self._current_options()
+
+        async def attempt(server: IcapServer) -> ScanResult:
+            return await self._scan_on(server, spool, deadline)
+
+        return await self.upstreams.call(attempt, deadline)
+
+    async def _scan_on(self, server: IcapServer, spool: Spool, deadline: float) -> ScanResult:
+        opts = await self._current_options(server, deadline)
         preview = opts.preview
-        if self.max_preview is not None:
-            preview = self.max_preview if preview is None else min(preview, self.max_preview)
-        reader, writer = await self._connect()
+        limit = self.settings.preview
+        if limit is not None:
+            preview = limit if preview is None else min(preview, limit)
+        reader, writer = await self._connect(server, deadline)
+        bound = Bound.of(self.settings.scan_timeout, deadline)
         try:
-            async with asyncio.timeout(self.scan_timeout):
-                return await self._respmod(reader, writer, spool, preview, opts.allow_204)
+            async with asyncio.timeout_at(bound.when):
+                return await self._respmod(server, reader, writer, spool, preview,
+                                           opts.allow_204)
         except TimeoutError:
-            raise EngineTimeout(f"no RESPMOD reply within {self.scan_timeout:g}s") from None
+            raise EngineTimeout(f"no RESPMOD reply within {bound}") from None
         except OSError as exc:
             raise EngineUnavailable(f"connection lost: {exc.strerror or exc}") from exc
         finally:
             writer.close()
 
-    async def _respmod(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       spool: Spool, preview: int | None, allow_204: bool) -> ScanResult:
+    async def _respmod(self, server: IcapServer, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter, spool: Spool, preview: int | None,
+                       allow_204: bool) -> ScanResult:
         size = spool.size
         key = spool.sha256
         req_hdr = (f"GET http://avgate.invalid/{key} HTTP/1.1\r\n"
                    "Host: avgate.invalid\r\n\r\n").encode()
         res_hdr = proto.encode_http_response(200, [
             ("Content-Type", "application/octet-stream"), ("Content-Length", str(size))])
-        headers = [("Host", self.host), ("User-Agent", "avgate"), ("Connection", "close")]
+        headers = [("Host", server.host), ("User-Agent", "avgate"), ("Connection", "close")]
         if allow_204:
             headers.append(("Allow", "204"))
         sent = 0
@@ -255,8 +271,8 @@ class IcapEngine(BaseEngine):
                 first = f.read(preview) if preview else b""
                 sent = len(first)
                 headers.append(("Preview", str(len(first))))
-                head = proto.encode_request("RESPMOD", self.icap_uri, headers, req_hdr=req_hdr,
-                                            res_hdr=res_hdr, body="res-body")
+                head = proto.encode_request("RESPMOD", server.icap_uri, headers,
+                                            req_hdr=req_hdr, res_hdr=res_hdr, body="res-body")
                 end = proto.IEOF_CHUNK if sent >= size else proto.LAST_CHUNK
                 writer.write(head + proto.encode_chunk(first) + end)
                 await writer.drain()
@@ -265,23 +281,16 @@ class IcapEngine(BaseEngine):
                 if resp.status == 100:
                     if sent >= size:
                         raise EngineProtocolError("100 Continue after a complete preview")
-                    await self._send_rest(writer, f)
+                    await _send_rest(writer, f)
                     resp = await _response(reader, parser)
             else:
-                head = proto.encode_request("RESPMOD", self.icap_uri, headers, req_hdr=req_hdr,
-                                            res_hdr=res_hdr, body="res-body")
+                head = proto.encode_request("RESPMOD", server.icap_uri, headers,
+                                            req_hdr=req_hdr, res_hdr=res_hdr, body="res-body")
                 writer.write(head)
-                await self._send_rest(writer, f)
+                await _send_rest(writer, f)
                 parser = proto.IcapParser("client")
                 resp = await _response(reader, parser)
         return await self._verdict(resp, reader, parser, key)
-
-    async def _send_rest(self, writer: asyncio.StreamWriter, f: Any) -> None:
-        while chunk := f.read(self.chunk_size):
-            writer.write(proto.encode_chunk(chunk))
-            await writer.drain()  # one chunk in flight: a 1 GiB object never sits in memory
-        writer.write(proto.LAST_CHUNK)
-        await writer.drain()
 
     async def _verdict(self, resp: proto.Response, reader: asyncio.StreamReader,
                        parser: proto.IcapParser, sha256: str) -> ScanResult:
@@ -311,32 +320,26 @@ class IcapEngine(BaseEngine):
         return ScanResult(ScanStatus.INFECTED,
                           findings=tuple(Finding(n, engine=self.name) for n in names))
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def _connect(self, server: IcapServer, deadline: float
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        bound = Bound.of(self.settings.connect_timeout, deadline)
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                return await asyncio.open_connection(self.host, self.port)
+            async with asyncio.timeout_at(bound.when):
+                return await asyncio.open_connection(server.host, server.port)
         except TimeoutError:
-            raise EngineTimeout(f"connect timeout after {self.connect_timeout:g}s") from None
+            raise EngineTimeout(f"connect timeout after {bound}") from None
         except OSError as exc:
             raise EngineUnavailable(
-                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from exc
+                f"cannot connect to {server.host}:{server.port}: {exc.strerror or exc}"
+            ) from exc
 
 
-def parse_url(url: str) -> tuple[str, int, str]:
-    """``icap://host[:port]/service`` → (host, port, service)."""
-    split = urllib.parse.urlsplit(url)
-    if split.scheme != "icap" or not split.hostname:
-        raise ValueError(f"expected icap://host:port/service, got {url!r}")
-    try:
-        port = split.port or DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    service = split.path.lstrip("/")
-    if split.query:
-        service += "?" + split.query
-    if not service:
-        raise ValueError(f"missing service name in {url!r}")
-    return split.hostname, port, service
+async def _send_rest(writer: asyncio.StreamWriter, f: Any) -> None:
+    while chunk := f.read(CHUNK_SIZE):
+        writer.write(proto.encode_chunk(chunk))
+        await writer.drain()  # one chunk in flight: a 1 GiB object never sits in memory
+    writer.write(proto.LAST_CHUNK)
+    await writer.drain()
 
 
 def _status_error(resp: proto.Response, what: str) -> EngineError:

@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 
+from avgate import config
 from avgate.engines.base import EngineContext, build_engine
-from avgate.engines.clamd import ClamdEngine, ClamdServer
+from avgate.engines.clamd import VERSION_TTL, ClamdEngine, ClamdEngineSettings, ClamdServer
 from avgate.errors import ConfigError
+from avgate.limits import Limits
 from avgate.protocols import clamd as proto
 from avgate.result import ScanStatus
 from avgate.spool import Spool
+from tests.helpers import async_wait_until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -136,10 +139,25 @@ def closed_port_url() -> str:
     return f"tcp://127.0.0.1:{port}"  # nothing listens there now: connection refused
 
 
-def engine(*servers: str, **kw: Any) -> ClamdEngine:
+class FakeClock:
+    """The engine's health/TTL clock, advanced by the test instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def engine(*servers: str, clock: FakeClock | None = None, ctx: EngineContext = CTX,
+           **kw: Any) -> ClamdEngine:
     kw.setdefault("connect_timeout", 0.5)
     kw.setdefault("scan_timeout", 0.5)
-    return ClamdEngine("clamd", CTX, servers=list(servers), **kw)
+    return ClamdEngine(ClamdEngineSettings(servers=servers, **kw), ctx,
+                       clock=clock or FakeClock())
 
 
 SMALL = Spool.from_bytes(b"hello world")
@@ -223,10 +241,11 @@ async def test_large_object_arrives_complete_in_chunks(fakes: list[FakeClamd]) -
 
 async def test_failover_uses_the_next_server_verdict(fakes: list[FakeClamd]) -> None:
     second = await fake(fakes, "found", virus="From.Second")
-    eng = engine(closed_port_url(), second.url)
+    clock = FakeClock()
+    eng = engine(closed_port_url(), second.url, clock=clock)
     result = await eng.scan(SMALL)
     assert result.status is ScanStatus.INFECTED and result.virus == "From.Second"
-    assert eng.servers[0].down_until > time.monotonic()  # marked down after 1 failure
+    assert eng.servers[0].down_until > clock()  # marked down after 1 failure
     assert eng.servers[1].failures == 0
 
 
@@ -275,12 +294,14 @@ async def test_failover_strategy_sticks_to_the_first(fakes: list[FakeClamd]) -> 
 async def test_down_server_is_skipped_until_retry_after(fakes: list[FakeClamd]) -> None:
     bad = await fake(fakes, "garbage")
     good = await fake(fakes, "ok")
-    eng = engine(bad.url, good.url, retry_after=0.3)
+    clock = FakeClock()
+    eng = engine(bad.url, good.url, retry_after=30, clock=clock)
     assert (await eng.scan(SMALL)).status is ScanStatus.CLEAN
     assert bad.connections == 1
+    clock.advance(29.9)
     assert (await eng.scan(SMALL)).status is ScanStatus.CLEAN
     assert bad.connections == 1  # skipped while down
-    await asyncio.sleep(0.35)
+    clock.advance(0.2)
     bad.behaviour = "found"  # it recovered
     result = await eng.scan(SMALL)
     assert bad.connections == 2 and result.status is ScanStatus.INFECTED
@@ -311,18 +332,23 @@ async def test_all_servers_down_fails_fast(fakes: list[FakeClamd]) -> None:
 
 async def test_version_and_db_version_follow_the_server(fakes: list[FakeClamd]) -> None:
     f = await fake(fakes, "ok")
-    eng = engine(f.url, version_ttl=0.1)
+    clock = FakeClock()
+    eng = engine(f.url, clock=clock)
     assert eng.version() == "" and eng.db_version() == ""  # before start
     await eng.start()
+    # the refresh db_version() scheduled before start is over: nothing else is pending
+    assert await async_wait_until(lambda: eng._refresh is None or eng._refresh.done(), 5)
     assert eng.version() == VERSION
     assert eng.db_version() == "27000/Mon Nov 23 09:18:14 2024"
     f.version = "ClamAV 1.4.6/27001/Tue Nov 24 09:00:00 2024"  # freshclam + RELOAD
-    await asyncio.sleep(0.15)
+    connections = f.connections
+    clock.advance(VERSION_TTL - 1)
+    assert eng.db_version().startswith("27000/")  # still fresh: no query
+    await asyncio.sleep(0)
+    assert f.connections == connections and (eng._refresh is None or eng._refresh.done())
+    clock.advance(2)
     eng.db_version()  # stale: schedules a background refresh
-    for _ in range(50):
-        await asyncio.sleep(0.01)
-        if eng.db_version().startswith("27001/"):
-            break
+    assert await async_wait_until(lambda: eng.db_version().startswith("27001/"), 5)
     assert eng.db_version() == "27001/Tue Nov 24 09:00:00 2024"
     assert eng.info().version.startswith("ClamAV 1.4.6/27001/")
     await eng.close()
@@ -372,23 +398,75 @@ def test_server_urls(url: str, expected: tuple[str, int, str]) -> None:
     ({"scan_timeout": "fast"}, "scan_timeout"),
     ({"max_failures": 0}, "max_failures"),
     ({"stream_chunk_size": 0}, "stream_chunk_size"),
+    ({"stream_chunk_size": "2 GiB"}, "stream_chunk_size"),
     ({"bogus": 1}, "bogus"),
 ])
 def test_config_errors_name_the_key(table: dict[str, Any], key: str) -> None:
-    with pytest.raises(ConfigError, match=key):
-        build_engine({"type": "clamd", **table}, CTX)
+    with pytest.raises(ConfigError, match=key) as exc:
+        config.from_dict({"engines": [{"type": "clamd", **table}]})
+    assert str(exc.value).startswith("<config>: engines[0]")
 
 
 def test_config_defaults_and_values() -> None:
-    eng = build_engine({"type": "clamd"}, CTX)
+    eng = build_engine(ClamdEngineSettings(), CTX)
     assert isinstance(eng, ClamdEngine)
     assert [s.url for s in eng.servers] == ["tcp://127.0.0.1:3310", "unix:/run/clamav/clamd.ctl"]
-    assert (eng.strategy, eng.max_failures, eng.retry_after) == ("failover", 1, 10.0)
-    eng = build_engine({"type": "clamd", "servers": "unix:/s", "strategy": "round_robin",
-                        "stream_chunk_size": "256 KiB", "scan_timeout": 30,
-                        "connect_timeout": 1.5, "retry_after": 5, "max_failures": 3}, CTX)
+    s = eng.settings
+    assert (s.strategy, s.max_failures, s.retry_after, s.scan_timeout) == (
+        "failover", 1, 10.0, None)
+    [settings] = config.from_dict({"engines": [{
+        "type": "clamd", "servers": "unix:/s", "strategy": "round_robin",
+        "stream_chunk_size": "256 KiB", "scan_timeout": 30, "connect_timeout": 1.5,
+        "retry_after": 5, "max_failures": 3}]}).engines
+    eng = build_engine(settings, CTX)
     assert isinstance(eng, ClamdEngine)
-    assert (eng.chunk_size, eng.scan_timeout, eng.connect_timeout) == (262144, 30.0, 1.5)
-    assert (eng.strategy, eng.max_failures, eng.retry_after) == ("round_robin", 3, 5.0)
-    # the engine-wide bound covers one full failover round
-    assert eng.timeouts.scan == pytest.approx(31.5)
+    s = eng.settings
+    assert (s.stream_chunk_size, s.scan_timeout, s.connect_timeout) == (262144, 30.0, 1.5)
+    assert (s.strategy, s.max_failures, s.retry_after) == ("round_robin", 3, 5.0)
+    assert [x.url for x in eng.servers] == ["unix:/s"]
+    # one budget for the whole scan ([limits] scan_timeout), not one per server
+    assert eng.timeouts.scan == CTX.limits.scan_timeout
+
+
+def test_build_engine_wants_the_engines_settings() -> None:
+    with pytest.raises(TypeError, match="ClamdEngineSettings"):
+        build_engine(config.from_dict({}).engines[0].model_copy(update={"type": "clamd"}), CTX)
+
+
+# -- one budget per scan ------------------------------------------------------------------
+
+async def test_budget_is_spent_across_servers_not_multiplied(fakes: list[FakeClamd]) -> None:
+    """Three hung servers, no per-attempt bound: the scan ends at [limits] scan_timeout, the
+    first server is marked down and the others are not tried on an empty budget."""
+    hung = [await fake(fakes, "hang") for _ in range(3)]
+    ctx = EngineContext(limits=Limits(scan_timeout=0.4))
+    eng = ClamdEngine(ClamdEngineSettings(servers=tuple(h.url for h in hung)), ctx,
+                      clock=FakeClock())
+    start = time.monotonic()
+    result = await eng.scan(SMALL)
+    assert time.monotonic() - start < 1.5
+    assert result.status is ScanStatus.ERROR
+    assert "no reply within 0." in result.reason  # what was left of 0.4 s after connecting
+    assert "2 server(s) not tried" in result.reason
+    assert [h.connections for h in hung] == [1, 0, 0]
+    assert eng.servers[0].failures == 1 and eng.servers[1].failures == 0
+
+
+async def test_per_attempt_timeout_leaves_budget_for_failover(fakes: list[FakeClamd]) -> None:
+    hung = await fake(fakes, "hang")
+    good = await fake(fakes, "found", virus="After.Failover")
+    ctx = EngineContext(limits=Limits(scan_timeout=2))
+    eng = engine(hung.url, good.url, scan_timeout=0.2, ctx=ctx)
+    result = await eng.scan(SMALL)
+    assert result.status is ScanStatus.INFECTED and result.virus == "After.Failover"
+
+
+async def test_attempt_is_cut_at_the_deadline(fakes: list[FakeClamd]) -> None:
+    """A per-attempt scan_timeout longer than the budget is cut at the budget."""
+    hung = await fake(fakes, "hang")
+    ctx = EngineContext(limits=Limits(scan_timeout=0.3))
+    eng = engine(hung.url, scan_timeout=30, ctx=ctx)
+    start = time.monotonic()
+    result = await eng.scan(SMALL)
+    assert result.status is ScanStatus.ERROR and "no reply within" in result.reason
+    assert time.monotonic() - start < 1.5

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from avgate import config
 from avgate.engines.base import EngineContext, build_engine
-from avgate.engines.command import UNKNOWN_VIRUS, CommandEngine
+from avgate.engines.command import UNKNOWN_VIRUS, CommandEngine, CommandEngineSettings
 from avgate.errors import ConfigError
 from avgate.result import ScanStatus
 from avgate.spool import Spool
@@ -56,7 +57,7 @@ def scanner(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def make(scanner: str, **table: Any) -> CommandEngine:
     table.setdefault("command", f"{sys.executable} {scanner} --no-summary {{path}}")
-    eng = build_engine({"type": "command", "name": "cmd", **table}, CTX)
+    eng = build_engine(CommandEngineSettings(name="cmd", **table), CTX)
     assert isinstance(eng, CommandEngine)
     return eng
 
@@ -105,7 +106,7 @@ async def test_custom_virus_regex(scanner: str) -> None:
 
 
 async def test_missing_program_is_an_error() -> None:
-    eng = build_engine({"type": "command", "command": "/nonexistent/scanner {path}"}, CTX)
+    eng = build_engine(CommandEngineSettings(command="/nonexistent/scanner {path}"), CTX)
     result = await scan(eng, b"x")  # type: ignore[arg-type]
     assert result.status is ScanStatus.ERROR and "cannot run" in result.reason
 
@@ -183,10 +184,13 @@ def _alive(pid: int) -> bool:
     ({"command": "s {path}", "timeout": -1}, "timeout"),
 ])
 def test_config_errors_name_the_key(table: dict[str, Any], key: str) -> None:
-    with pytest.raises(ConfigError, match=key):
-        build_engine({"type": "command", **table}, CTX)
+    with pytest.raises(ConfigError, match=key) as exc:
+        config.from_dict({"engines": [{"type": "command", **table}]})
+    assert str(exc.value).startswith("<config>: engines[0]")
 
 
 def test_command_may_be_a_list() -> None:
-    eng = build_engine({"type": "command", "command": ["scan", "--x", "{path}"]}, CTX)
+    [settings] = config.from_dict({"engines": [
+        {"type": "command", "command": ["scan", "--x", "{path}"]}]}).engines
+    eng = build_engine(settings, CTX)
     assert isinstance(eng, CommandEngine) and eng.argv == ("scan", "--x", "{path}")

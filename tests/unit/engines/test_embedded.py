@@ -13,8 +13,15 @@ from pathlib import Path
 import pytest
 
 import avgate.content as content
+from avgate import config
 from avgate.engines.base import EngineContext, build_engine
-from avgate.engines.embedded import EICAR, EICAR_NAME, EmbeddedEngine, is_eicar
+from avgate.engines.embedded import (
+    EICAR,
+    EICAR_NAME,
+    EmbeddedEngine,
+    EmbeddedEngineSettings,
+    is_eicar,
+)
 from avgate.errors import ConfigError, EngineError, SignatureError
 from avgate.limits import Limits
 from avgate.result import ScanStatus
@@ -27,7 +34,7 @@ EICAR_MD5 = hashlib.md5(EICAR, usedforsecurity=False).hexdigest()
 
 def engine(tmp_path: Path, limits: Limits | None = None, **table: object) -> EmbeddedEngine:
     ctx = EngineContext(limits=limits or Limits(), base_dir=str(tmp_path))
-    eng = build_engine({"type": "embedded", **table}, ctx)
+    eng = build_engine(EmbeddedEngineSettings(**table), ctx)  # type: ignore[arg-type]
     assert isinstance(eng, EmbeddedEngine)
     eng.load()
     return eng
@@ -51,27 +58,29 @@ def sigdir(tmp_path: Path) -> Path:
 # -- config -------------------------------------------------------------------------------
 
 def test_build_engine_defaults(tmp_path: Path) -> None:
-    eng = build_engine({"type": "embedded"}, EngineContext())
+    [settings] = config.from_dict({}).engines  # the default engine
+    eng = build_engine(settings, EngineContext())
     assert isinstance(eng, EmbeddedEngine)
     assert (eng.name, eng.builtin, eng.rule_paths, eng.signature_paths) == (
         "embedded", True, [], [])
 
 
-@pytest.mark.parametrize(("table", "message"), [
-    ({"signatures": 5, "_index": 2}, "engines[2].signatures: expected a list of paths"),
-    ({"rules": [1]}, "rules: expected a list of paths"),
-    ({"rules": [""]}, "rules: expected a list of paths"),
-    ({"builtin": "yes", "_index": 0}, "engines[0].builtin: expected true or false"),
+@pytest.mark.parametrize(("index", "table", "message"), [
+    (2, {"signatures": 5}, "engines[2].signatures: expected a list of paths"),
+    (0, {"rules": [1]}, "engines[0].rules: expected a list of paths"),
+    (0, {"rules": [""]}, "engines[0].rules: expected a list of paths"),
+    (0, {"builtin": "yes"}, "engines[0].builtin: Input should be a valid boolean"),
 ])
-def test_from_config_rejects(table: dict[str, object], message: str) -> None:
+def test_config_rejects(index: int, table: dict[str, object], message: str) -> None:
+    engines = [{"type": "embedded"} for _ in range(index)] + [{"type": "embedded", **table}]
     with pytest.raises(ConfigError) as exc:
-        EmbeddedEngine.from_config(table, EngineContext())
+        config.from_dict({"engines": engines})
     assert message in str(exc.value)
 
 
 def test_unknown_key_rejected() -> None:
-    with pytest.raises(ConfigError, match="unknown key"):
-        build_engine({"type": "embedded", "signature": ["x"]}, EngineContext())
+    with pytest.raises(ConfigError, match=r"engines\[0\]\.signature: unknown key"):
+        config.from_dict({"engines": [{"type": "embedded", "signature": ["x"]}]})
 
 
 def test_paths_relative_to_base_dir(tmp_path: Path, sigdir: Path) -> None:
@@ -219,14 +228,14 @@ async def test_over_max_scan_size_skipped_without_reading(tmp_path: Path) -> Non
 
 
 async def test_not_started_is_an_error(tmp_path: Path) -> None:
-    eng = build_engine({"type": "embedded"}, EngineContext())
+    eng = build_engine(EmbeddedEngineSettings(), EngineContext())
     result = await eng.scan(Spool.from_bytes(EICAR))
     assert result.status is ScanStatus.ERROR
     assert "not started" in result.reason
 
 
 async def test_start_loads(tmp_path: Path) -> None:
-    eng = build_engine({"type": "embedded"}, EngineContext())
+    eng = build_engine(EmbeddedEngineSettings(), EngineContext())
     await eng.start()
     assert eng.db_version()
     assert (await eng.scan(Spool.from_bytes(EICAR))).status is ScanStatus.INFECTED

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
-from avgate.engines.base import EngineContext
-from avgate.engines.icap import IcapEngine, parse_url
+from avgate import config
+from avgate.engines.base import EngineContext, build_engine
+from avgate.engines.icap import IcapEngine, IcapEngineSettings, parse_url
 from avgate.errors import ConfigError
 from avgate.limits import Limits
 from avgate.protocols import icap as proto
@@ -56,10 +58,12 @@ async def fake_server(respmod: Handler) -> AsyncIterator[int]:
         server.close()
 
 
-def engine(port: int, **kw: object) -> IcapEngine:
-    return IcapEngine("fake", EngineContext(limits=Limits(scan_timeout=5)),
-                      url=f"icap://127.0.0.1:{port}/avscan", connect_timeout=1,
-                      scan_timeout=kw.pop("scan_timeout", 1), **kw)  # type: ignore[arg-type]
+def engine(*ports: int, **kw: Any) -> IcapEngine:
+    kw.setdefault("connect_timeout", 1)
+    kw.setdefault("scan_timeout", 1)
+    settings = IcapEngineSettings(name="fake", url=tuple(
+        f"icap://127.0.0.1:{port}/avscan" for port in ports), **kw)
+    return IcapEngine(settings, EngineContext(limits=Limits(scan_timeout=5)))
 
 
 async def scan_with(reply: Handler, data: bytes = b"some object data") -> tuple[object, IcapEngine]:
@@ -149,8 +153,8 @@ async def test_unmodified_echo_is_clean_and_changed_body_is_not() -> None:
 
 
 async def test_over_max_scan_size_is_skipped() -> None:
-    e = IcapEngine("fake", EngineContext(limits=Limits(max_scan_size=10)),
-                   url=f"icap://127.0.0.1:{free_port()}/avscan")
+    e = IcapEngine(IcapEngineSettings(url=f"icap://127.0.0.1:{free_port()}/avscan"),
+                   EngineContext(limits=Limits(max_scan_size=10)))
     result = await e.scan(Spool.from_bytes(b"x" * 11))
     assert result.status is ScanStatus.SKIPPED
 
@@ -158,10 +162,74 @@ async def test_over_max_scan_size_is_skipped() -> None:
 def test_config_and_url_parsing() -> None:
     assert parse_url("icap://h/svc") == ("h", 1344, "svc")
     assert parse_url("icap://h:11344/virus_scan?x=1") == ("h", 11344, "virus_scan?x=1")
-    for bad in ({"url": "http://h/x"}, {"url": "icap://h"}, {},
-                {"url": "icap://h/x", "preview": -1}, {"url": "icap://h/x", "scan_timeout": 0}):
-        with pytest.raises(ConfigError):
-            IcapEngine.from_config(bad, EngineContext())
-    e = IcapEngine.from_config({"url": "icap://h/x", "preview": 0, "connect_timeout": 2},
-                               EngineContext())
-    assert e.max_preview == 0 and e.connect_timeout == 2
+    for bad, key in (({"url": "http://h/x"}, "url"), ({"url": "icap://h"}, "url"),
+                     ({}, "url"), ({"url": []}, "url"),
+                     ({"url": "icap://h/x", "preview": -1}, "preview"),
+                     ({"url": "icap://h/x", "scan_timeout": 0}, "scan_timeout")):
+        with pytest.raises(ConfigError, match=rf"engines\[0\]\.{key}"):
+            config.from_dict({"engines": [{"type": "icap", **bad}]})
+    [settings] = config.from_dict({"engines": [
+        {"type": "icap", "url": "icap://h/x", "preview": 0, "connect_timeout": 2}]}).engines
+    e = build_engine(settings, EngineContext())
+    assert isinstance(e, IcapEngine)
+    assert e.settings.preview == 0 and e.settings.connect_timeout == 2
+    assert [s.icap_uri for s in e.servers] == ["icap://h:1344/x"]
+    [settings] = config.from_dict({"engines": [
+        {"type": "icap", "url": ["icap://a/x", "icap://b:11344/y"],
+         "strategy": "round_robin"}]}).engines
+    e = build_engine(settings, EngineContext())
+    assert isinstance(e, IcapEngine)
+    assert [s.icap_uri for s in e.servers] == ["icap://a:1344/x", "icap://b:11344/y"]
+
+
+# -- several servers (the upstream helper shared with clamd) ---------------------------------
+
+async def _clean(_: bytes) -> bytes:
+    return proto.encode_response(204, [("ISTag", '"fake-1"')])
+
+
+async def test_failover_to_the_second_server() -> None:
+    gen = fake_server(_clean)
+    port = await gen.__anext__()
+    try:
+        e = engine(free_port(), port)
+        result = await e.scan(Spool.from_bytes(b"some object data"))
+        assert result.status is ScanStatus.CLEAN, result
+        assert e.servers[0].failures == 1 and e.upstreams.is_down(e.servers[0])
+        assert e.servers[1].failures == 0 and e.db_version() == "fake-1"
+        health = await e.health()
+        assert health["ok"] is True
+        assert [r["ok"] for r in health["servers"]] == [False, True]
+        assert health["servers"][1]["istag"] == "fake-1"
+    finally:
+        await gen.aclose()
+
+
+async def test_every_server_failing_names_each() -> None:
+    ports = free_port(), free_port()
+    e = engine(*ports)
+    result = await e.scan(Spool.from_bytes(b"x"))
+    assert result.status is ScanStatus.ERROR
+    assert all(f"icap://127.0.0.1:{p}/avscan: cannot connect" in result.reason for p in ports)
+    again = await e.scan(Spool.from_bytes(b"x"))  # both marked down: no waiting on them
+    assert again.status is ScanStatus.ERROR and "marked down" in again.reason
+
+
+async def test_hang_spends_the_budget_once() -> None:
+    """A hung server with no per-attempt bound: the scan ends at [limits] scan_timeout
+    (0.5 s), not at one timeout per server."""
+    async def hang(_: bytes) -> None:
+        return None
+    gens = [fake_server(hang), fake_server(hang)]
+    ports = [await g.__anext__() for g in gens]
+    try:
+        settings = IcapEngineSettings(name="fake", url=tuple(
+            f"icap://127.0.0.1:{p}/avscan" for p in ports))
+        e = IcapEngine(settings, EngineContext(limits=Limits(scan_timeout=0.5)))
+        start = asyncio.get_running_loop().time()
+        result = await e.scan(Spool.from_bytes(b"some object data"))
+        assert asyncio.get_running_loop().time() - start < 1.5
+        assert result.status is ScanStatus.ERROR and "1 server(s) not tried" in result.reason
+    finally:
+        for g in gens:
+            await g.aclose()
