@@ -5,22 +5,33 @@ Third-party exceptions are translated once, at the boundary where they occur
 
     AvgateError
     ├── ConfigError                 bad config file or value (names the key and line)
+    ├── ListenError                 (avgate.frontends.listen; also an OSError) a listener
+    │                               could not be opened: names listener, address and why
     ├── EngineError                 an engine could not give a verdict → ScanStatus.ERROR
     │   ├── EngineUnavailable       connection refused / all servers down
     │   ├── EngineTimeout           connect or scan timeout
     │   └── EngineProtocolError     garbage or unexpected reply
     ├── SignatureError              a signature file or rule that cannot be loaded/translated
-    ├── ContentError                decomposition problem (never escapes the scan service)
-    │   └── LimitExceeded           a Limits value was exceeded (carries the status to report)
     ├── ProtocolError               a peer broke a protocol we serve (milter, ICAP, clamd)
-    │                               carries ``reply_hint``: which reply the front-end sends
+    │   ├── ClamdProtocolError      (avgate.protocols.clamd) ``reply_hint``: the clamd reply
+    │   └── IcapProtocolError       (avgate.protocols.icap) ``status``: the ICAP status code
+    │                               every one carries ``reply_hint``: what the front-end sends
     ├── SpoolError                  spooling content failed (disk full, ...) → tempfail
     └── QuarantineError             quarantine store failure (write, lookup, release)
-        └── NotFound                no such quarantine record
+        ├── NotFound                no such quarantine record
+        ├── AlreadyReleased         (avgate.quarantine.release) second release without force
+        └── InvalidAddress          (avgate.quarantine.release) not an RFC 5321 mailbox
+
+Subclasses defined beside the code that raises them are named with their module. Private
+exceptions that never leave their module (parser control flow in ``avgate.content``, the
+scan workers' ``WorkerError``/``BudgetExceeded``, which the embedded engine turns into a
+result) are not part of the tree.
 
 Rules: an engine never raises to the scan service for a failed scan — it returns a
 ``ScanResult`` with status ``error`` — but may raise ``EngineError`` internally; the engine
-base turns it into a result. ``ContentError`` becomes ``skipped``/``unknown`` in the result.
+base turns it into a result. Decomposition does not raise for what it cannot scan: it reports
+a ``Problem`` (``skipped``/``unknown``, with the limit that was hit), which becomes part of the
+result; an unexpected exception from a parser becomes an ``EngineError`` (never clean).
 """
 
 from __future__ import annotations
@@ -56,19 +67,6 @@ class EngineProtocolError(EngineError):
 
 class SignatureError(AvgateError):
     """A signature or rule could not be loaded (names the file, line and signature)."""
-
-
-class ContentError(AvgateError):
-    """Content could not be decomposed."""
-
-
-class LimitExceeded(ContentError):
-    """A scan limit was exceeded; ``status`` is "skipped" or "unknown"."""
-
-    def __init__(self, reason: str, status: str = "skipped") -> None:
-        self.reason = reason
-        self.status = status
-        super().__init__(reason)
 
 
 class ProtocolError(AvgateError):

@@ -1,6 +1,7 @@
 """The protocol-neutral pipeline every front-end calls: scan → policy → quarantine → log.
 
-A front-end spools what it received, builds a :class:`~avgate.policy.Context`, and calls
+A front-end spools what it received, builds a :class:`~avgate.context.Context` (the session,
+with the transaction's :class:`~avgate.context.Envelope` inside), and calls
 :meth:`Gateway.process`. It gets back an :class:`Outcome` (the ScanResult, the Decision and
 the quarantine id) and applies the decision in its own protocol. The side effects that must
 happen before the client is answered (the quarantine write) happen here: if they fail, the
@@ -15,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .config import Config
+from .context import Context, Envelope  # re-exported: front-ends import them from here
 from .observability import record_scan, scan_event
-from .policy import Context, Decision, Disposition, Policy
-from .quarantine.store import Envelope  # re-exported: front-ends import it from here
+from .policy import Decision, Disposition, Policy
 from .result import ScanResult
 from .scan import ScanService
 from .spool import Spool
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from .observability import ScanLog
     from .quarantine import QuarantineStore
 
-__all__ = ["Envelope", "Gateway", "Outcome"]
+__all__ = ["Context", "Envelope", "Gateway", "Outcome"]
 
 QUARANTINE_FAILED_REPLY = "451 4.3.0 Quarantine unavailable, try again later"
 
@@ -50,7 +51,7 @@ class Gateway:
 
     @classmethod
     def from_config(cls, config: Config, *, log: ScanLog | None = None) -> Gateway:
-        return cls(config, ScanService.from_config(config), Policy.from_config(config.policy),
+        return cls(config, ScanService.from_config(config), Policy.from_settings(config.policy),
                    log=log)
 
     async def start(self) -> None:
@@ -70,23 +71,24 @@ class Gateway:
     def new_spool(self) -> Spool:
         return self.scanner.new_spool()
 
-    async def process(self, spool: Spool, ctx: Context, envelope: Envelope | None = None,
-                      ids: dict[str, str] | None = None,
+    async def process(self, spool: Spool, ctx: Context, ids: dict[str, str] | None = None,
                       store_quarantine: bool = True) -> Outcome:
         """Scan, decide, quarantine when the decision says so, log; never raises for a
         scan failure (that is a result with status error, decided by policy).
 
         ``store_quarantine=False``: the front-end quarantines by its own means (the milter's
-        "mta" mode puts the message on the MTA's hold queue), so our store is not written."""
+        "mta" mode puts the message on the MTA's hold queue), so our store is not written.
+        The quarantine record keeps ``ctx.envelope`` (the one transaction every front-end
+        fills)."""
         started = time.perf_counter()
         result = await self.scanner.scan(spool)
         decision = self.policy.decide(result, ctx)
         qid: str | None = None
         if decision.quarantine and store_quarantine:
-            env = envelope or Envelope(listener=ctx.listener)
             try:
                 # fsync-heavy: keep it off the event loop
-                qid = await asyncio.to_thread(self.store.put, spool, env, result, decision,
+                qid = await asyncio.to_thread(self.store.put, spool, ctx.envelope, result,
+                                              decision,
                                               frontend=ctx.frontend, listener=ctx.listener)
             except Exception as exc:  # any store failure: tempfail, never accept-and-lose
                 decision = Decision(Disposition.TEMPFAIL, QUARANTINE_FAILED_REPLY,

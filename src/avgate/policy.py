@@ -1,7 +1,10 @@
 """Policy: ordered rules turn a ScanResult into a Decision. Engines detect, policy decides.
 
-A front-end builds a :class:`Context` (where the object came from), calls
-:meth:`Policy.decide` and applies the returned :class:`Decision` in its own protocol.
+A front-end builds a :class:`~avgate.context.Context` (the session, with the transaction's
+:class:`~avgate.context.Envelope`), calls :meth:`Policy.decide` and applies the returned
+:class:`~avgate.decision.Decision` in its own protocol. ``[policy]`` is :class:`PolicySettings`,
+each ``[[policy.rules]]`` a :class:`RuleSettings`: every check is in their types, so ``config
+check`` names key and line, and :meth:`Policy.from_settings` only builds the matchers.
 
 Rules (``[[policy.rules]]``) are tried in order; the first whose conditions all match fires.
 No rule matching → the defaults::
@@ -37,135 +40,67 @@ Sun/Oracle messaging-server ClamAV plugin: field ``verdict_prefix`` (default ``V
 ``verdict_mode`` 0: fixed ``verdict_text`` when infected, nothing when clean; 1: result
 (``True ; NAME``) when infected, nothing when clean; 2: always the result (``True ; NAME`` or
 ``False``); 3: fixed verdict when infected, else the result (``False``)), ``none``.
-``headers = { Name = "template" }`` replaces the style's headers. Templates may use
-``{virus}``, ``{viruses}``, ``{status}``, ``{status_word}``, ``{reason}``, ``{version}``,
-``{engine}``.
+``headers = { Name = "template" }`` replaces the style's headers. Templates (headers, replies,
+``subject_prefix``) may use ``{virus}``, ``{viruses}``, ``{status}``, ``{status_word}``,
+``{reason}``, ``{version}``, ``{engine}``; unknown names stay as written, and a template that
+cannot render (a stray brace, ``{0}``) is refused when the config is loaded.
 """
 
 from __future__ import annotations
 
-import enum
 import fnmatch
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+)
 
 from . import __version__
+from .context import Context, Envelope
+from .decision import Decision, Disposition
 from .limits import parse_size
 from .result import ScanResult, ScanStatus
+from .settings import Section, StrTuple
 
-DEFAULT_REJECT_REPLY = "550 5.7.1 Virus found: {virus}"
-DEFAULT_TEMPFAIL_REPLY = "451 4.7.1 Virus scanner unavailable, try again later"
+# Replies for the cases no setting names (the configurable ones are PolicySettings' defaults)
 DEFAULT_FAILURE_REJECT_REPLY = "554 5.7.0 Virus scanner unavailable, message refused"
 DEFAULT_VIRUS_TEMPFAIL_REPLY = "451 4.7.1 Message held: virus found ({virus})"
-DEFAULT_NOTICE = ("This part of the message contained a virus ({virus}) and was removed "
-                  "by avgate.\nThe original file name was: {filename}\n")
-DEFAULT_SUBJECT_PREFIX = "***VIRUS*** "
 DEFAULT_STRUCTURAL_REPLY = "552 5.3.4 Message content not scannable: {reason}"
 DEFAULT_SIZE_REPLY = "552 5.3.4 Message too large to scan: {reason}"
+#: the clamav-verdict style's field name: the default of ``verdict_prefix``, and always one
+#: of the names avgate removes from incoming messages (see ``Policy.own_header_names``)
 DEFAULT_VERDICT_PREFIX = "Virus-Test"
-DEFAULT_VERDICT_TEXT = "virus"
 
-FRONTENDS = ("smtp", "milter", "icap", "http", "clamd", "qmail", "cli")
 MAIL_FRONTENDS = frozenset({"smtp", "milter", "qmail"})
-LIMIT_ACTIONS = ("reject", "keep", "tempfail", "discard", "quarantine")
-LIMITS = ("structural", "size", "none")
 _REASON_MAX = 200  # characters of the reason in replies and headers
-DISPOSITIONS = ("accept", "reject", "tempfail", "discard")
-MODIFIERS = ("quarantine", "replace", "tag", "prefix_subject", "copy_to")
-SHORTCUTS_VIRUS = ("reject", "keep", "tempfail", "discard", "quarantine")
-SHORTCUTS_FAILURE = ("reject", "keep", "tempfail", "discard")
-RULE_KEYS = frozenset({
-    "name", "status", "virus", "frontend", "listener", "direction", "sender", "recipient",
-    "size", "action", "reply", "headers", "subject_prefix", "copy_to", "notice", "shadow",
-    "limit", "reason",
-})
 _REPLY_RE = re.compile(r"^([245])\d\d(?:[ -].*)?$", re.DOTALL)
+_HEADER_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 field-name
 
-
-class Disposition(enum.StrEnum):
-    ACCEPT = "accept"  # deliver / pass (with modifiers)
-    REJECT = "reject"  # permanent refusal (5xx)
-    TEMPFAIL = "tempfail"  # temporary refusal (4xx): the sender retries
-    DISCARD = "discard"  # acknowledge and drop
-
-
-@dataclass(frozen=True, slots=True)
-class Context:
-    """Where the object came from, for rule conditions and templates."""
-
-    frontend: str
-    listener: str = ""
-    direction: str = "inbound"
-    sender: str = ""
-    recipients: tuple[str, ...] = ()
-    client_addr: str = ""
-    authenticated: bool = False
-    size: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What a front-end must do with the object. Front-ends apply it in their protocol."""
-
-    disposition: Disposition
-    reply: str = ""  # "550 5.7.1 text" for reject/tempfail; "" otherwise
-    headers: tuple[tuple[str, str], ...] = ()
-    quarantine: bool = False
-    replace: bool = False
-    notice: str = ""
-    subject_prefix: str = ""
-    copy_to: tuple[str, ...] = ()
-    rule: str = ""
-    shadow: bool = False
-    would: Decision | None = None  # in shadow mode: what would have happened
-
-    @property
-    def code(self) -> int:
-        """The reply code (250 for accept/discard without a reply)."""
-        return int(self.reply[:3]) if self.reply[:3].isdigit() else 250
-
-    @property
-    def text(self) -> str:
-        """The reply text after the code (with the enhanced status code, if any)."""
-        return self.reply[4:] if len(self.reply) > 4 else ""
-
-    @property
-    def delivers(self) -> bool:
-        return self.disposition is Disposition.ACCEPT
-
-    @property
-    def actions(self) -> tuple[str, ...]:
-        """Names of what this decision does, for the scan log."""
-        acts = [self.disposition.value]
-        if self.quarantine:
-            acts.append("quarantine")
-        if self.replace:
-            acts.append("replace")
-        if self.headers:
-            acts.append("tag")
-        if self.subject_prefix:
-            acts.append("prefix_subject")
-        if self.copy_to:
-            acts.append("copy_to")
-        if self.shadow:
-            acts.append("shadow")
-        return tuple(acts)
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"disposition": self.disposition.value, "rule": self.rule,
-                             "actions": list(self.actions)}
-        if self.reply:
-            d["reply"] = self.reply
-        if self.would is not None:
-            d["would"] = self.would.to_dict()
-        return d
+Frontend = Literal["smtp", "milter", "icap", "http", "clamd", "qmail", "cli"]
+Status = Literal["clean", "infected", "skipped", "unknown", "error"]
+LimitName = Literal["structural", "size", "none"]
+Direction = Literal["inbound", "outbound"]
+DispositionName = Literal["accept", "reject", "tempfail", "discard"]
+Modifier = Literal["quarantine", "replace", "tag", "prefix_subject", "copy_to"]
+Shortcut = Literal["reject", "keep", "tempfail", "discard", "quarantine"]
+DISPOSITIONS: tuple[str, ...] = get_args(DispositionName)
+MODIFIERS: tuple[str, ...] = get_args(Modifier)
+FRONTENDS: tuple[str, ...] = get_args(Frontend)
 
 
 @dataclass(frozen=True)
 class Rule:
+    """One ``[[policy.rules]]`` ready to match (built from a validated :class:`RuleSettings`)."""
+
     name: str
     statuses: frozenset[ScanStatus] | None = None
     virus: tuple[str, ...] | None = None
@@ -181,9 +116,9 @@ class Rule:
     modifiers: frozenset[str] = frozenset()
     reply: str = ""
     headers: tuple[tuple[str, str], ...] | None = None
-    subject_prefix: str = DEFAULT_SUBJECT_PREFIX
+    subject_prefix: str = ""
     copy_to: tuple[str, ...] = ()
-    notice: str = DEFAULT_NOTICE
+    notice: str = ""
     shadow: bool = False
 
     def matches(self, result: ScanResult, ctx: Context) -> bool:
@@ -243,65 +178,273 @@ _STATUS_WORD = {
 }
 
 
-class Policy:
-    """Ordered rules plus defaults; see the module docstring."""
+# -- settings: [policy] and [[policy.rules]] ----------------------------------------------------
+# Every check of a policy key lives here, in the types below, so ``config check`` reports it
+# with the key and its line; building the Policy from validated settings checks nothing again.
+def _tuple(value: Any) -> Any:
+    """One string or a TOML array → a tuple (anything else is left for the type to refuse)."""
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value) if isinstance(value, list) else value
 
-    def __init__(self, rules: Sequence[Rule] = (), *, virus_action: str = "reject",
-                 failure_action: str = "tempfail", header_style: str = "default",
-                 headers: Mapping[str, str] | None = None, shadow: bool = False,
-                 verdict_mode: int = 2, verdict_prefix: str = DEFAULT_VERDICT_PREFIX,
-                 verdict_text: str = DEFAULT_VERDICT_TEXT,
-                 reject_reply: str = DEFAULT_REJECT_REPLY,
-                 tempfail_reply: str = DEFAULT_TEMPFAIL_REPLY,
-                 notice: str = DEFAULT_NOTICE,
-                 subject_prefix: str = DEFAULT_SUBJECT_PREFIX,
-                 copy_to: Sequence[str] = (),
-                 internal_networks: Sequence[str] = (),
-                 structural_action: str = "reject",
-                 size_action: str = "auto") -> None:
-        self.rules = list(rules)
-        self.virus_action = virus_action
-        self.failure_action = failure_action
-        self.header_style = header_style
-        self.header_templates = tuple(headers.items()) if headers else None
-        self.shadow = shadow
-        self.verdict_mode = verdict_mode
-        self.verdict_prefix = verdict_prefix
-        self.verdict_text = verdict_text
-        self.reject_reply = reject_reply
-        self.tempfail_reply = tempfail_reply
-        self.notice = notice
-        self.subject_prefix = subject_prefix
-        self.copy_to = tuple(copy_to)
-        self.structural_action = structural_action
-        self.size_action = size_action
-        self.internal_networks = tuple(ipaddress.ip_network(n, strict=False)
-                                       for n in internal_networks)
 
-    # -- construction ---------------------------------------------------------------------
+def _choices(what: str, choices: tuple[str, ...]) -> BeforeValidator:
+    """One string or a list of strings, each one of ``choices``."""
+    def check(value: Any) -> Any:
+        items = _tuple(value)
+        bad = [x for x in items if x not in choices] if isinstance(items, tuple) else []
+        if bad:
+            raise ValueError(f"unknown {what} {', '.join(map(repr, bad))} "
+                             f"(expected {', '.join(choices)})")
+        return items
+    return BeforeValidator(check)
+
+
+_NO_MAX = 1 << 62
+
+
+def _size_range(value: Any) -> Any:
+    """"min-max" ("0-10 MiB", "1M-"), [min, max], or {min=, max=}."""
+    def size(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int | float | str):
+            raise ValueError(f"not a size: {v!r}")
+        return parse_size(v)
+
+    if isinstance(value, str):
+        lo, sep, hi = value.partition("-")
+        if not sep:
+            raise ValueError('expected "min-max", e.g. "0-10 MiB" or "1 MiB-"')
+        bounds = (size(lo) if lo.strip() else 0, size(hi) if hi.strip() else _NO_MAX)
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        bounds = (size(value[0]), size(value[1]))
+    elif isinstance(value, dict) and set(value) <= {"min", "max"}:
+        bounds = (size(value.get("min", 0)), size(value.get("max", _NO_MAX)))
+    else:
+        raise ValueError('expected "min-max", [min, max] or { min = .., max = .. }')
+    if bounds[0] > bounds[1]:
+        raise ValueError(f"min {bounds[0]} is larger than max {bounds[1]}")
+    return bounds
+
+
+def _disposition(actions: Iterable[str]) -> tuple[Disposition, frozenset[str]]:
+    """The disposition and the modifiers of a (validated) action list."""
+    dispositions = [a for a in actions if a in DISPOSITIONS]
+    modifiers = frozenset(a for a in actions if a in MODIFIERS)
+    if dispositions:
+        return Disposition(dispositions[0]), modifiers
+    if modifiers == {"quarantine"}:  # hold it: acknowledged, kept, not delivered
+        return Disposition.DISCARD, modifiers
+    return Disposition.ACCEPT, modifiers
+
+
+def _actions(value: Any) -> Any:
+    if value is None:
+        raise ValueError("missing: every rule needs an action")
+    actions = _tuple(value)
+    if not isinstance(actions, tuple) or not all(isinstance(a, str) for a in actions):
+        raise ValueError("expected an action or a list of actions")
+    unknown = [a for a in actions if a not in DISPOSITIONS and a not in MODIFIERS]
+    if unknown:
+        raise ValueError(f"unknown action(s) {', '.join(unknown)} "
+                         f"(known: {', '.join(DISPOSITIONS + MODIFIERS)})")
+    several = [a for a in actions if a in DISPOSITIONS]
+    if len(several) > 1:
+        raise ValueError(f"more than one of accept/reject/tempfail/discard: {', '.join(several)}")
+    disposition, modifiers = _disposition(actions)
+    if disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
+        bad = modifiers & {"replace", "tag", "prefix_subject", "copy_to"}
+        if bad:
+            raise ValueError(f"{disposition.value} cannot be combined with "
+                             f"{', '.join(sorted(bad))}")
+    if disposition is Disposition.DISCARD and modifiers - {"quarantine", "copy_to"}:
+        raise ValueError("discard combines only with quarantine and copy_to")
+    return actions
+
+
+def _template(value: str) -> str:
+    """A reply, header or subject template must render: ``{name}`` fields (unknown names
+    stay as written); a stray brace or a positional field would fail every decision."""
+    try:
+        value.format_map(_Vars())
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as exc:
+        raise ValueError(f"not a valid template ({exc}): {value!r}") from None
+    return value
+
+
+def _smtp_reply(reply: str, disposition: Disposition | None) -> str:
+    m = _REPLY_RE.match(reply)
+    if not m or "\r" in reply or "\n" in reply:
+        raise ValueError(f"not an SMTP reply (3-digit code, space, text): {reply!r}")
+    if disposition is Disposition.REJECT and m.group(1) != "5":
+        raise ValueError(f"a reject reply must be 5xx: {reply!r}")
+    if disposition is Disposition.TEMPFAIL and m.group(1) != "4":
+        raise ValueError(f"a tempfail reply must be 4xx: {reply!r}")
+    return _template(reply)
+
+
+def _header_name(name: str) -> str:
+    if not _HEADER_NAME_RE.match(name):
+        raise ValueError(f"not a header name: {name!r}")
+    return name
+
+
+def _headers(value: Any) -> Any:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError('expected a table of header name = "template"')
+    return tuple((_header_name(name), _template(t)) for name, t in value.items())
+
+
+def _networks(value: Any) -> Any:
+    items = _tuple(value)
+    for net in items if isinstance(items, tuple) else ():
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except (TypeError, ValueError):
+            raise ValueError(f"not a network: {net!r}") from None
+    return items
+
+
+Template = Annotated[str, AfterValidator(_template)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+#: header name = "template", kept in order; shown as a table
+HeaderTemplates = Annotated[tuple[tuple[str, str], ...], BeforeValidator(_headers),
+                            PlainSerializer(dict, return_type=dict[str, str])]
+Statuses = Annotated[tuple[Status, ...], _choices("status", get_args(Status))]
+Frontends = Annotated[tuple[Frontend, ...], _choices("frontend", FRONTENDS)]
+LimitNames = Annotated[tuple[LimitName, ...], _choices("limit", get_args(LimitName))]
+#: (min, max) bytes; shown as "min-max" ("min-" without a maximum)
+SizeRange = Annotated[tuple[int, int], BeforeValidator(_size_range), PlainSerializer(
+    lambda b: f"{b[0]}-{b[1] if b[1] < _NO_MAX else ''}", return_type=str)]
+Actions = Annotated[tuple[DispositionName | Modifier, ...], BeforeValidator(_actions)]
+Networks = Annotated[tuple[str, ...], BeforeValidator(_networks)]
+
+
+class RuleSettings(Section):
+    """``[[policy.rules]]``: one rule; the first whose conditions all match fires.
+
+    Conditions (absent: any) — ``status``, ``virus`` (globs over finding names), ``frontend``,
+    ``listener``, ``direction`` (inbound | outbound), ``sender`` / ``recipient`` (globs,
+    case-insensitive), ``size`` ("min-max", [min, max] or {min, max}), ``limit`` (structural |
+    size | none), ``reason`` (globs over the reason, case-insensitive); each list condition
+    takes one value or a list.
+    What it does — ``action`` (required: at most one of accept/reject/tempfail/discard, plus
+    quarantine, replace, tag, prefix_subject, copy_to), ``reply`` (reject: 5xx, tempfail: 4xx;
+    default: the policy's), ``headers`` (name = "template": what ``tag`` adds instead of the
+    style's headers), ``subject_prefix`` and ``notice`` (default: the policy's), ``copy_to``,
+    ``shadow`` (log what it would do, accept), ``name`` (default ``ruleN``).
+    """
+
+    name: str | None = None
+    status: Statuses | None = None
+    virus: StrTuple | None = None
+    frontend: Frontends | None = None
+    listener: StrTuple | None = None
+    direction: Direction | None = None
+    sender: StrTuple | None = None
+    recipient: StrTuple | None = None
+    size: SizeRange | None = None
+    limit: LimitNames | None = None
+    reason: StrTuple | None = None
+    action: Actions = Field(default=None, validate_default=True)  # required, with its message
+    reply: str | None = None  # checked against the action below
+    headers: HeaderTemplates | None = None
+    subject_prefix: Template | None = None
+    notice: str | None = None
+    copy_to: StrTuple = ()
+    shadow: bool = False
+
+    @field_validator("reply")
     @classmethod
-    def from_config(cls, table: Mapping[str, Any]) -> Policy:
-        """Build from the ``[policy]`` table (already validated by :func:`validate`)."""
-        problems = validate(table)
-        if problems:
-            from .errors import ConfigError
+    def _reply_fits_action(cls, reply: str | None, info: ValidationInfo) -> str | None:
+        actions = info.data.get("action")  # absent when the action itself was refused
+        if reply is None:
+            return None
+        return _smtp_reply(reply, _disposition(actions)[0] if actions is not None else None)
 
-            raise ConfigError([f"{p}: {m}" for p, m in problems])
-        kw = {k: table[k] for k in ("virus_action", "failure_action", "header_style", "headers",
-                                    "shadow", "verdict_mode", "verdict_prefix", "verdict_text",
-                                    "reject_reply", "tempfail_reply", "notice",
-                                    "subject_prefix", "internal_networks",
-                                    "structural_action", "size_action") if k in table}
-        if "copy_to" in table:
-            kw["copy_to"] = _strs(table["copy_to"])
-        rules = [_rule(r, i, table) for i, r in enumerate(table.get("rules", []))]
-        return cls(rules, **kw)
+
+def _rule_tables(value: Any) -> Any:
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected [[policy.rules]] tables")
+    return tuple(value)
+
+
+class PolicySettings(Section):
+    """``[policy]``: what happens when no rule fires, the verdict headers, and the rules.
+
+    ``virus_action`` (reject | keep | tempfail | discard | quarantine), ``failure_action``
+    (reject | keep | tempfail | discard), ``structural_action`` (as virus_action),
+    ``size_action`` (auto | as virus_action); ``reject_reply`` (infected, 5xx) and
+    ``tempfail_reply`` (scanner failure, 4xx); ``header_style`` (default | qhpsi |
+    clamav-verdict | none), ``headers`` (name = "template", replaces the style),
+    ``verdict_mode`` (0-3), ``verdict_prefix``, ``verdict_text`` (clamav-verdict);
+    ``shadow`` (decide and log, but accept); ``notice`` (what ``replace`` puts in place of an
+    infected part; ``{virus}``, ``{filename}``), ``subject_prefix``, ``copy_to`` (defaults of
+    the rules' modifiers); ``internal_networks`` (listener direction "auto": clients in these
+    networks are outbound); ``rules`` (``[[policy.rules]]``, see :class:`RuleSettings`).
+    """
+
+    virus_action: Shortcut = "reject"
+    failure_action: Literal["reject", "keep", "tempfail", "discard"] = "tempfail"
+    structural_action: Shortcut = "reject"
+    size_action: Literal["auto", "reject", "keep", "tempfail", "discard", "quarantine"] = "auto"
+    reject_reply: Annotated[str, AfterValidator(
+        lambda r: _smtp_reply(r, Disposition.REJECT))] = "550 5.7.1 Virus found: {virus}"
+    tempfail_reply: Annotated[str, AfterValidator(
+        lambda r: _smtp_reply(r, Disposition.TEMPFAIL))] = (
+        "451 4.7.1 Virus scanner unavailable, try again later")
+    header_style: Literal["default", "qhpsi", "clamav-verdict", "none"] = "default"
+    headers: HeaderTemplates | None = None
+    verdict_mode: Literal[0, 1, 2, 3] = 2
+    verdict_prefix: HeaderName = DEFAULT_VERDICT_PREFIX
+    verdict_text: str = "virus"
+    shadow: bool = False
+    notice: str = ("This part of the message contained a virus ({virus}) and was removed "
+                   "by avgate.\nThe original file name was: {filename}\n")
+    subject_prefix: Template = "***VIRUS*** "
+    copy_to: StrTuple = ()
+    internal_networks: Networks = ()
+    rules: Annotated[tuple[RuleSettings, ...], BeforeValidator(_rule_tables)] = ()
+
+
+def _lower(patterns: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return tuple(p.lower() for p in patterns) if patterns is not None else None
+
+
+def _rule(s: RuleSettings, i: int, policy: PolicySettings) -> Rule:
+    """The matcher of a validated rule (patterns lower-cased, the policy's defaults filled)."""
+    disposition, modifiers = _disposition(s.action)
+    return Rule(
+        name=s.name or f"rule{i + 1}",
+        statuses=frozenset(ScanStatus(x) for x in s.status) if s.status is not None else None,
+        virus=s.virus, frontend=s.frontend, listener=s.listener, direction=s.direction,
+        sender=_lower(s.sender), recipient=_lower(s.recipient), size=s.size,
+        limit=frozenset(s.limit) if s.limit is not None else None, reason=_lower(s.reason),
+        disposition=disposition, modifiers=modifiers, reply=s.reply or "", headers=s.headers,
+        subject_prefix=policy.subject_prefix if s.subject_prefix is None else s.subject_prefix,
+        copy_to=s.copy_to, notice=policy.notice if s.notice is None else s.notice,
+        shadow=s.shadow)
+
+
+class Policy:
+    """Ordered rules plus defaults, built from validated :class:`PolicySettings`."""
+
+    def __init__(self, settings: PolicySettings | None = None) -> None:
+        self.settings = s = settings if settings is not None else PolicySettings()
+        self.rules = tuple(_rule(r, i, s) for i, r in enumerate(s.rules))
+        self.header_templates = s.headers or None
+        self.internal_networks = tuple(ipaddress.ip_network(n, strict=False)
+                                       for n in s.internal_networks)
+
+    @classmethod
+    def from_settings(cls, settings: PolicySettings) -> Policy:
+        """The policy of a validated ``[policy]`` section (``config.policy``)."""
+        return cls(settings)
 
     # -- deciding -------------------------------------------------------------------------
     def decide(self, result: ScanResult, ctx: Context) -> Decision:
         """The decision for ``result`` seen through ``ctx`` (first matching rule wins)."""
         decision: Decision | None = None
-        shadow = self.shadow
+        shadow = self.settings.shadow
         for rule in self.rules:
             if rule.matches(result, ctx):
                 decision = self._apply_rule(rule, result, ctx)
@@ -352,7 +495,7 @@ class Policy:
         """Verdict headers in the configured style."""
         if self.header_templates is not None:
             return tuple((n, self.render(t, result)) for n, t in self.header_templates)
-        return self._style_headers(result, self.header_style)
+        return self._style_headers(result, self.settings.header_style)
 
     def own_header_names(self) -> frozenset[str]:
         """Lower-cased names of every header avgate may write, whatever the result.
@@ -363,7 +506,7 @@ class Policy:
         a verdict in any style must come from this gateway.
         """
         names = {"x-virus-scanned", "x-virus-status", "x-qhpsi",
-                 self.verdict_prefix.lower(), DEFAULT_VERDICT_PREFIX.lower()}
+                 self.settings.verdict_prefix.lower(), DEFAULT_VERDICT_PREFIX.lower()}
         if self.header_templates is not None:
             names.update(n.lower() for n, _ in self.header_templates)
         for rule in self.rules:
@@ -384,16 +527,16 @@ class Policy:
         if style == "clamav-verdict":
             infected = result.infected
             res = f"True ; {v['viruses']}" if infected else "False"
-            mode = self.verdict_mode
+            mode, text = self.settings.verdict_mode, self.settings.verdict_text
             if mode == 0:
-                value = self.verdict_text if infected else None
+                value = text if infected else None
             elif mode == 1:
                 value = res if infected else None
             elif mode == 2:
                 value = res
             else:
-                value = self.verdict_text if infected else res
-            return ((self.verdict_prefix, value),) if value is not None else ()
+                value = text if infected else res
+            return ((self.settings.verdict_prefix, value),) if value is not None else ()
         return (("X-Virus-Scanned", f"avgate {__version__}"),
                 ("X-Virus-Status", v["status_word"]))
 
@@ -401,11 +544,11 @@ class Policy:
         mods = rule.modifiers
         reply = ""
         if rule.disposition is Disposition.REJECT:
-            reply = self.render(rule.reply or (self.reject_reply if result.infected
+            reply = self.render(rule.reply or (self.settings.reject_reply if result.infected
                                                else DEFAULT_FAILURE_REJECT_REPLY), result, ctx)
         elif rule.disposition is Disposition.TEMPFAIL:
-            reply = self.render(rule.reply or (self.tempfail_reply if not result.infected
-                                               else DEFAULT_VIRUS_TEMPFAIL_REPLY), result, ctx)
+            reply = self.render(rule.reply or (DEFAULT_VIRUS_TEMPFAIL_REPLY if result.infected
+                                               else self.settings.tempfail_reply), result, ctx)
         headers: tuple[tuple[str, str], ...] = ()
         if "tag" in mods:
             headers = (tuple((n, self.render(t, result, ctx)) for n, t in rule.headers)
@@ -419,59 +562,38 @@ class Policy:
             notice=rule.notice if "replace" in mods else "",
             subject_prefix=self.render(rule.subject_prefix, result, ctx)
             if "prefix_subject" in mods else "",
-            copy_to=(rule.copy_to or self.copy_to) if "copy_to" in mods else (),
+            copy_to=(rule.copy_to or self.settings.copy_to) if "copy_to" in mods else (),
             rule=rule.name,
         )
 
     def _default(self, result: ScanResult, ctx: Context) -> Decision:
-        status = result.status
-        tag = self.headers_for(result)
+        """No rule fired: the shortcut actions of the settings."""
+        s, status, tag = self.settings, result.status, self.headers_for(result)
         if status is ScanStatus.INFECTED:
-            action = self.virus_action
-            rule = "default:infected"
-            if action == "reject":
-                return Decision(Disposition.REJECT, self.render(self.reject_reply, result, ctx),
-                                rule=rule)
-            if action == "tempfail":
-                return Decision(Disposition.TEMPFAIL,
-                                self.render(DEFAULT_VIRUS_TEMPFAIL_REPLY, result, ctx), rule=rule)
-            if action == "discard":
-                return Decision(Disposition.DISCARD, rule=rule)
-            if action == "quarantine":
-                return Decision(Disposition.DISCARD, quarantine=True, rule=rule)
-            return Decision(Disposition.ACCEPT, headers=tag, rule=rule)  # keep
+            return self._shortcut(s.virus_action, "default:infected", result, ctx, tag,
+                                  s.reject_reply, DEFAULT_VIRUS_TEMPFAIL_REPLY)
         if status is ScanStatus.ERROR:
-            action = self.failure_action
-            rule = "default:error"
-            if action == "tempfail":
-                return Decision(Disposition.TEMPFAIL,
-                                self.render(self.tempfail_reply, result, ctx), rule=rule)
-            if action == "reject":
-                return Decision(Disposition.REJECT,
-                                self.render(DEFAULT_FAILURE_REJECT_REPLY, result, ctx), rule=rule)
-            if action == "discard":
-                return Decision(Disposition.DISCARD, rule=rule)
-            return Decision(Disposition.ACCEPT, headers=tag, rule=rule)  # keep
-        if result.limit is not None:
-            return self._limit_default(result, ctx, tag)
+            return self._shortcut(s.failure_action, "default:error", result, ctx, tag,
+                                  DEFAULT_FAILURE_REJECT_REPLY, s.tempfail_reply)
+        if result.limit is not None:  # skipped/unknown because a limit was hit
+            kind = result.limit.value
+            structural = kind == "structural"  # never passes by default
+            action: str = s.structural_action if structural else s.size_action
+            if action == "auto":  # size: refused in mail, passed with a tag elsewhere
+                action = "reject" if ctx.frontend in MAIL_FRONTENDS else "keep"
+            reply = DEFAULT_STRUCTURAL_REPLY if structural else DEFAULT_SIZE_REPLY
+            return self._shortcut(action, f"default:{kind}-limit", result, ctx, tag, reply,
+                                  s.tempfail_reply)
         return Decision(Disposition.ACCEPT, headers=tag, rule=f"default:{status.value}")
 
-    def _limit_default(self, result: ScanResult, ctx: Context,
-                       tag: tuple[tuple[str, str], ...]) -> Decision:
-        """Skipped/unknown because a limit was hit: structural never passes by default."""
-        assert result.limit is not None
-        kind = result.limit.value
-        rule = f"default:{kind}-limit"
-        if kind == "structural":
-            action, reply = self.structural_action, DEFAULT_STRUCTURAL_REPLY
-        else:
-            action, reply = self.size_action, DEFAULT_SIZE_REPLY
-            if action == "auto":
-                action = "reject" if ctx.frontend in MAIL_FRONTENDS else "keep"
+    def _shortcut(self, action: str, rule: str, result: ScanResult, ctx: Context,
+                  tag: tuple[tuple[str, str], ...], reject_reply: str,
+                  tempfail_reply: str) -> Decision:
+        """reject | tempfail | discard | quarantine | keep as a Decision."""
         if action == "reject":
-            return Decision(Disposition.REJECT, self.render(reply, result, ctx), rule=rule)
+            return Decision(Disposition.REJECT, self.render(reject_reply, result, ctx), rule=rule)
         if action == "tempfail":
-            return Decision(Disposition.TEMPFAIL, self.render(self.tempfail_reply, result, ctx),
+            return Decision(Disposition.TEMPFAIL, self.render(tempfail_reply, result, ctx),
                             rule=rule)
         if action == "discard":
             return Decision(Disposition.DISCARD, rule=rule)
@@ -480,185 +602,5 @@ class Policy:
         return Decision(Disposition.ACCEPT, headers=tag, rule=rule)  # keep
 
 
-# -- config validation ------------------------------------------------------------------------
-def _strs(v: Any) -> tuple[str, ...]:
-    if isinstance(v, str):
-        return (v,)
-    if isinstance(v, list) and all(isinstance(x, str) for x in v):
-        return tuple(v)
-    raise ValueError("expected a string or a list of strings")
-
-
-def _size_range(v: Any) -> tuple[int, int]:
-    """"min-max" ("0-10 MiB", "1M-"), [min, max], or {min=, max=}."""
-    hi_default = 1 << 62
-    if isinstance(v, str):
-        lo, sep, hi = v.partition("-")
-        if not sep:
-            raise ValueError('expected "min-max", e.g. "0-10 MiB" or "1 MiB-"')
-        return (parse_size(lo) if lo.strip() else 0, parse_size(hi) if hi.strip() else hi_default)
-    if isinstance(v, list) and len(v) == 2:
-        return (parse_size(v[0]), parse_size(v[1]))
-    if isinstance(v, dict) and set(v) <= {"min", "max"}:
-        return (parse_size(v.get("min", 0)), parse_size(v.get("max", hi_default)))
-    raise ValueError('expected "min-max", [min, max] or { min = .., max = .. }')
-
-
-def _parse_actions(v: Any) -> tuple[Disposition, frozenset[str]]:
-    acts = _strs(v)
-    unknown = [a for a in acts if a not in DISPOSITIONS and a not in MODIFIERS]
-    if unknown:
-        raise ValueError(f"unknown action(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(DISPOSITIONS + MODIFIERS)})")
-    disp = [a for a in acts if a in DISPOSITIONS]
-    if len(disp) > 1:
-        raise ValueError(f"more than one of accept/reject/tempfail/discard: {', '.join(disp)}")
-    mods = frozenset(a for a in acts if a in MODIFIERS)
-    if disp:
-        d = Disposition(disp[0])
-    elif mods == {"quarantine"}:
-        d = Disposition.DISCARD
-    else:
-        d = Disposition.ACCEPT
-    if d in (Disposition.REJECT, Disposition.TEMPFAIL):
-        bad = mods & {"replace", "tag", "prefix_subject", "copy_to"}
-        if bad:
-            raise ValueError(f"{d.value} cannot be combined with {', '.join(sorted(bad))}")
-    if d is Disposition.DISCARD and mods - {"quarantine", "copy_to"}:
-        raise ValueError("discard combines only with quarantine and copy_to")
-    return d, mods
-
-
-def _check_reply(reply: Any, disposition: Disposition | None) -> None:
-    if not isinstance(reply, str):
-        raise ValueError("expected a string like \"550 5.7.1 text\"")
-    m = _REPLY_RE.match(reply)
-    if not m or "\r" in reply or "\n" in reply:
-        raise ValueError(f"not an SMTP reply (3-digit code, space, text): {reply!r}")
-    if disposition is Disposition.REJECT and m.group(1) != "5":
-        raise ValueError(f"a reject reply must be 5xx: {reply!r}")
-    if disposition is Disposition.TEMPFAIL and m.group(1) != "4":
-        raise ValueError(f"a tempfail reply must be 4xx: {reply!r}")
-
-
-def _rule(t: Mapping[str, Any], i: int, policy: Mapping[str, Any]) -> Rule:
-    disp, mods = _parse_actions(t["action"])
-    statuses = None
-    if "status" in t:
-        statuses = frozenset(ScanStatus(s) for s in _strs(t["status"]))
-    headers = None
-    if isinstance(t.get("headers"), dict):
-        headers = tuple((str(k), str(v)) for k, v in t["headers"].items())
-    return Rule(
-        name=t.get("name", f"rule{i + 1}"),
-        statuses=statuses,
-        virus=_strs(t["virus"]) if "virus" in t else None,
-        frontend=_strs(t["frontend"]) if "frontend" in t else None,
-        listener=_strs(t["listener"]) if "listener" in t else None,
-        direction=t.get("direction"),
-        sender=tuple(s.lower() for s in _strs(t["sender"])) if "sender" in t else None,
-        recipient=tuple(s.lower() for s in _strs(t["recipient"])) if "recipient" in t else None,
-        size=_size_range(t["size"]) if "size" in t else None,
-        limit=frozenset(_strs(t["limit"])) if "limit" in t else None,
-        reason=tuple(s.lower() for s in _strs(t["reason"])) if "reason" in t else None,
-        disposition=disp,
-        modifiers=mods,
-        reply=t.get("reply", ""),
-        headers=headers,
-        subject_prefix=t.get("subject_prefix", policy.get("subject_prefix",
-                                                          DEFAULT_SUBJECT_PREFIX)),
-        copy_to=_strs(t["copy_to"]) if "copy_to" in t else (),
-        notice=t.get("notice", policy.get("notice", DEFAULT_NOTICE)),
-        shadow=bool(t.get("shadow", False)),
-    )
-
-
-def validate(table: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Check the ``[policy]`` table; returns (key path, message) pairs, empty when valid."""
-    problems: list[tuple[str, str]] = []
-
-    def bad(path: str, msg: str) -> None:
-        problems.append((path, msg))
-
-    for key in ("reject_reply", "tempfail_reply"):
-        if key in table:
-            try:
-                _check_reply(table[key], Disposition.REJECT if key == "reject_reply"
-                             else Disposition.TEMPFAIL)
-            except ValueError as exc:
-                bad(f"policy.{key}", str(exc))
-    if "headers" in table and not (isinstance(table["headers"], dict) and all(
-            isinstance(v, str) for v in table["headers"].values())):
-        bad("policy.headers", "expected a table of header name = \"template\"")
-    for key, choices in (("structural_action", LIMIT_ACTIONS),
-                         ("size_action", ("auto", *LIMIT_ACTIONS))):
-        if key in table:
-            try:
-                _one(table[key], choices)
-            except ValueError as exc:
-                bad(f"policy.{key}", str(exc))
-    if "verdict_mode" in table and table["verdict_mode"] not in (0, 1, 2, 3):
-        bad("policy.verdict_mode", "expected 0, 1, 2 or 3")
-    for net in table.get("internal_networks", []) or []:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            bad("policy.internal_networks", f"not a network: {net!r}")
-    rules = table.get("rules", [])
-    if not isinstance(rules, list):
-        bad("policy.rules", "expected [[policy.rules]] tables")
-        return problems
-    for i, t in enumerate(rules):
-        p = f"policy.rules[{i}]"
-        if not isinstance(t, dict):
-            bad(p, "expected a table")
-            continue
-        for k in sorted(set(t) - RULE_KEYS):
-            bad(f"{p}.{k}", f"unknown key (known: {', '.join(sorted(RULE_KEYS))})")
-        if "action" not in t:
-            bad(f"{p}.action", "missing: every rule needs an action")
-            continue
-        disp: Disposition | None = None
-        try:
-            disp, _ = _parse_actions(t["action"])
-        except ValueError as exc:
-            bad(f"{p}.action", str(exc))
-        checks: list[tuple[str, Any]] = [
-            ("status", lambda v: [ScanStatus(s) for s in _strs(v)]),
-            ("virus", _strs), ("listener", _strs), ("sender", _strs), ("recipient", _strs),
-            ("reason", _strs), ("limit", lambda v: [_one(x, LIMITS) for x in _strs(v)]),
-            ("copy_to", _strs), ("size", _size_range),
-            ("frontend", lambda v: [_one(x, FRONTENDS) for x in _strs(v)]),
-            ("direction", lambda v: _one(v, ("inbound", "outbound"))),
-            ("name", lambda v: _one_type(v, str)), ("notice", lambda v: _one_type(v, str)),
-            ("subject_prefix", lambda v: _one_type(v, str)),
-            ("shadow", lambda v: _one_type(v, bool)),
-            ("headers", lambda v: _one_type(v, dict)),
-        ]
-        for key, check in checks:
-            if key in t:
-                try:
-                    check(t[key])
-                except ValueError as exc:
-                    bad(f"{p}.{key}", str(exc))
-        if "reply" in t:
-            try:
-                _check_reply(t["reply"], disp)
-            except ValueError as exc:
-                bad(f"{p}.reply", str(exc))
-    return problems
-
-
-def _one(v: Any, choices: Sequence[str]) -> str:
-    if v not in choices:
-        raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
-    return str(v)
-
-
-def _one_type(v: Any, t: type) -> Any:
-    if not isinstance(v, t):
-        raise ValueError(f"expected a {t.__name__}")
-    return v
-
-
-__all__ = ["Context", "Decision", "Disposition", "Policy", "Rule", "validate"]
+__all__ = ["Context", "Decision", "Disposition", "Envelope", "Policy", "PolicySettings", "Rule",
+           "RuleSettings"]

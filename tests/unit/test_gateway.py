@@ -36,7 +36,7 @@ async def test_infected_rejected_and_logged(tmp_path):
 async def test_quarantine_writes_store_with_envelope(tmp_path):
     g = gw(tmp_path, '[policy]\nvirus_action = "quarantine"\n')
     env = Envelope("a@example.org", ("b@example.net",), "192.0.2.1", "helo.test", "in")
-    out = await g.process(Spool.from_bytes(EICAR + b"\n"), CTX, env)
+    out = await g.process(Spool.from_bytes(EICAR + b"\n"), Context("smtp", envelope=env))
     assert out.decision.disposition is Disposition.DISCARD and out.quarantine_id
     rec = g.store.get(out.quarantine_id)
     assert rec.envelope == env and rec.viruses == ("Eicar-Test-Signature",)
@@ -62,3 +62,11 @@ async def test_clean_accepted_with_headers(tmp_path, data):
     out = await gw(tmp_path).process(Spool.from_bytes(data), CTX)
     assert out.decision.disposition is Disposition.ACCEPT
     assert ("X-Virus-Status", "Clean") in out.decision.headers
+
+
+async def test_quarantine_keeps_the_context_envelope(tmp_path):
+    """The Context carries the transaction: no second envelope to fill by hand."""
+    g = gw(tmp_path, '[policy]\nvirus_action = "quarantine"\n')
+    env = Envelope("a@example.org", ("b@example.net",), "192.0.2.1", "helo.test", "in")
+    out = await g.process(Spool.from_bytes(EICAR), Context("smtp", envelope=env))
+    assert out.quarantine_id and g.store.get(out.quarantine_id).envelope == env

@@ -1,8 +1,10 @@
 import pytest
+from pydantic import ValidationError
 
 from avgate import config
+from avgate.context import Envelope
 from avgate.errors import ConfigError
-from avgate.policy import Context, Disposition, Policy, validate
+from avgate.policy import Context, Disposition, Policy, PolicySettings
 from avgate.result import EngineInfo, Finding, ScanResult, ScanStatus
 
 S = ScanStatus
@@ -19,7 +21,20 @@ INFECTED = res(S.INFECTED, "Eicar-Test-Signature")
 
 
 def pol(**table) -> Policy:
-    return Policy.from_config(table)
+    return Policy.from_settings(PolicySettings.model_validate(table))
+
+
+def problems(table: dict) -> dict[str, str]:
+    """What ``config check`` reports for a ``[policy]`` table: key path → message."""
+    with pytest.raises(ConfigError) as ei:
+        config.loads(config.render_toml({"policy": table}))
+    out = {}
+    for line in ei.value.problems:
+        where, _, msg = line.removeprefix("<config>: ").partition(": ")
+        path, _, lineno = where.partition(" (line ")
+        assert lineno, line  # every problem names its line
+        out[path] = msg
+    return out
 
 
 @pytest.mark.parametrize(("status", "disp", "reply"), [
@@ -186,10 +201,10 @@ def test_direction():
     ({"internal_networks": ["10.0.0.300/8"]}, "not a network"),
 ])
 def test_validation(table, fragment):
-    problems = validate(table)
-    assert any(fragment in msg for _, msg in problems), problems
-    with pytest.raises(ConfigError):
-        Policy.from_config(table)
+    found = problems(table)
+    assert any(fragment in msg for msg in found.values()), found
+    with pytest.raises(ValidationError):
+        PolicySettings.model_validate(table)
 
 
 def test_config_file_reports_policy_problems_with_line():
@@ -258,10 +273,10 @@ def test_long_reason_is_shortened_in_replies():
 
 
 def test_limit_keys_validated():
-    problems = dict(validate({"structural_action": "accept", "size_action": "nope",
-                              "rules": [{"limit": "huge", "action": "reject"}]}))
-    assert set(problems) == {"policy.structural_action", "policy.size_action",
-                             "policy.rules[0].limit"}
+    found = problems({"structural_action": "accept", "size_action": "nope",
+                      "rules": [{"limit": "huge", "action": "reject"}]})
+    assert set(found) == {"policy.structural_action", "policy.size_action",
+                          "policy.rules[0].limit"}
 
 
 def test_own_header_names_cover_every_style():
@@ -269,3 +284,71 @@ def test_own_header_names_cover_every_style():
     names = p.own_header_names()
     assert {"x-virus-status", "x-virus-scanned", "x-qhpsi", "virus-test",
             "x-scan-verdict", "x-custom-av"} <= names
+
+
+# -- settings: what config show prints, what config check refuses ---------------------------
+def test_config_show_prints_the_effective_policy():
+    shown = config.defaults().to_dict()["policy"]
+    assert shown["virus_action"] == "reject" and shown["failure_action"] == "tempfail"
+    assert shown["structural_action"] == "reject" and shown["size_action"] == "auto"
+    assert shown["reject_reply"] == "550 5.7.1 Virus found: {virus}"
+    assert shown["header_style"] == "default" and shown["rules"] == []
+    cfg = config.loads('[[policy.rules]]\nname = "r"\nstatus = "infected"\nsize = "1 MiB-"\n'
+                       'action = ["accept", "tag"]\nheaders = { X-A = "{virus}" }\n')
+    shown = cfg.to_dict()["policy"]
+    assert shown["rules"] == [{"name": "r", "status": ["infected"], "size": "1048576-",
+                               "action": ["accept", "tag"], "headers": {"X-A": "{virus}"},
+                               "copy_to": [], "shadow": False}]
+    assert PolicySettings.model_validate(shown) == cfg.policy  # what it shows is valid as is
+
+
+@pytest.mark.parametrize(("table", "loc", "fragment"), [
+    ({"reject_reply": "550 5.7.1 {virus"}, ("reject_reply",), "not a valid template"),
+    ({"subject_prefix": "[{0}] "}, ("subject_prefix",), "not a valid template"),
+    ({"headers": {"X Bad": "x"}}, ("headers",), "not a header name"),
+    ({"headers": {"X-A": 1}}, ("headers",), "header name = \"template\""),
+    ({"verdict_prefix": "Virus-Test:"}, ("verdict_prefix",), "not a header name"),
+    ({"rules": [{"action": ["accept", "tag"], "headers": {"X-A": "{virus:d}"}}]},
+     ("rules", 0, "headers"), "not a valid template"),
+    ({"rules": [{"action": "reject", "reply": "550 5.7.1 {}"}]}, ("rules", 0, "reply"),
+     "not a valid template"),
+    ({"rules": [{"action": "accept", "size": "10-1"}]}, ("rules", 0, "size"), "larger than max"),
+    ({"rules": [{"action": "accept", "size": [1, [2]]}]}, ("rules", 0, "size"), "not a size"),
+    ({"internal_networks": "10.0.0.0/33"}, ("internal_networks",), "not a network"),
+])
+def test_templates_and_values_checked_when_loaded(table, loc, fragment):
+    """A template that cannot render would fail every decision: refused at load time."""
+    with pytest.raises(ValidationError) as ei:
+        PolicySettings.model_validate(table)
+    errors = ei.value.errors()
+    assert [e["loc"] for e in errors] == [loc] and fragment in errors[0]["msg"], errors
+
+
+def test_rule_defaults_come_from_the_policy():
+    p = pol(subject_prefix="[AV] ", notice="removed", rules=[
+        {"status": "infected", "action": ["replace", "prefix_subject"]}])
+    d = p.decide(INFECTED, SMTP)
+    assert d.subject_prefix == "[AV] " and d.notice == "removed" and d.rule == "rule1"
+
+
+# -- Context: the session, with the transaction's Envelope inside ---------------------------
+def test_context_holds_one_envelope():
+    env = Envelope("a@example.org", ("b@example.net",), "192.0.2.1", "helo.test", "in")
+    ctx = Context("smtp", envelope=env, direction="outbound", authenticated=True, size=5)
+    assert (ctx.sender, ctx.recipients, ctx.client_addr, ctx.helo, ctx.listener) == (
+        "a@example.org", ("b@example.net",), "192.0.2.1", "helo.test", "in")
+    legacy = Context("smtp", listener="in", direction="outbound", sender="a@example.org",
+                     recipients=["b@example.net"], client_addr="192.0.2.1", helo="helo.test",
+                     authenticated=True, size=5)
+    assert legacy == ctx and legacy.envelope == env
+    assert Context("http").envelope == Envelope()
+    with pytest.raises(TypeError):
+        Context("smtp", envelope=env, sender="other@example.org")
+
+
+def test_one_envelope_type_everywhere():
+    from avgate.gateway import Envelope as GatewayEnvelope
+    from avgate.quarantine import Envelope as QuarantineEnvelope
+    from avgate.quarantine.store import Envelope as StoreEnvelope
+
+    assert GatewayEnvelope is QuarantineEnvelope is StoreEnvelope is Envelope
