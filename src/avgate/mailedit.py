@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from .result import ScanResult
 
 if TYPE_CHECKING:
-    from .policy import Decision
+    from .decision import Decision
 
 _HEADER_NAME = re.compile(rb"([!-9;-~]+)[ \t]*:")  # match() anchors at pos
 _UTF8_QP = Charset("utf-8")

@@ -28,7 +28,8 @@ import pytest
 
 from avgate.config import from_dict
 from avgate.errors import ConfigError
-from avgate.frontends.smtp import ListenerSettings
+from avgate.frontends.smtp import SmtpListenerSettings
+from avgate.frontends.smtpd import trusted
 from tests.integration.smtp.conftest import (  # noqa: F401 - fixtures
     EICAR,
     RawClient,
@@ -151,13 +152,13 @@ async def test_allow_lists_take_networks(avgate: StartAvgate, sink: Sink) -> Non
 
 def test_allow_list_entries_are_checked() -> None:
     with pytest.raises(ConfigError, match="xforward_hosts"):
-        ListenerSettings.from_table({"xforward_hosts": ["not-an-address"]})
+        from_dict({"smtp": {"listeners": [{"xforward_hosts": ["not-an-address"]}]}})
     with pytest.raises(ConfigError):
         from_dict({"smtp": {"listeners": [{"xclient_hosts": [1]}]}})
-    s = ListenerSettings.from_table({})
-    assert s.trusts("127.0.0.1", s.xforward_hosts) and s.trusts("::1", s.xclient_hosts)
-    assert s.trusts("::ffff:127.0.0.1", s.xforward_hosts)
-    assert not s.trusts("127.0.0.2", s.xforward_hosts) and not s.trusts("", s.xforward_hosts)
+    s = SmtpListenerSettings()
+    assert trusted("127.0.0.1", s.xforward_hosts) and trusted("::1", s.xclient_hosts)
+    assert trusted("::ffff:127.0.0.1", s.xforward_hosts)
+    assert not trusted("127.0.0.2", s.xforward_hosts) and not trusted("", s.xforward_hosts)
 
 
 # -- per-session resources ------------------------------------------------------------------

@@ -18,7 +18,8 @@ a final ``\\0``. This wrapper reads both, scans the message through the Gateway,
 * The one exception is the QHPSI mode for *infected* mail: without ``[qmail] reject_virus =
   true`` (default false) infected mail the policy refuses is queued, tagged (``X-QHPSI:
   virus found``), instead of refused. ``reject_on_error`` is accepted for compatibility
-  only: ``false`` no longer queues failed scans (a warning says so), the policy decides.
+  only: ``false`` no longer queues failed scans (a warning says so), the policy decides
+  (:class:`QmailSettings`).
 * a discard decision (e.g. ``virus_action = "quarantine"``) exits 0 without queueing.
 
 Exit codes are qmail-queue(8)'s: 0 queued, 11 address too long, 31 permanently rejected,
@@ -33,8 +34,18 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+from ..context import Envelope
+from ..decision import Decision, Disposition
+from ..result import ScanStatus
+from ..settings import Section
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..gateway import Outcome
+    from ..policy import Policy
+    from ..spool import Spool
 
 EXIT_OK = 0
 EXIT_ADDRESS_TOO_LONG = 11
@@ -45,8 +56,21 @@ EXIT_TEMP_REJECT = 71
 EXIT_INTERNAL = 81
 EXIT_ENVELOPE_FORMAT = 91
 
-DEFAULT_REAL_QUEUE = "/var/qmail/bin/qmail-queue-real"
 MAX_ADDRESS = 1000  # qmail's own envelope addresses are far shorter; a sanity bound
+
+
+class QmailSettings(Section):
+    """``[qmail]``: the ``avgate qmail-queue`` wrapper.
+
+    real_queue: the real qmail-queue, exec'd with the message to queue
+    reject_virus: refuse infected mail (exit 31) instead of queueing it tagged (QHPSI mode)
+    reject_on_error: compatibility only; ``false`` no longer queues failed scans (a warning
+    says so): the policy decides (``[policy] failure_action``)
+    """
+
+    real_queue: str = "/var/qmail/bin/qmail-queue-real"
+    reject_virus: bool = False
+    reject_on_error: bool = True
 
 
 class EnvelopeError(ValueError):
@@ -57,13 +81,7 @@ class EnvelopeError(ValueError):
         super().__init__(message)
 
 
-@dataclass(frozen=True, slots=True)
-class QmailEnvelope:
-    sender: str
-    recipients: tuple[str, ...]
-
-
-def parse_envelope(raw: bytes) -> QmailEnvelope:
+def parse_envelope(raw: bytes) -> Envelope:
     """Parse ``F<sender>\\0(T<rcpt>\\0)*\\0`` (sans-IO; raises EnvelopeError)."""
     if not raw.startswith(b"F"):
         raise EnvelopeError("envelope does not start with F")
@@ -80,21 +98,21 @@ def parse_envelope(raw: bytes) -> QmailEnvelope:
     for a in [sender, *rcpts]:
         if len(a) > MAX_ADDRESS:
             raise EnvelopeError("address too long", EXIT_ADDRESS_TOO_LONG)
-    return QmailEnvelope(_dec(sender), tuple(_dec(r[1:]) for r in rcpts))
+    return Envelope(_dec(sender), tuple(_dec(r[1:]) for r in rcpts), listener="qmail")
 
 
 def _dec(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-def _read_fd(fd: int, spool: object | None = None) -> bytes:
+def _read_fd(fd: int, spool: Spool | None = None) -> bytes:
     chunks: list[bytes] = []
     while True:
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             return b"".join(chunks)
         if spool is not None:
-            spool.write(chunk)  # type: ignore[attr-defined]
+            spool.write(chunk)
         else:
             chunks.append(chunk)
 
@@ -103,47 +121,38 @@ def _say(msg: str) -> None:
     print(f"avgate qmail-queue: {msg}", file=sys.stderr)
 
 
-async def _decide(config_path: str | None, spool: object, env: QmailEnvelope
-                  ) -> tuple[int | None, bytes]:
+async def _decide(cfg: Config, spool: Spool, env: Envelope) -> tuple[int | None, bytes]:
     """Scan; (exit code to use now, or None to queue), message bytes to queue."""
-    from ..config import load
-    from ..gateway import Envelope, Gateway
-    from ..policy import Context
+    from ..context import Context
+    from ..gateway import Gateway
 
-    cfg = load(config_path)
     log = None
-    if cfg.log.get("path"):
+    if cfg.log.path:
         from ..observability import ScanLog
 
-        log = ScanLog(cfg.log["path"], cfg.log.get("level", "info"))
+        log = ScanLog(cfg.log.path, cfg.log.level)
     gateway = Gateway.from_config(cfg, log=log)
-    qmail = cfg.qmail
-    reject_virus = bool(qmail.get("reject_virus", False))
-    if qmail.get("reject_on_error") is False:
+    reject_virus = cfg.qmail.reject_virus
+    if not cfg.qmail.reject_on_error:
         _say('reject_on_error = false is ignored: failed scans follow the policy '
              '(set [policy] failure_action = "keep" to queue them tagged)')
     await gateway.start()
     try:
-        ctx = Context(frontend="qmail", listener="qmail", direction="inbound",
-                      sender=env.sender, recipients=env.recipients, size=spool.size)  # type: ignore[attr-defined]
-        outcome = await gateway.process(
-            spool, ctx, Envelope(env.sender, env.recipients, listener="qmail"))  # type: ignore[arg-type]
+        outcome = await gateway.process(spool, Context("qmail", envelope=env,
+                                                       direction="inbound", size=spool.size))
     finally:
         await gateway.close()
-    data: bytes = spool.getvalue()  # type: ignore[attr-defined]
+    data = spool.getvalue()
     return _apply(decision_of(outcome, reject_virus), data, outcome, gateway.policy)
 
 
-def decision_of(outcome: Any, reject_virus: bool) -> int | None:
+def decision_of(outcome: Outcome, reject_virus: bool) -> int | None:
     """The exit code the Decision asks for, or None to queue (sans-IO).
 
     The Decision is authoritative; the only exception is the QHPSI mode (``reject_virus``
     false): infected mail the policy refuses is queued tagged. Whatever else the policy
     refuses — a failed scan, content over a limit — is refused here too.
     """
-    from ..policy import Disposition
-    from ..result import ScanStatus
-
     disposition = outcome.decision.disposition
     if disposition is Disposition.DISCARD:
         return EXIT_OK
@@ -154,12 +163,11 @@ def decision_of(outcome: Any, reject_virus: bool) -> int | None:
     return EXIT_PERM_REJECT if disposition is Disposition.REJECT else EXIT_TEMP_REJECT
 
 
-def _apply(code: int | None, data: bytes, outcome: Any, policy: Any
+def _apply(code: int | None, data: bytes, outcome: Outcome, policy: Policy
            ) -> tuple[int | None, bytes]:
     """(exit code, b"") or (None, the message to queue: incoming verdict headers removed,
     the decision's edits — or, in QHPSI mode, the verdict headers — applied)."""
     from ..mailedit import edit_message
-    from ..policy import Decision, Disposition
 
     if code is not None:
         return code, b""
@@ -211,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(str(exc))
             return exc.code
         try:
-            code, data = asyncio.run(_decide(config_path, spool, env))
+            from ..config import load
+
+            cfg = load(config_path)
+            code, data = asyncio.run(_decide(cfg, spool, env))
         except Exception as exc:
             _say(f"internal error: {exc}")
             return EXIT_INTERNAL
@@ -219,17 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         spool.close()
     if code is not None:
         return code
-    return _exec_real_queue(config_path, data, raw_env)
+    return _exec_real_queue(cfg.qmail.real_queue, data, raw_env)
 
 
-def _exec_real_queue(config_path: str | None, data: bytes, raw_env: bytes) -> int:
-    from ..config import load
-
-    try:
-        real = str(load(config_path).qmail.get("real_queue", DEFAULT_REAL_QUEUE))
-    except Exception as exc:
-        _say(f"config error: {exc}")
-        return EXIT_INTERNAL
+def _exec_real_queue(real: str, data: bytes, raw_env: bytes) -> int:
     if not os.access(real, os.X_OK):
         _say(f"real qmail-queue {real!r} is not executable")
         return EXIT_INTERNAL

@@ -1,7 +1,8 @@
-"""Sans-IO SMTP helpers: the DATA phase in both directions, replies, XFORWARD/XCLIENT.
+"""Sans-IO SMTP helpers: the DATA phase in both directions, replies, client commands,
+XFORWARD/XCLIENT.
 
-No I/O and no asyncio here; the SMTP front-end (:mod:`avgate.frontends.smtp`) feeds bytes
-in and writes bytes out.
+No I/O and no asyncio here; the SMTP front-end (:mod:`avgate.frontends.smtp`) and the SMTP
+client (:mod:`avgate.smtpclient`) feed bytes in and write bytes out.
 
 Receiving DATA (:class:`DataReceiver`): only ``<CR><LF>.<CR><LF>`` ends the data (the
 ``<CR><LF>`` may be the one that ended the ``DATA`` command). Every other look-alike —
@@ -364,9 +365,48 @@ def parse_reply(text: str) -> Reply:
     return Reply(int(code_s), tuple(body))
 
 
-def reply_from(code: int, message: str) -> Reply:
-    """A Reply from a client library's (code, message) with message lines joined by LF."""
-    return Reply(code, tuple(message.split("\n")) if message else ("",))
+MAX_REPLY_SIZE = 64 * 1024  # a reply longer than this (without its last line) is refused
+
+
+def take_reply(buf: bytearray) -> Reply | None:
+    """The first complete reply in ``buf`` (removed from it), or None while it is incomplete.
+
+    A reply ends with a line whose code is not followed by ``-``. ``ValueError``: the bytes
+    are not an SMTP reply, or more than :data:`MAX_REPLY_SIZE` arrived without its end.
+    """
+    pos = 0
+    while True:
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if len(buf) > MAX_REPLY_SIZE:
+                raise ValueError("reply too long")
+            return None
+        if nl - pos < 4 or buf[pos + 3] != 45:  # not "ddd-": the last line
+            text = bytes(buf[:nl + 1]).decode("utf-8", "replace")
+            del buf[:nl + 1]
+            try:
+                return parse_reply(text)
+            except ValueError:
+                raise ValueError(f"bad reply: {text[:100]!r}") from None
+        pos = nl + 1
+
+
+# -- commands (client side) ---------------------------------------------------------------
+def smtp_path(address: str) -> bytes:
+    """An envelope address as an SMTP path: ``<address>``, ``<>`` for the null sender."""
+    if address in ("", "<>"):
+        return b"<>"
+    return b"<" + address.encode("utf-8", "surrogateescape") + b">"
+
+
+def mail_command(sender: str, options: Iterable[str] = ()) -> bytes:
+    """``MAIL FROM:<sender>`` with its parameters (no CRLF)."""
+    return b" ".join([b"MAIL FROM:" + smtp_path(sender), *(o.encode() for o in options)])
+
+
+def rcpt_command(recipient: str) -> bytes:
+    """``RCPT TO:<recipient>`` (no CRLF)."""
+    return b"RCPT TO:" + smtp_path(recipient)
 
 
 # -- XFORWARD / XCLIENT (Postfix) -------------------------------------------------------
@@ -448,6 +488,7 @@ def relay_mail_options(options: Iterable[str], next_hop_keywords: Mapping[str, s
 
 __all__ = [
     "DataEncoder", "DataProblem", "DataReceiver", "Reply", "decode_data", "ehlo_keywords",
-    "encode_data", "normalize_line_endings", "parse_reply", "parse_xattrs", "relay_mail_options",
-    "reply_from", "xattr_commands", "xtext_decode", "xtext_encode",
+    "encode_data", "mail_command", "normalize_line_endings", "parse_reply", "parse_xattrs",
+    "rcpt_command", "relay_mail_options", "smtp_path", "take_reply",
+    "xattr_commands", "xtext_decode", "xtext_encode",
 ]

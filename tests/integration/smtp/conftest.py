@@ -26,6 +26,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from avgate import config as config_mod
+from avgate.frontends.listen import ListenOptions
 from avgate.frontends.smtp import SMTPListener, start
 from avgate.gateway import Gateway
 from tests.corpus import EICAR as EICAR  # re-exported for the SMTP tests
@@ -49,6 +50,7 @@ class Sink:
     defer: set[str] = field(default_factory=set)  # RCPT → 450
     data_reply: str | None = None  # e.g. "554 5.7.1 no" / "452 4.3.1 full"
     data_delay: float = 0.0
+    utf8: bool = False  # offer SMTPUTF8
     messages: list[Delivered] = field(default_factory=list)
     connections: int = 0
     server: asyncio.Server | None = None
@@ -105,7 +107,7 @@ class Sink:
             h = Handler()
             h.handle_EHLO = ehlo  # type: ignore[attr-defined]
             return SinkSMTP(h, hostname="sink.test", data_size_limit=None,
-                            loop=asyncio.get_running_loop())
+                            enable_SMTPUTF8=sink.utf8, loop=asyncio.get_running_loop())
 
         self.server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
         return self
@@ -202,7 +204,7 @@ class Running:
         return self.listeners[0].port
 
     def listener(self, name: str) -> SMTPListener:
-        return next(x for x in self.listeners if x.settings.name == name)
+        return next(x for x in self.listeners if x.name == name)
 
 
 StartAvgate = Callable[..., Awaitable[Running]]
@@ -231,7 +233,7 @@ async def avgate(tmp_path: Path) -> AsyncIterator[StartAvgate]:
         cfg = config_mod.from_dict(data, base_dir=str(tmp_path))
         gw = Gateway.from_config(cfg)
         await gw.start()
-        started = await start(gw)
+        started = await start(gw, ListenOptions(drain_timeout=2, base_dir=str(tmp_path)))
         r = Running(gw, started)
         running.append(r)
         return r
@@ -241,7 +243,7 @@ async def avgate(tmp_path: Path) -> AsyncIterator[StartAvgate]:
     finally:
         for r in running:
             for x in r.listeners:
-                await x.aclose(drain_timeout=2)
+                await x.aclose()
             await r.gateway.close()
 
 

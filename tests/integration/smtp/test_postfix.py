@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import async_wait_until
 from tests.integration.smtp.conftest import EICAR, Sink, StartAvgate, make_message
 from tests.postfix_instance import PostfixInstance, free_port, postfix_factory, require_postfix
 
@@ -25,16 +26,6 @@ def postfix(tmp_path: Path) -> Iterator[Any]:
 def dated(msg: bytes) -> bytes:
     # a Date header, so Postfix's cleanup adds nothing inside the original header block
     return b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\n" + msg
-
-
-async def wait_for(cond: Any, timeout: float = 30) -> bool:  # noqa: ASYNC109
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if cond():
-            return True
-        await asyncio.sleep(0.1)
-    return False
 
 
 def original_part(delivered: bytes, original: bytes) -> bytes:
@@ -64,7 +55,7 @@ async def test_content_filter_after_queue(avgate: StartAvgate, sink: Sink,
     code, _ = await asyncio.to_thread(pf.send, virus)
     assert code == 250  # after-queue: Postfix already took responsibility
     # clean mail arrives, byte-identical except the added trace + verdict headers
-    assert await wait_for(lambda: len(sink.messages) >= 2), pf.log()
+    assert await async_wait_until(lambda: len(sink.messages) >= 2, timeout=30), pf.log()
     to_bob = [m for m in sink.messages if m.recipients == ["bob@example.test"]]
     assert len(to_bob) == 1
     assert original_part(to_bob[0].data, clean) == clean
@@ -92,7 +83,7 @@ async def test_proxy_filter_before_queue(avgate: StartAvgate, sink: Sink,
     clean = dated(make_message("before-queue clean"))
     code, text = await asyncio.to_thread(pf.send, clean)
     assert code == 250, text
-    assert await wait_for(lambda: len(sink.messages) >= 1), pf.log()
+    assert await async_wait_until(lambda: len(sink.messages) >= 1, timeout=30), pf.log()
     await asyncio.sleep(0.5)
     [m] = sink.messages
     assert m.recipients == ["bob@example.test"]

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from avgate.protocols.smtp import (
+    MAX_REPLY_SIZE,
     REPLY_BARE_CR,
     REPLY_BARE_LF,
     REPLY_LINE_TOO_LONG,
@@ -17,10 +18,14 @@ from avgate.protocols.smtp import (
     decode_data,
     ehlo_keywords,
     encode_data,
+    mail_command,
     normalize_line_endings,
     parse_reply,
     parse_xattrs,
+    rcpt_command,
     relay_mail_options,
+    smtp_path,
+    take_reply,
     xattr_commands,
     xtext_decode,
     xtext_encode,
@@ -246,3 +251,35 @@ def test_bulk_fast_path_matches_line_by_line() -> None:
     too_long = DataReceiver(max_line_length=69)
     too_long.feed(wire)
     assert too_long.problem is not None and too_long.problem.reply == REPLY_LINE_TOO_LONG
+
+
+# -- client side: replies from a byte buffer, commands ---------------------------------------
+def test_take_reply_from_a_buffer() -> None:
+    buf = bytearray(b"250-first\r\n250-SIZE 10\r\n250 last\r\n354 go\r")
+    assert take_reply(buf) == Reply(250, ("first", "SIZE 10", "last"))
+    assert take_reply(buf) is None and buf == b"354 go\r"  # incomplete: kept
+    buf += b"\n"
+    assert take_reply(buf) == Reply(354, ("go",)) and buf == b""
+    assert take_reply(bytearray(b"220 bare LF ok\n")) == Reply(220, ("bare LF ok",))
+
+
+@pytest.mark.parametrize("bad", [b"hello\r\n", b"250-a\r\n251 b\r\n", b"600 x\r\n"])
+def test_take_reply_refuses_what_is_not_a_reply(bad: bytes) -> None:
+    with pytest.raises(ValueError, match="bad reply"):
+        take_reply(bytearray(bad))
+
+
+def test_take_reply_bounds_an_endless_reply() -> None:
+    buf = bytearray(b"250-" + b"x" * 100 + b"\r\n") * (MAX_REPLY_SIZE // 100)
+    with pytest.raises(ValueError, match="too long"):
+        take_reply(buf)
+    assert take_reply(bytearray(b"250-" + b"x" * 1000)) is None  # no line end yet, short
+
+
+def test_commands() -> None:
+    assert smtp_path("") == smtp_path("<>") == b"<>"
+    assert smtp_path("j\u00f6rg@b\u00fccher.example") == "<j\u00f6rg@b\u00fccher.example>".encode()
+    assert mail_command("a@b.example", ["SIZE=10", "SMTPUTF8"]) == (
+        b"MAIL FROM:<a@b.example> SIZE=10 SMTPUTF8")
+    assert mail_command("") == b"MAIL FROM:<>"
+    assert rcpt_command("c@d.example") == b"RCPT TO:<c@d.example>"

@@ -1,0 +1,209 @@
+"""Pins the aiosmtpd behaviour :class:`avgate.frontends.smtpd.AiosmtpdAdapter` relies on.
+
+The adapter overrides aiosmtpd internals (names starting with ``_``), which aiosmtpd may
+change in any release. Each test here checks one thing the adapter assumes, on a bare
+adapter (no avgate session logic), so an aiosmtpd upgrade that breaks an assumption fails
+here, by name, instead of somewhere in the SMTP filter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiosmtpd
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from avgate.frontends.smtpd import AiosmtpdAdapter
+from tests.helpers import async_wait_until
+from tests.integration.smtp.conftest import RawClient
+
+pytestmark = pytest.mark.timeout(60)
+
+#: aiosmtpd internals the adapter uses (methods on the class)
+PRIVATE_METHODS = ("_handle_client", "_reset_timeout", "_timeout_cb", "_set_post_data_state",
+                   "_set_rset_state", "_getaddr", "_cb_client_connected")
+
+
+class Probe(AiosmtpdAdapter):
+    """A bare adapter with test verbs and counters."""
+
+    instances: list[Probe] = []
+
+    def __init__(self, *, admit: bool = True, **kw: Any) -> None:
+        self.admitted = admit
+        self.resets = 0
+        self.closed = False
+        super().__init__(object(), **kw)
+        Probe.instances.append(self)
+
+    async def admit(self) -> bool:
+        if not self.admitted:
+            await self.push("421 go away")
+        return self.admitted
+
+    def session_closed(self) -> None:
+        self.closed = True
+
+    def transaction_reset(self) -> None:
+        self.resets += 1
+
+    async def smtp_XREAD(self, arg: str) -> None:
+        """Read a payload up to END from the command stream (as DATA is read)."""
+        data = await self.reader.readuntil(b"END")
+        await self.push(f"250 read {len(data)}")
+
+    async def smtp_XBUSY(self, arg: str) -> None:
+        """Work longer than the idle timeout, flagged busy."""
+        self.busy = True
+        try:
+            await asyncio.sleep(float(arg))
+        finally:
+            self.busy = False
+            self.reset_idle_timer()
+        await self.push("250 done")
+
+    async def smtp_XSTART(self, arg: str) -> None:
+        self.start_over()
+        await self.push("250 started over")
+
+
+Serve = Callable[..., Any]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    servers: list[asyncio.Server] = []
+
+    async def _serve(**kw: Any) -> int:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: Probe(hostname="probe.test", ident="probe", loop=loop, **kw),
+            "127.0.0.1", 0)
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    Probe.instances.clear()
+    try:
+        yield _serve
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_aiosmtpd_release_and_private_names() -> None:
+    """The adapter was written against aiosmtpd 1.4 (pyproject pins >=1.4.6,<1.5)."""
+    assert aiosmtpd.__version__.startswith("1.4."), aiosmtpd.__version__
+    for name in PRIVATE_METHODS:
+        assert callable(getattr(SMTP, name, None)), f"aiosmtpd.smtp.SMTP.{name} is gone"
+    # class attributes the adapter reads or replaces
+    assert isinstance(SMTP.line_length_limit, int)
+    assert isinstance(SMTP.command_size_limit, int) and SMTP.command_size_limit == 512
+    assert isinstance(SMTP.command_size_limits, dict)  # shared by every connection
+    assert hasattr(SMTP, "local_part_limit")
+
+
+async def test_instance_attributes_the_adapter_uses() -> None:
+    s = SMTP(object(), timeout=7, ident="x", loop=asyncio.get_running_loop())
+    assert s._timeout_duration == 7
+    assert s._timeout_handle is None
+    assert s.__ident__ == "x"
+    # aiosmtpd clears the (shared, class-level) dict in __init__: the adapter gives each
+    # session its own before calling it
+    a = Probe(loop=asyncio.get_running_loop())
+    assert a.command_size_limits is not SMTP.command_size_limits
+
+
+@pytest.mark.parametrize("arg", [
+    "<a@b.example>", "<a@b.example> SIZE=100", "<a.b+c@d-e.example>\tBODY=8BITMIME",
+    "<a@b.example> (comment)", "<\"q p\"@b.example>", "<a@[192.0.2.1]>", "a@b.example",
+    "<@relay:a@b.example>", "<a@b.example", "<>", "<a@b.example>  ", "<a..b@c.example>",
+])
+async def test_getaddr_fast_path_gives_aiosmtpd_results(arg: str) -> None:
+    loop = asyncio.get_running_loop()
+    plain, fast = SMTP(object(), loop=loop), Probe(loop=loop)
+    assert fast._getaddr(arg) == plain._getaddr(arg)
+
+
+async def test_reader_is_the_command_stream_with_the_adapters_limit(serve: Serve) -> None:
+    """DATA is read from ``reader`` with the StreamReader limit ``line_length_limit`` gives
+    (aiosmtpd's own 1001 would raise LimitOverrunError on 10,000 bytes without a marker);
+    unknown verbs (XFORWARD, XCLIENT) reach ``smtp_<VERB>``."""
+    c = await RawClient.connect(await serve())
+    try:
+        await c.send(b"XREAD\r\n" + b"x" * 10_000 + b"END")
+        assert await c.reply() == "250 read 10003"
+    finally:
+        await c.close()
+
+
+async def test_command_size_limits_are_per_session(serve: Serve) -> None:
+    """aiosmtpd raises MAIL's limit by 26 (SIZE) + 10 (SMTPUTF8) at each EHLO, in the dict
+    it reads through ``self``: the adapter's starts afresh, and the class's is untouched."""
+    before = dict(SMTP.command_size_limits)
+    c = await RawClient.connect(await serve(data_size_limit=1000, enable_SMTPUTF8=True))
+    try:
+        for _ in range(3):
+            assert (await c.cmd("EHLO client.test")).startswith("250")
+        [probe] = Probe.instances
+        assert probe.command_size_limits["MAIL"] == 512 + 26 + 10
+        assert (await c.cmd("MAIL FROM:<" + "a" * 526 + "@b.example>")).startswith("250")
+        assert (await c.cmd("MAIL FROM:<" + "a" * 527 + "@b.example>")).startswith("500")
+    finally:
+        await c.close()
+    assert dict(SMTP.command_size_limits) == before
+
+
+async def test_state_hooks(serve: Serve) -> None:
+    """``_set_rset_state`` (RSET, EHLO, start_over) runs ``_set_post_data_state``, which
+    makes a new envelope: the adapter's transaction_reset hook sees each."""
+    c = await RawClient.connect(await serve())
+    try:
+        [probe] = Probe.instances
+        assert (await c.cmd("EHLO client.test")).startswith("250")
+        n = probe.resets
+        assert (await c.cmd("MAIL FROM:<a@b.example>")).startswith("250")
+        assert (await c.cmd("RSET")).startswith("250")
+        assert probe.resets == n + 1
+        assert (await c.cmd("MAIL FROM:<a@b.example>")).startswith("250")
+        assert await c.cmd("XSTART") == "250 started over"
+        assert probe.resets == n + 2
+        assert (await c.cmd("RCPT TO:<c@d.example>")).startswith("503")  # envelope is new
+    finally:
+        await c.close()
+    assert await async_wait_until(lambda: probe.closed, timeout=5)
+
+
+async def test_admit_and_greeting(serve: Serve) -> None:
+    """``_handle_client`` runs the session (greeting first: it carries ``ident``); refusing
+    in admit() closes the connection before the greeting."""
+    port = await serve()
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await asyncio.wait_for(r.readline(), 10)) == b"220 probe.test probe\r\n"
+    finally:
+        w.close()
+    port = await serve(admit=False)
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await asyncio.wait_for(r.readline(), 10)) == b"421 go away\r\n"
+        assert (await asyncio.wait_for(r.read(), 10)) == b""
+    finally:
+        w.close()
+
+
+async def test_idle_timer(serve: Serve) -> None:
+    """aiosmtpd re-arms the timer through ``_reset_timeout`` and ends an idle session
+    through ``_timeout_cb``; the adapter's lazy timer keeps a busy session alive."""
+    c = await RawClient.connect(await serve(timeout=0.3))
+    try:
+        assert await c.cmd("XBUSY 1.0") == "250 done"  # busy longer than the idle timeout
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await c.reply(timeout=10)  # idle: the server hangs up
+        assert loop.time() - start < 5
+    finally:
+        await c.close()
