@@ -22,10 +22,11 @@ from typing import Any
 
 import pytest
 
-from avgate.config import Config, ScanSettings
+from avgate import config
 from avgate.frontends import icap as fe
+from avgate.frontends.listen import ListenOptions
 from avgate.gateway import Gateway
-from avgate.limits import KiB, Limits, MiB
+from avgate.limits import KiB, MiB
 from avgate.protocols import icap as proto
 from tests.clamd_daemon import EICAR
 
@@ -85,15 +86,16 @@ async def start(tmp_path: Path) -> AsyncIterator[Any]:
         table = {"listen": "127.0.0.1:0", "idle_timeout": 5, **icap}
         spool_dir = tmp_path / f"spool{len(started)}"
         spool_dir.mkdir()
-        cfg = dataclasses.replace(
-            Config(), icap=table, limits=Limits(max_scan_size=8 * MiB),
-            scan=ScanSettings(spool_memory=64 * KiB, spool_dir=str(spool_dir)),
-            policy=policy or {})
+        cfg = config.from_dict({
+            "icap": table, "limits": {"max_scan_size": 8 * MiB},
+            "scan": {"spool_memory": 64 * KiB, "spool_dir": str(spool_dir)},
+            "policy": policy or {}})
         gw = Gateway.from_config(cfg)
         events = Events()
         gw.log = events  # type: ignore[assignment]
         await gw.start()
-        [srv] = await fe.start(gw)
+        [srv] = await fe.start(gw, ListenOptions())
+        assert isinstance(srv, fe.IcapServer)
         server = Server(gw, srv, events, spool_dir)
         started.append(server)
         return server

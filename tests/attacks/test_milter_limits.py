@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -27,8 +26,9 @@ from typing import Any
 
 import pytest
 
-from avgate.config import Config
+from avgate import config
 from avgate.frontends import milter as fe
+from avgate.frontends.listen import ListenOptions
 from avgate.gateway import Gateway
 from avgate.protocols import milter as m
 
@@ -47,14 +47,14 @@ class Events:
 
 @pytest.fixture
 async def start() -> AsyncIterator[Any]:
-    started: list[tuple[Gateway, list[fe.MilterListener]]] = []
+    started: list[tuple[Gateway, list[Any]]] = []
 
     async def factory(**milter: Any) -> fe.MilterListener:
-        cfg = dataclasses.replace(Config(), milter={"listen": "127.0.0.1:0", **milter})
+        cfg = config.from_dict({"milter": {"listen": "127.0.0.1:0", **milter}})
         gw = Gateway.from_config(cfg)
         gw.log = Events()  # type: ignore[assignment]
         await gw.start()
-        listeners = await fe.start(gw)
+        listeners = await fe.start(gw, ListenOptions())
         started.append((gw, listeners))
         return listeners[0]
 

@@ -27,15 +27,8 @@ bytes of an infected object never reach the proxy. Protocol errors (bad chunk si
 Encapsulated header, header over ``max_header_size``) get ``400`` and the connection is
 closed; a connection silent for ``idle_timeout`` seconds is closed.
 
-``skip_content_types``: an object is left unscanned (``204``, logged as ``icap-skip``; after
-the preview when there is one) only if its Content-Type matches a pattern **and** its first
-bytes carry that media type's signature (:data:`MEDIA_SIGNATURES`: PNG, JPEG, GIF, WebP,
-ICO, AVIF, MP4/QuickTime, WebM/Matroska, Ogg, MP3, FLAC, WAV, AVI, FLV) **and** it is not
-a download (``Content-Disposition: attachment``). The origin chooses the Content-Type, so a
-label alone is never trusted: EICAR served as ``image/png`` is scanned, and so is every type
-without a known signature (SVG carries scripts). What remains unscanned is a real image or
-video with something appended after its signature (a polyglot), so the option trades
-detection for speed and is off by default.
+``skip_content_types``: see :mod:`avgate.frontends.icap_skip` (the Content-Type is
+trusted only when the body's first bytes agree).
 
 ``max_body_size`` (default: ``[limits] max_scan_size``, which follows a reload): the body
 is spooled up to that many bytes (memory, then a temp file); past it nothing more is kept and
@@ -46,13 +39,11 @@ and then the rest as it arrives (memory and disk stay bounded, the object arrive
 after a preview, ``204`` at once. Refused: the refusal page once the body has been read.
 
 Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log; the ISTag
-follows the signatures) is read per request through ``server.gateway`` (serve's GatewayRef),
-and so are ``service``, ``preview``, ``options_ttl``, ``block_page`` (the file is read again),
-``skip_content_types`` and ``max_body_size`` (:attr:`IcapServer.settings`); ``listen``,
-``max_connections``, ``max_header_size``, ``max_requests_per_connection`` and
-``idle_timeout`` are the listener's and need a restart. With ``[serve] workers`` > 1 every
-worker binds a TCP ``listen`` with SO_REUSEPORT; a ``unix:`` socket is opened by worker 0
-only.
+follows the signatures) and ``[icap]`` (``gateway.config.icap``, see :class:`IcapSettings`)
+are read per request through ``server.gateway`` (serve's GatewayRef), so a reload applies
+from the next request (``max_header_size`` from the next connection; the ``block_page`` file
+is read again); ``listen`` needs a restart. With ``[serve] workers`` > 1 every worker binds a
+TCP ``listen`` with SO_REUSEPORT; a ``unix:`` socket is opened by worker 0 only.
 """
 
 from __future__ import annotations
@@ -60,23 +51,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import fnmatch
 import hashlib
-import html
 import logging
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+import os
+from email.utils import formatdate
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field, field_validator
+
 from .. import __version__
+from ..context import Context
 from ..errors import AvgateError, ConfigError
 from ..limits import KiB
 from ..observability import record_scan, scan_event
-from ..policy import Context, Decision, Disposition
+from ..policy import Decision, Disposition
 from ..protocols import icap as proto
 from ..result import LimitKind, ScanResult, ScanStatus
+from ..settings import Listen, Section, Size, StrTuple
+from .icap_pages import DEFAULT_BLOCK_PAGE, REFUSED_PAGE, UNAVAILABLE_PAGE, read_block_page, render
+from .icap_skip import SNIFF_BYTES, claimed_type, media_agrees
+from .listen import DEFAULT_BACKLOG, Address, Listener, ListenOptions, bind, parse_listen
 
 log = logging.getLogger("avgate.icap")
 
@@ -84,125 +78,50 @@ if TYPE_CHECKING:
     from ..gateway import Gateway, Outcome
     from ..spool import Spool
 
-DEFAULT_LISTEN = "127.0.0.1:1344"
-DEFAULT_SERVICE = "avscan"
-DEFAULT_PREVIEW = 1024
-DEFAULT_MAX_CONNECTIONS = 100
-DEFAULT_OPTIONS_TTL = 3600
-DEFAULT_MAX_HEADER_SIZE = 64 * KiB
-DEFAULT_MAX_REQUESTS = 1000
-DEFAULT_IDLE_TIMEOUT = 60.0
 READ_SIZE = 64 * KiB
 SEND_CHUNK = 64 * KiB
-#: ``[icap]`` keys that follow a reload (the others belong to the listener: restart).
-RELOADABLE_SETTINGS = ("service", "preview", "options_ttl", "block_page", "skip_content_types",
-                       "max_body_size")
-
-#: Signatures of the media types ``skip_content_types`` may skip: per type, alternatives,
-#: each a tuple of (offset, bytes) that must all match. A type not listed is always scanned.
-MEDIA_SIGNATURES: dict[str, tuple[tuple[tuple[int, bytes], ...], ...]] = {}
 
 
-def _signatures(types: str, *alternatives: tuple[tuple[int, bytes], ...]) -> None:
-    for media in types.split():
-        MEDIA_SIGNATURES[media] = alternatives
+class IcapSettings(Section):
+    """``[icap]``: the ICAP server (``avgate serve``).
 
+    ``listen`` (``"127.0.0.1:1344"``, or ``unix:/path``), ``service`` (``"avscan"``: the
+    path of ``icap://host:port/avscan``), ``preview`` (1024 bytes offered in OPTIONS; 0: no
+    preview), ``max_connections`` (100, also announced in OPTIONS), ``options_ttl`` (3600 s),
+    ``max_header_size`` (64 KiB of ICAP and HTTP headers per request),
+    ``max_requests_per_connection`` (1000), ``idle_timeout`` (60 s), ``block_page`` (a
+    template file for the virus page, relative to the config file; ``{url}`` and ``{virus}``
+    are replaced), ``skip_content_types`` (glob patterns, see :mod:`.icap_skip`),
+    ``max_body_size`` (default: ``[limits] max_scan_size``).
+    """
 
-_signatures("image/png image/apng", ((0, b"\x89PNG\r\n\x1a\n"),))
-_signatures("image/jpeg image/pjpeg image/jpg", ((0, b"\xff\xd8\xff"),))
-_signatures("image/gif", ((0, b"GIF87a"),), ((0, b"GIF89a"),))
-_signatures("image/webp", ((0, b"RIFF"), (8, b"WEBPVP8")))
-_signatures("image/x-icon image/vnd.microsoft.icon", ((0, b"\x00\x00\x01\x00"),))
-_signatures("image/avif", ((4, b"ftypavi"),))
-_signatures("video/mp4 audio/mp4 video/quicktime video/3gpp video/x-m4v audio/x-m4a",
-            ((4, b"ftyp"),))
-_signatures("video/webm audio/webm video/x-matroska audio/x-matroska",
-            ((0, b"\x1a\x45\xdf\xa3"),))
-_signatures("video/ogg audio/ogg application/ogg", ((0, b"OggS"),))
-_signatures("audio/mpeg audio/mp3", ((0, b"ID3"),), ((0, b"\xff\xfb"),), ((0, b"\xff\xf3"),),
-            ((0, b"\xff\xf2"),))
-_signatures("audio/flac audio/x-flac", ((0, b"fLaC"),))
-_signatures("audio/wav audio/x-wav audio/wave audio/vnd.wave", ((0, b"RIFF"), (8, b"WAVE")))
-_signatures("video/x-msvideo video/avi video/msvideo", ((0, b"RIFF"), (8, b"AVI ")))
-_signatures("video/x-flv", ((0, b"FLV\x01"),))
-#: Bytes of the body's start kept for the signature check.
-SNIFF_BYTES = 16
+    listen: Listen = parse_listen("127.0.0.1:1344")
+    service: str = "avscan"
+    preview: int = Field(default=1024, ge=0)
+    max_connections: int = Field(default=100, gt=0)
+    options_ttl: int = Field(default=3600, gt=0)
+    max_header_size: Size = proto.DEFAULT_MAX_HEADER_SIZE
+    max_requests_per_connection: int = Field(default=1000, gt=0)
+    idle_timeout: float = Field(default=60.0, gt=0)
+    block_page: str | None = None  # a template file; None: DEFAULT_BLOCK_PAGE
+    skip_content_types: StrTuple = ()
+    max_body_size: Size | None = None  # None: [limits] max_scan_size
 
-
-def media_agrees(media: str, head: bytes) -> bool:
-    """Whether ``head`` (the first bytes of the body) carries a signature of ``media``."""
-    return any(all(head[off:off + len(sig)] == sig for off, sig in alternative)
-               for alternative in MEDIA_SIGNATURES.get(media, ()))
-
-DEFAULT_BLOCK_PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Blocked: virus found</title></head>
-<body><h1>Access denied: virus found</h1>
-<p>The object <code>{url}</code> contains the virus <strong>{virus}</strong>
-and was blocked by avgate.</p></body></html>
-"""
-UNAVAILABLE_PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Virus scanner unavailable</title></head>
-<body><h1>Virus scanner unavailable</h1>
-<p>The object <code>{url}</code> could not be scanned ({reason}).
-Please try again later.</p></body></html>
-"""
-REFUSED_PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Blocked</title></head>
-<body><h1>Access denied</h1>
-<p>The object <code>{url}</code> was blocked by avgate ({reason}).</p></body></html>
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class IcapSettings:
-    """The ``[icap]`` section, with defaults filled in."""
-
-    listen: str = DEFAULT_LISTEN
-    service: str = DEFAULT_SERVICE
-    preview: int = DEFAULT_PREVIEW
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    options_ttl: int = DEFAULT_OPTIONS_TTL
-    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
-    max_requests_per_connection: int = DEFAULT_MAX_REQUESTS
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    block_page: str = DEFAULT_BLOCK_PAGE  # the template text, not the path
-    skip_content_types: tuple[str, ...] = ()
-    max_body_size: int | None = None  # None: [limits] max_scan_size
-
+    @field_validator("skip_content_types")
     @classmethod
-    def from_config(cls, table: dict[str, Any], base_dir: str = ".") -> IcapSettings:
-        """Build from the validated ``[icap]`` table; reads the block page template file."""
-        kw: dict[str, Any] = {k: v for k, v in table.items()
-                              if k in cls.__dataclass_fields__ and k != "block_page"}
-        if "skip_content_types" in kw:
-            kw["skip_content_types"] = tuple(t.lower() for t in kw["skip_content_types"])
-        if "idle_timeout" in kw:
-            kw["idle_timeout"] = float(kw["idle_timeout"])
-        if table.get("block_page"):
-            path = Path(base_dir, table["block_page"])
-            try:
-                kw["block_page"] = path.read_text(encoding="utf-8")
-            except OSError as exc:
-                raise ConfigError(f"icap: block_page: cannot read {path}: {exc.strerror}") from exc
-        return cls(**kw)
-
-
-def _render(template: str, **values: str) -> bytes:
-    # str.replace, not str.format: a page's CSS braces must not be taken for fields
-    out = template
-    for key, value in values.items():
-        out = out.replace("{" + key + "}", html.escape(value))
-    return out.encode("utf-8")
+    def _lower(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(p.lower() for p in patterns)
 
 
 class IcapServer:
     """One listening ICAP socket; ``describe()`` and ``aclose()`` for ``avgate serve``."""
 
-    def __init__(self, gateway: Gateway, settings: IcapSettings) -> None:
+    def __init__(self, gateway: Gateway, settings: IcapSettings,
+                 options: ListenOptions) -> None:
         self.gateway = gateway
-        self._settings = settings
-        # ``settings`` belongs to the config in use now; derived again after a reload
-        self._config: Any = getattr(gateway, "config", None)
+        self._started_with = settings  # only while a reload has removed [icap]
+        self.options = options
+        self.address: Address = settings.listen.resolve(options.base_dir)
         self._server: asyncio.Server | None = None
         self._active = 0
         self._busy: set[asyncio.Task[Any]] = set()
@@ -210,61 +129,52 @@ class IcapServer:
         self._closing = False
         self._istag_src = ""
         self._istag = ""
-        self.address = ""
+        self._page: tuple[IcapSettings | None, str] = (None, DEFAULT_BLOCK_PAGE)
 
     @property
     def settings(self) -> IcapSettings:
-        """The settings of the current config: :data:`RELOADABLE_SETTINGS` follow a reload."""
-        cfg = getattr(self.gateway, "config", None)
-        if cfg is not None and cfg is not self._config:
-            self._config = cfg
-            if cfg.icap is not None:  # [icap] removed by a reload: needs a restart
-                try:
-                    new = IcapSettings.from_config(dict(cfg.icap), cfg.base_dir)
-                except ConfigError as exc:  # e.g. the block page file is gone
-                    log.warning("icap: keeping the previous settings: %s", exc)
-                    glog = getattr(self.gateway, "log", None)
-                    if glog is not None:
-                        glog.log({"event": "error", "frontend": "icap",
-                                  "error": f"keeping the previous settings: {exc}"},
-                                 level="warning")
-                else:
-                    self._settings = dataclasses.replace(
-                        self._settings, **{f: getattr(new, f) for f in RELOADABLE_SETTINGS})
-        return self._settings
+        """``[icap]`` of the config in use now."""
+        return self.gateway.config.icap or self._started_with
 
-    @settings.setter
-    def settings(self, value: IcapSettings) -> None:
-        self._settings = value
+    def block_page(self, settings: IcapSettings) -> str:
+        """The block page template of ``settings``: the file is read once per config (again
+        after a reload); a file that cannot be read then keeps the previous page."""
+        if self._page[0] is settings:
+            return self._page[1]
+        try:
+            page = read_block_page(settings.block_page, self.gateway.config.base_dir)
+        except ConfigError as exc:  # e.g. the block page file is gone
+            log.warning("icap: keeping the previous block page: %s", exc)
+            glog = self.gateway.log
+            if glog is not None:
+                glog.log({"event": "error", "frontend": "icap",
+                          "error": f"keeping the previous block page: {exc}"}, level="warning")
+            page = self._page[1]
+        self._page = (settings, page)
+        return page
 
     # -- lifecycle -----------------------------------------------------------------------
-    async def start(self) -> None:
-        from ..serve import reuse_port
-
-        listen = self.settings.listen
-        if listen.startswith("unix:"):
-            path = listen[5:]
-            self._server = await asyncio.start_unix_server(self._connection, path)
-            self.address = listen
-        else:
-            host, _, port = listen.rpartition(":")
-            host = host.strip("[]") or "127.0.0.1"
-            cfg = getattr(self.gateway, "config", None)
-            shared = cfg is not None and reuse_port(cfg)  # `serve` workers share the port
-            self._server = await asyncio.start_server(self._connection, host, int(port),
-                                                      reuse_port=shared)
-            sock = self._server.sockets[0].getsockname()
-            self.address = f"{host}:{sock[1]}"
+    async def start(self) -> IcapServer:
+        s = self.settings
+        # a block page that cannot be read stops the start (ConfigError)
+        self._page = (s, read_block_page(s.block_page, self.gateway.config.base_dir))
+        sock = bind(self.address, what="icap listen", options=self.options)
+        if not self.address.is_unix and self.address.port == 0:  # tests: a free port
+            self.address = dataclasses.replace(self.address, port=sock.getsockname()[1])
+        self._server = await asyncio.start_server(self._connection, sock=sock,
+                                                  backlog=DEFAULT_BACKLOG)
+        return self
 
     @property
     def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
+        return self.address.port
 
     def describe(self) -> str:
         return f"icap://{self.address}/{self.settings.service}"
 
-    async def aclose(self, grace: float = 30.0) -> None:
-        """Stop accepting; close idle connections; let requests in flight finish."""
+    async def aclose(self) -> None:
+        """Stop accepting; close idle connections; let requests in flight finish (at most
+        ``[serve] drain_timeout``)."""
         self._closing = True
         if self._server is not None:
             self._server.close()
@@ -272,12 +182,15 @@ class IcapServer:
             task.cancel()
         busy = [t for t in self._busy if not t.done()]
         if busy:
-            await asyncio.wait(busy, timeout=grace)
+            await asyncio.wait(busy, timeout=self.options.drain_timeout)
         for task in list(self._busy | self._idle):
             task.cancel()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+            if self.address.is_unix:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.address.path)
 
     # -- ISTag -------------------------------------------------------------------------
     def istag(self) -> str:
@@ -408,7 +321,7 @@ class _Conn:
         headers = [("Methods", "RESPMOD, REQMOD"), *self.server._common(),
                    ("Max-Connections", str(s.max_connections)),
                    ("Options-TTL", str(s.options_ttl)), ("Allow", "204"),
-                   ("Date", _http_date())]
+                   ("Date", formatdate(usegmt=True))]
         if s.preview:
             headers += [("Preview", str(s.preview)), ("Transfer-Preview", "*")]
         if last:
@@ -428,7 +341,7 @@ class _Conn:
 
     async def _modify(self, req: proto.Request, last: bool) -> bool:
         http = req.res_hdr if req.method == "RESPMOD" else req.req_hdr
-        claimed = self._skippable_type(http)
+        claimed = claimed_type(http, self.s.skip_content_types)
         may_204 = req.allow_204
         body = _Body(self.gateway.new_spool(), self._max_body_size())
         spool = body.spool
@@ -565,23 +478,6 @@ class _Conn:
                                 actions=decision.actions))
         return Outcome(result, decision)
 
-    def _skippable_type(self, http: bytes) -> str:
-        """The claimed media type when ``skip_content_types`` may skip it ("" = scan);
-        the bytes must still agree (:func:`media_agrees`)."""
-        if not self.s.skip_content_types or not http:
-            return ""
-        try:
-            head = proto.HttpHead.parse(http)
-        except proto.IcapProtocolError:
-            return ""
-        media = head.media_type
-        if not media or not any(fnmatch.fnmatchcase(media, p)
-                                for p in self.s.skip_content_types):
-            return ""
-        if head.headers.get("content-disposition").strip().lower().startswith("attachment"):
-            return ""  # a download: whatever it is called, the user may open it elsewhere
-        return media
-
     def _log_skip(self, req: proto.Request, media: str) -> None:
         log = self.gateway.log
         if log is not None:
@@ -608,15 +504,15 @@ class _Conn:
             safe = virus.replace(";", "_")
             extra = [("X-Infection-Found", f"Type=0; Resolution=2; Threat={safe};"),
                      ("X-Virus-ID", safe)]
-            status, body = 403, _render(self.s.block_page, virus=virus, url=url)
+            status, body = 403, render(self.server.block_page(self.s), virus=virus, url=url)
         elif decision.disposition is Disposition.TEMPFAIL:
             status = 503
-            body = _render(UNAVAILABLE_PAGE, url=url,
-                           reason=result.reason or decision.text or result.status.value)
+            body = render(UNAVAILABLE_PAGE, url=url,
+                          reason=result.reason or decision.text or result.status.value)
         else:
             status = 403
-            body = _render(REFUSED_PAGE, url=url,
-                           reason=decision.text or result.reason or result.status.value)
+            body = render(REFUSED_PAGE, url=url,
+                          reason=decision.text or result.reason or result.status.value)
         http_headers = [("Content-Type", "text/html; charset=utf-8"),
                         ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
         if status == 503:
@@ -695,24 +591,10 @@ def _url_of(req: proto.Request) -> str:
         return ""
 
 
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def _http_date() -> str:
-    t = time.gmtime()
-    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
-
-
-async def start(gateway: Gateway) -> Sequence[IcapServer]:
-    """Start the ICAP listener from ``gateway.config.icap`` (see :class:`IcapSettings`)."""
-    from ..serve import serves_unix_sockets
-
-    table = gateway.config.icap or {}
-    settings = IcapSettings.from_config(dict(table), gateway.config.base_dir)
-    if settings.listen.startswith("unix:") and not serves_unix_sockets():
-        return []  # another `serve` worker owns the unix socket
-    server = IcapServer(gateway, settings)
-    await server.start()
-    return [server]
+async def start(gateway: Gateway, options: ListenOptions) -> list[Listener]:
+    """Start the ``[icap]`` listener of ``gateway.config`` (none in a serve worker that does
+    not own the unix sockets)."""
+    settings = gateway.config.icap or IcapSettings()
+    if settings.listen.is_unix and not options.unix_sockets:
+        return []
+    return [await IcapServer(gateway, settings, options).start()]

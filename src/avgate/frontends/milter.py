@@ -10,47 +10,17 @@ MAIL, RCPT, header and body events get no reply (SMFIP_NR_*), DATA/EOH/unknown-c
 events are not sent at all; only OPTNEG and end-of-message are answered. Headers and body
 are rebuilt into a Spool (memory, then a temp file) as they arrive.
 
-Applying a Decision (``[milter] quarantine`` = "mta" | "store" | "both", default "both"):
-
-=========================  ===============================================================
-accept                     verdict headers (CHGHEADER on an existing one, else ADDHEADER),
-                           subject prefix (CHGHEADER Subject), replaced parts
-                           (REPLBODY + header changes), copy_to (ADDRCPT), then ACCEPT
-reject / tempfail          REPLYCODE with the decision's reply ("550 5.7.1 ...")
-discard                    DISCARD
-quarantine                 "mta"/"both": QUARANTINE (Postfix: hold queue) + ACCEPT instead
-                           of a discard; "store"/"both": kept in our quarantine store
-                           (the gateway wrote it); "mta" removes our copy again
-=========================  ===============================================================
+Applying a Decision (``[milter] quarantine``): see :mod:`avgate.frontends.milter_actions`.
 
 A malformed packet, a read timeout (``[milter] timeout``) or an internal error closes the
-connection; the MTA then applies its ``milter_default_action``.
+connection; the MTA then applies its ``milter_default_action``. The limits are listed in
+:class:`MilterSettings`.
 
-Limits (each bounds what one connection can make us hold; see README):
-
-=========================  ===============================================================
-``max_packet``             256 KiB: a longer packet closes the connection before a byte of
-                           it is buffered (see :mod:`avgate.protocols.milter`)
-``packet_timeout``         30 s from the first byte of a packet to its last, however the
-                           bytes trickle in (Postfix writes a packet at once and gives up
-                           after its own ``milter_command_timeout``, 30 s)
-``timeout``                330 s without a byte from the MTA between packets
-``max_headers``,           1000 headers, 1 MiB of header block per message; more, or more
-``max_header_size``,       than ``max_recipients`` (10000) recipients: nothing more of the
-``max_recipients``         message is kept and end-of-message is answered
-                           ``552 5.3.4`` / ``552 5.5.3`` (the sender's fault, like Exim's
-                           ``header_maxsize`` and Sendmail's ``MaxHeadersLength``)
-``max_connections``        512 connections served at once; as many more wait for a slot,
-                           each at most ``queue_timeout`` (30 s: Postfix's
-                           ``milter_command_timeout`` would have given up on its OPTNEG
-                           reply by then); connections beyond both are closed at once
-=========================  ===============================================================
-
-Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log) is read per
-message through ``listener.gateway`` (serve's GatewayRef), and so are ``[milter] quarantine``
-and ``spool_memory``; ``listen``, the timeouts and the limits are the listener's and need a
-restart. With ``[serve] workers`` > 1 every worker binds a TCP
-``listen`` with SO_REUSEPORT; a ``unix:`` socket is opened by worker 0 only.
+Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log) and
+``[milter]`` (``gateway.config.milter``) are read per message, so a reload applies from the
+next message on every connection (``max_packet`` from the next connection); ``listen``
+needs a restart. With ``[serve] workers`` > 1 every worker binds a TCP ``listen`` with
+SO_REUSEPORT; a ``unix:`` socket is opened by worker 0 only.
 """
 
 from __future__ import annotations
@@ -60,42 +30,76 @@ import contextlib
 import dataclasses
 import logging
 import os
-import socket
-import stat
-from collections.abc import Iterable
-from email.header import Header as EmailHeader
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
 
 from ..errors import AvgateError, ProtocolError
-from ..gateway import Envelope, Outcome
-from ..policy import Context, Disposition
+from ..gateway import Context, Envelope, Outcome
+from ..limits import MiB
 from ..protocols import milter as m
+from ..settings import Group, Listen, Mode, Section, Size
 from ..spool import Spool
+from .listen import DEFAULT_BACKLOG, Address, Listener, ListenOptions, bind, parse_listen
+from .milter_actions import MessageView, responses_for
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
 
 log = logging.getLogger("avgate.milter")
 
-DEFAULT_LISTEN = "127.0.0.1:7357"
-# Longer than Postfix's smtpd_timeout (300 s): the MTA keeps our connection open for the
-# whole SMTP session and may legitimately be silent while its client is.
-DEFAULT_TIMEOUT = 330.0
-DEFAULT_MAX_CONNECTIONS = 512
-#: A partial packet must complete within this many seconds of its first byte.
-DEFAULT_PACKET_TIMEOUT = 30.0
-#: How long a connection over ``max_connections`` may wait for a slot.
-DEFAULT_QUEUE_TIMEOUT = 30.0
-#: Per message: header count, header block bytes (as rebuilt: name, ": ", value, CRLF),
-#: recipients. Postfix bounds one header (header_size_limit, 100 KiB) and the message
-#: (message_size_limit, 10 MB), not their count; Exim refuses a header block over 1 MiB.
-DEFAULT_MAX_HEADERS = 1000
-DEFAULT_MAX_HEADER_SIZE = 1024 * 1024
-DEFAULT_MAX_RECIPIENTS = 10000
+
+class MilterSettings(Section):
+    """``[milter]``: the milter listener (``avgate serve``).
+
+    =========================  ============================================================
+    ``listen``                 ``"127.0.0.1:7357"``; also ``inet:7357@127.0.0.1``
+                               (libmilter), ``unix:/path`` and ``local:/path`` (Sendmail)
+    ``unix_socket_mode``,      a unix socket's permissions (``"0660"``) and group (name or
+    ``unix_socket_group``      gid; default: the process's): put the MTA's user in the group
+    ``quarantine``             ``"both"`` | ``"mta"`` | ``"store"`` (see :mod:`.milter_actions`)
+    ``spool_memory``           bytes of a message kept in memory (default: ``[scan]``'s)
+    ``timeout``                330 s without a byte from the MTA between packets (longer
+                               than Postfix's smtpd_timeout, 300 s: the MTA keeps the
+                               connection for the whole SMTP session and is silent while
+                               its client is)
+    ``max_packet``             256 KiB: a longer packet closes the connection before a byte
+                               of it is buffered (see :mod:`avgate.protocols.milter`)
+    ``packet_timeout``         30 s from the first byte of a packet to its last, however
+                               the bytes trickle in (Postfix writes a packet at once and
+                               gives up after its own ``milter_command_timeout``, 30 s)
+    ``max_headers``,           1000 headers, 1 MiB of header block (as rebuilt: name, ": ",
+    ``max_header_size``,       value, CRLF) per message; more, or more than
+    ``max_recipients``         ``max_recipients`` (10000) recipients: nothing more of the
+                               message is kept and end-of-message is answered ``552 5.3.4``
+                               / ``552 5.5.3`` (the sender's fault, like Exim's
+                               ``header_maxsize`` and Sendmail's ``MaxHeadersLength``;
+                               Postfix bounds one header and the message, not their count)
+    ``max_connections``        512 connections served at once; as many more wait for a
+                               slot, each at most ``queue_timeout`` (30 s: Postfix's
+                               ``milter_command_timeout`` would have given up on its OPTNEG
+                               reply by then); connections beyond both are closed at once
+    =========================  ============================================================
+    """
+
+    listen: Listen = parse_listen("127.0.0.1:7357")
+    unix_socket_mode: Mode = 0o660
+    unix_socket_group: Group | None = None
+    quarantine: Literal["both", "mta", "store"] = "both"
+    spool_memory: Size | None = None
+    timeout: float = Field(default=330.0, gt=0)
+    max_packet: Size = m.DEFAULT_MAX_PACKET
+    packet_timeout: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=512, gt=0)
+    queue_timeout: float = Field(default=30.0, gt=0)
+    max_headers: int = Field(default=1000, gt=0)
+    max_header_size: Size = 1 * MiB
+    max_recipients: int = Field(default=10000, gt=0)
+
+
 REPLY_TOO_MANY_HEADERS = "552 5.3.4 Too many message header fields"
 REPLY_HEADERS_TOO_BIG = "552 5.3.4 Message header size exceeds limit"
 REPLY_TOO_MANY_RECIPIENTS = "552 5.5.3 Too many recipients"
-DEFAULT_QUARANTINE = "both"
 #: Headers buffered in memory before they go to the spool in one write.
 _HEAD_FLUSH = 256 * 1024
 
@@ -124,21 +128,6 @@ _MESSAGE_STAGES = (b"M", b"R", b"T", b"L", b"N", b"B", b"E")
 _LOOKUP_ORDER = (b"E", b"B", b"N", b"L", b"T", b"R", b"M", b"H", b"C")
 
 
-def parse_listen(listen: str) -> tuple[str, str | None, int]:
-    """("unix", path, 0) or ("inet", host, port) from "host:port", "[v6]:port",
-    "inet:port@host", "inet6:port@host" or "unix:/path" (also "local:/path")."""
-    if listen.startswith(("unix:", "local:")):
-        return "unix", listen.split(":", 1)[1], 0
-    if listen.startswith(("inet:", "inet6:")):
-        kind, rest = listen.split(":", 1)
-        port, _, host = rest.partition("@")
-        return "inet", host or ("::1" if kind == "inet6" else "127.0.0.1"), int(port)
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"milter listen: expected host:port or unix:/path, got {listen!r}")
-    return "inet", host.strip("[]"), int(port)
-
-
 def _macro_name(name: str) -> str:
     return name[1:-1] if len(name) > 2 and name[0] == "{" and name[-1] == "}" else name
 
@@ -148,140 +137,6 @@ def _safe(s: str) -> str:
     return s.encode("utf-8", "replace").decode("utf-8") if not s.isascii() else s
 
 
-# -- applying a decision (no I/O) --------------------------------------------------------------
-@dataclasses.dataclass
-class MessageView:
-    """What end-of-message processing needs to know about the message as received."""
-
-    headers: list[m.Header]
-    head_len: int  # bytes of the rebuilt header block including the empty line
-    leadspc: bool  # header values carry their leading space (SMFIP_HDR_LEADSPC)
-
-
-def _count(headers: Iterable[m.Header], name: str) -> int:
-    lname = name.lower().encode("utf-8", "surrogateescape")
-    return sum(1 for h in headers if h.name.lower() == lname)
-
-
-def _header_ops(view: MessageView, decision_headers: tuple[tuple[str, str], ...],
-                subject_prefix: str, actions: int) -> list[m.Response]:
-    ops: list[m.Response] = []
-    lead = " " if view.leadspc else ""
-    can_add = bool(actions & m.SMFIF_ADDHDRS)
-    can_change = bool(actions & m.SMFIF_CHGHDRS)
-    for name, value in decision_headers:
-        n = _count(view.headers, name) if can_change else 0
-        if n:
-            # clamav-milter style: our verdict replaces what came in (a sender must not be
-            # able to pre-set "X-Virus-Status: Clean"); extra copies are deleted, highest
-            # index first so the remaining indexes stay valid.
-            ops.extend(m.ChangeHeader(i, name, "") for i in range(n, 1, -1))
-            ops.append(m.ChangeHeader(1, name, lead + value))
-        elif can_add:
-            # appended (ADDHEADER), like clamav-milter; INSHEADER would put it above the
-            # MTA's own Received: line
-            ops.append(m.AddHeader(name, lead + value))
-    if subject_prefix:
-        prefix = subject_prefix
-        if not prefix.isascii():
-            prefix = EmailHeader(prefix.strip(), "utf-8").encode() + " "
-        subject = next((h for h in view.headers if h.name.lower() == b"subject"), None)
-        if subject is not None and can_change:
-            value = subject.value.decode("utf-8", "surrogateescape")
-            stripped = value.lstrip(" \t")
-            ops.append(m.ChangeHeader(1, "Subject",
-                                      value[:len(value) - len(stripped)] + prefix + stripped))
-        elif subject is None and can_add:
-            ops.append(m.AddHeader("Subject", lead + prefix.rstrip()))
-    return ops
-
-
-def _split_headers(block: bytes) -> list[tuple[str, bytes]]:
-    """(lower-case name, raw value) of each header in a CRLF header block."""
-    out: list[tuple[str, bytes]] = []
-    for line in block.split(b"\r\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t") and out:
-            out[-1] = (out[-1][0], out[-1][1] + b"\n" + line)
-            continue
-        name, _, value = line.partition(b":")
-        out.append((name.strip().decode("latin-1"), value))
-    return out
-
-
-def _norm(value: bytes) -> bytes:
-    return b" ".join(value.split())
-
-
-def _replace_ops(original: bytes, head_len: int, edited: bytes, leadspc: bool
-                 ) -> list[m.Response]:
-    """REPLBODY chunks and header changes that turn ``original`` into ``edited``."""
-    ops: list[m.Response] = []
-    sep = edited.find(b"\r\n\r\n")
-    new_head, new_body = (edited, b"") if sep < 0 else (edited[:sep + 2], edited[sep + 4:])
-    old = _split_headers(original[:head_len])
-    new = _split_headers(new_head)
-    names = dict.fromkeys(n.lower() for n, _ in old + new)
-    for lname in names:
-        before = [(n, v) for n, v in old if n.lower() == lname]
-        after = [(n, v) for n, v in new if n.lower() == lname]
-        for i, (n, v) in enumerate(after[:len(before)]):
-            if _norm(v) != _norm(before[i][1]):
-                value = v.decode("utf-8", "surrogateescape")
-                ops.append(m.ChangeHeader(i + 1, n, value if leadspc else value.lstrip(" ")))
-        for n, v in after[len(before):]:
-            value = v.decode("utf-8", "surrogateescape")
-            ops.append(m.AddHeader(n, value if leadspc else value.lstrip(" ")))
-        for i in range(len(before), len(after), -1):
-            ops.append(m.ChangeHeader(i, before[i - 1][0], ""))
-    if new_body != original[head_len:]:
-        ops.extend(m.ReplaceBody(new_body[i:i + m.MAX_BODY_CHUNK])
-                   for i in range(0, len(new_body), m.MAX_BODY_CHUNK))
-        if not new_body:
-            ops.append(m.ReplaceBody(b""))
-    return ops
-
-
-def responses_for(outcome: Outcome, view: MessageView, spool: Spool, *, actions: int,
-                  quarantine_mode: str = DEFAULT_QUARANTINE) -> tuple[list[m.Response], bool]:
-    """The milter responses that apply ``outcome``; the flag says whether the MTA was asked
-    to hold the message (SMFIR_QUARANTINE)."""
-    d = outcome.decision
-    if d.disposition is Disposition.REJECT:
-        return [m.ReplyCode(m.milter_reply(d.reply, "550 5.7.1 Message rejected"))], False
-    if d.disposition is Disposition.TEMPFAIL:
-        return [m.ReplyCode(m.milter_reply(
-            d.reply, "451 4.7.1 Message not accepted now, try again later"))], False
-    hold = (d.quarantine and quarantine_mode in ("mta", "both")
-            and bool(actions & m.SMFIF_QUARANTINE))
-    reason = f"avgate: {outcome.result.virus or outcome.result.status.value}"
-    if outcome.quarantine_id:
-        reason += f" (quarantine id {outcome.quarantine_id})"
-    if d.disposition is Disposition.DISCARD:
-        if hold:  # the MTA keeps it on hold instead of dropping it
-            return [m.Quarantine(reason), m.Accept()], True
-        return [m.Discard()], False
-    ops: list[m.Response] = []
-    if d.replace and outcome.result.findings:
-        if not actions & m.SMFIF_CHGBODY:
-            # We may not rewrite the body here: never deliver the infected part instead.
-            virus = outcome.result.virus or "unknown"
-            return [m.ReplyCode(m.milter_reply(f"550 5.7.1 Virus found: {virus}"))], False
-        from ..mailedit import replace_parts
-
-        original = spool.getvalue()
-        edited = replace_parts(original, outcome.result, d.notice)
-        ops.extend(_replace_ops(original, view.head_len, edited, view.leadspc))
-    ops.extend(_header_ops(view, d.headers, d.subject_prefix, actions))
-    if d.copy_to and actions & m.SMFIF_ADDRCPT:
-        ops.extend(m.AddRecipient(a if a.startswith("<") else f"<{a}>") for a in d.copy_to)
-    if hold:
-        ops.append(m.Quarantine(reason))
-    ops.append(m.Accept())
-    return ops, hold
-
-
 # -- the asyncio side --------------------------------------------------------------------------
 class MilterSession(asyncio.Protocol):
     """One MTA connection: several messages in a row (ABORT/end of message reset)."""
@@ -289,7 +144,9 @@ class MilterSession(asyncio.Protocol):
     def __init__(self, server: MilterListener) -> None:
         self.server = server
         self.gateway = server.gateway
-        self.codec = m.MilterServer(max_packet=server.max_packet)
+        #: ``[milter]`` of the config in use, read again for every message
+        self.s = server.settings
+        self.codec = m.MilterServer(max_packet=self.s.max_packet)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self._busy = False  # end of message being processed: events wait in the codec
@@ -311,6 +168,7 @@ class MilterSession(asyncio.Protocol):
         spool = getattr(self, "spool", None)
         if spool is not None:
             spool.close()
+        self.s = self.server.settings  # a reload applies from the next message
         self.spool: Spool | None = None
         self.sender = ""
         self.recipients: list[str] = []
@@ -340,7 +198,7 @@ class MilterSession(asyncio.Protocol):
         admitted = self.server.admit(self)
         if admitted is None:  # every slot taken and the queue full
             self._event("warning", "overload",
-                        f"{self.server.max_connections} connections served and as many "
+                        f"{self.s.max_connections} connections served and as many "
                         "waiting: connection closed")
             transport.close()
             return
@@ -391,14 +249,14 @@ class MilterSession(asyncio.Protocol):
 
     def _deadline(self) -> float:
         """When this connection is closed unless something happens first."""
-        srv = self.server
+        s = self.s
         if self._busy:  # scanning: bounded by the scan timeout, not ours
-            return self.loop.time() + srv.timeout
+            return self.loop.time() + s.timeout
         if self._waiting:
-            return self._queued_at + srv.queue_timeout
-        deadline = self._last + srv.timeout
+            return self._queued_at + s.queue_timeout
+        deadline = self._last + s.timeout
         if self._packet_start is not None:
-            deadline = min(deadline, self._packet_start + srv.packet_timeout)
+            deadline = min(deadline, self._packet_start + s.packet_timeout)
         return deadline
 
     def _schedule(self) -> None:
@@ -415,9 +273,9 @@ class MilterSession(asyncio.Protocol):
             return
         if self._waiting:
             why = (f"waited {now - self._queued_at:.0f} s for one of "
-                   f"{self.server.max_connections} connection slots")
+                   f"{self.s.max_connections} connection slots")
         elif self._packet_start is not None and (
-                now - self._packet_start >= self.server.packet_timeout):
+                now - self._packet_start >= self.s.packet_timeout):
             why = (f"a packet incomplete after {now - self._packet_start:.0f} s "
                    f"({self.codec.buffered} bytes received)")
         else:
@@ -512,9 +370,10 @@ class MilterSession(asyncio.Protocol):
     def _rcpt(self, event: m.Rcpt) -> None:
         if self.refused:
             return
-        if len(self.recipients) >= self.server.max_recipients:
+        limit = self.s.max_recipients
+        if len(self.recipients) >= limit:
             self._refuse(REPLY_TOO_MANY_RECIPIENTS,
-                         f"more than max_recipients = {self.server.max_recipients} recipients")
+                         f"more than max_recipients = {limit} recipients")
             return
         self.recipients.append(event.recipient)
 
@@ -523,15 +382,15 @@ class MilterSession(asyncio.Protocol):
             raise ProtocolError("header after body", reply_hint="close")
         if self.refused:
             return
-        srv = self.server
+        s = self.s
         # as rebuilt in the spool: name, ": ", value, CRLF
         self.header_bytes += len(event.name) + len(event.value) + 4
-        if len(self.headers) >= srv.max_headers:
+        if len(self.headers) >= s.max_headers:
             self._refuse(REPLY_TOO_MANY_HEADERS,
-                         f"more than max_headers = {srv.max_headers} header fields")
-        elif self.header_bytes > srv.max_header_size:
+                         f"more than max_headers = {s.max_headers} header fields")
+        elif self.header_bytes > s.max_header_size:
             self._refuse(REPLY_HEADERS_TOO_BIG,
-                         f"header block over max_header_size = {srv.max_header_size} bytes")
+                         f"header block over max_header_size = {s.max_header_size} bytes")
         else:
             self.headers.append(event)
 
@@ -539,7 +398,7 @@ class MilterSession(asyncio.Protocol):
         """Write the rebuilt header block and the empty line, enter the body."""
         spool = self.spool
         if spool is None:
-            spool = self.spool = self.server.new_spool()
+            spool = self.spool = self._new_spool()
         leadspc = bool(self.codec.protocol & m.SMFIP_HDR_LEADSPC)
         parts: list[bytes] = []
         size = 0
@@ -611,33 +470,37 @@ class MilterSession(asyncio.Protocol):
             client_addr = self.connect.address
         client_addr = client_addr or self.macro("client_addr")
         authenticated = bool(self.macro("auth_authen"))
-        policy = self.gateway.policy
-        recipients = tuple(_safe(r) for r in self.recipients)
-        sender = _safe(self.sender)
-        ctx = Context(frontend="milter", listener=self.server.name,
-                      direction=policy.direction_for("auto", client_addr, authenticated),
-                      sender=sender, recipients=recipients, client_addr=client_addr,
+        envelope = Envelope(sender=_safe(self.sender),
+                            recipients=tuple(_safe(r) for r in self.recipients),
+                            client_addr=client_addr, helo=_safe(self.helo),
+                            listener=self.server.name)
+        direction = self.gateway.policy.direction_for("auto", client_addr, authenticated)
+        ctx = Context("milter", envelope=envelope, direction=direction,
                       authenticated=authenticated, size=spool.size)
-        envelope = Envelope(sender=sender, recipients=recipients, client_addr=client_addr,
-                            helo=_safe(self.helo), listener=self.server.name)
         ids = self._ids()
         try:
             # "mta": the MTA's hold queue is the quarantine, so our store keeps no copy —
             # but only when the MTA granted SMFIF_QUARANTINE, else nothing would hold it
-            mta_holds = (self.server.quarantine_mode == "mta"
+            mta_holds = (self.s.quarantine == "mta"
                          and bool(self.codec.actions & m.SMFIF_QUARANTINE))
-            outcome = await self.gateway.process(spool, ctx, envelope, ids=ids,
+            outcome = await self.gateway.process(spool, ctx, ids=ids,
                                                  store_quarantine=not mta_holds)
             view = MessageView(self.headers, self.head_len,
                                bool(self.codec.protocol & m.SMFIP_HDR_LEADSPC))
             replies, hold = responses_for(outcome, view, spool, actions=self.codec.actions,
-                                          quarantine_mode=self.server.quarantine_mode)
+                                          quarantine_mode=self.s.quarantine)
             return replies, hold, outcome
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never acknowledge what we could not check
             self._event("error", "error", f"processing failed: {exc!r}", ids=ids)
             return [m.ReplyCode("451 4.3.0 Temporary failure in content scanning")], False, None
+
+    def _new_spool(self) -> Spool:
+        scanner = self.gateway.scanner
+        memory = self.s.spool_memory
+        return Spool(memory_limit=scanner.spool_memory if memory is None else memory,
+                     directory=scanner.spool_dir)
 
     def _ids(self) -> dict[str, str]:
         return {k: v for k, v in (("queue_id", self.macro("i")),
@@ -661,34 +524,14 @@ _CONTINUE = m.encode(m.Continue())
 class MilterListener:
     """One listening socket; ``describe()`` and ``aclose()`` for ``avgate serve``."""
 
-    def __init__(self, gateway: Gateway, listen: str, *, timeout: float = DEFAULT_TIMEOUT,
-                 spool_memory: int | None = None, quarantine_mode: str = DEFAULT_QUARANTINE,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 max_packet: int = m.DEFAULT_MAX_PACKET, name: str = "milter",
-                 drain_timeout: float = 30.0,
-                 packet_timeout: float = DEFAULT_PACKET_TIMEOUT,
-                 queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
-                 max_headers: int = DEFAULT_MAX_HEADERS,
-                 max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
-                 max_recipients: int = DEFAULT_MAX_RECIPIENTS) -> None:
+    name = "milter"
+
+    def __init__(self, gateway: Gateway, settings: MilterSettings,
+                 options: ListenOptions) -> None:
         self.gateway = gateway
-        self.listen = listen
-        self.kind, self.host, self.port = parse_listen(listen)
-        self.timeout = timeout
-        # follow a reload (see quarantine_mode, spool_memory); the values given here belong
-        # to the config in use now
-        self._spool_memory = spool_memory
-        self._quarantine_mode = quarantine_mode
-        self._config: Any = getattr(gateway, "config", None)
-        self.max_connections = max_connections
-        self.max_packet = max_packet
-        self.packet_timeout = packet_timeout
-        self.queue_timeout = queue_timeout
-        self.max_headers = max_headers
-        self.max_header_size = max_header_size
-        self.max_recipients = max_recipients
-        self.name = name
-        self.drain_timeout = drain_timeout
+        self._started_with = settings  # only while a reload has removed [milter]
+        self.options = options
+        self.address: Address = settings.listen.resolve(options.base_dir)
         self.tasks: set[asyncio.Task[None]] = set()
         self.sessions: set[MilterSession] = set()
         self._active = 0
@@ -696,79 +539,37 @@ class MilterListener:
         self._queue: dict[MilterSession, None] = {}
         self._server: asyncio.AbstractServer | None = None
 
-    def _follow_config(self) -> None:
-        """Take ``[milter] quarantine``/``spool_memory`` from a reloaded config."""
-        cfg = getattr(self.gateway, "config", None)
-        if cfg is None or cfg is self._config:
-            return
-        self._config = cfg
-        table = cfg.milter or {}
-        self._quarantine_mode = str(table.get("quarantine", DEFAULT_QUARANTINE))
-        self._spool_memory = table.get("spool_memory")
+    @property
+    def settings(self) -> MilterSettings:
+        """``[milter]`` of the config in use now."""
+        return self.gateway.config.milter or self._started_with
 
     @property
-    def quarantine_mode(self) -> str:
-        """``[milter] quarantine`` of the current config."""
-        self._follow_config()
-        return self._quarantine_mode
-
-    @property
-    def spool_memory(self) -> int | None:
-        """``[milter] spool_memory`` of the current config (None: ``[scan]``'s)."""
-        self._follow_config()
-        return self._spool_memory
-
-    def new_spool(self) -> Spool:
-        scanner = self.gateway.scanner
-        limit = self.spool_memory if self.spool_memory is not None else scanner.spool_memory
-        return Spool(memory_limit=limit, directory=scanner.spool_dir)
+    def port(self) -> int:
+        return self.address.port
 
     async def start(self) -> MilterListener:
-        from ..serve import reuse_port
-
+        s = self.settings
+        sock = bind(self.address, what="milter listen", options=self.options,
+                    mode=s.unix_socket_mode, group=s.unix_socket_group)
+        if not self.address.is_unix and self.address.port == 0:  # tests: a free port
+            self.address = dataclasses.replace(self.address, port=sock.getsockname()[1])
         loop = asyncio.get_running_loop()
-        if self.kind == "unix":
-            assert self.host is not None
-            path = self.host
-            # like clamav-milter's FixStaleSocket: a socket file left by a dead process
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    probe = socket.socket(socket.AF_UNIX)
-                    try:
-                        probe.connect(path)
-                    except OSError:
-                        os.unlink(path)
-                    else:
-                        raise OSError(f"milter socket {path} is in use by another process")
-                    finally:
-                        probe.close()
-            self._server = await loop.create_unix_server(lambda: MilterSession(self), path,
-                                                         backlog=256)
-            # the MTA usually runs as another user (postfix): let it connect
-            os.chmod(path, 0o666)  # noqa: S103
-        else:
-            cfg = getattr(self.gateway, "config", None)
-            shared = cfg is not None and reuse_port(cfg)  # `serve` workers share the port
-            self._server = await loop.create_server(lambda: MilterSession(self), self.host,
-                                                    self.port, backlog=256, reuse_address=True,
-                                                    reuse_port=shared)
-            if self.port == 0:
-                self.port = self._server.sockets[0].getsockname()[1]
+        self._server = await loop.create_server(lambda: MilterSession(self), sock=sock,
+                                                backlog=DEFAULT_BACKLOG)
         return self
 
     def describe(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.host}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"inet:{host}:{self.port}"
+        return str(self.address) if self.address.is_unix else f"inet:{self.address}"
 
     # connection slots ----------------------------------------------------------------------
     def admit(self, session: MilterSession) -> bool | None:
         """True: served now; False: waits for a slot (at most ``queue_timeout``); None:
         refused (``max_connections`` served and as many waiting)."""
-        if self._active < self.max_connections:
+        limit = self.settings.max_connections
+        if self._active < limit:
             self._active += 1
-        elif len(self._queue) < self.max_connections:
+        elif len(self._queue) < limit:
             self._queue[session] = None
         else:
             return None
@@ -783,7 +584,8 @@ class MilterListener:
             del self._queue[session]
             return
         self._active -= 1
-        while self._queue and self._active < self.max_connections:
+        limit = self.settings.max_connections
+        while self._queue and self._active < limit:
             nxt = next(iter(self._queue))
             del self._queue[nxt]
             self._active += 1
@@ -794,48 +596,21 @@ class MilterListener:
         if self._server is not None:
             self._server.close()
         if self.tasks:
-            await asyncio.wait(set(self.tasks), timeout=self.drain_timeout)
+            await asyncio.wait(set(self.tasks), timeout=self.options.drain_timeout)
         for session in list(self.sessions):
             session.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
-        if self.kind == "unix" and self.host:
+        if self.address.is_unix and self._server is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self.host)
+                os.unlink(self.address.path)
 
 
-async def start(gateway: Gateway) -> list[MilterListener]:
-    """Start the ``[milter]`` listener(s) of ``gateway.config``."""
-    from ..serve import serves_unix_sockets
-
-    table: dict[str, Any] = dict(gateway.config.milter or {})
-    listens = table.get("listen", DEFAULT_LISTEN)
-    if isinstance(listens, str):
-        listens = [listens]
-    if not serves_unix_sockets():  # another `serve` worker owns the unix sockets
-        listens = [x for x in listens if parse_listen(x)[0] != "unix"]
-    drain = float((gateway.config.serve or {}).get("drain_timeout", 30.0))
-    listeners: list[MilterListener] = []
-    for listen in listens:
-        listener = MilterListener(
-            gateway, listen,
-            timeout=float(table.get("timeout", DEFAULT_TIMEOUT)),
-            spool_memory=table.get("spool_memory"),
-            quarantine_mode=table.get("quarantine", DEFAULT_QUARANTINE),
-            max_connections=int(table.get("max_connections", DEFAULT_MAX_CONNECTIONS)),
-            max_packet=int(table.get("max_packet", m.DEFAULT_MAX_PACKET)),
-            drain_timeout=drain,
-            packet_timeout=float(table.get("packet_timeout", DEFAULT_PACKET_TIMEOUT)),
-            queue_timeout=float(table.get("queue_timeout", DEFAULT_QUEUE_TIMEOUT)),
-            max_headers=int(table.get("max_headers", DEFAULT_MAX_HEADERS)),
-            max_header_size=int(table.get("max_header_size", DEFAULT_MAX_HEADER_SIZE)),
-            max_recipients=int(table.get("max_recipients", DEFAULT_MAX_RECIPIENTS)),
-        )
-        try:
-            listeners.append(await listener.start())
-        except BaseException:
-            for started in listeners:
-                await started.aclose()
-            raise
-    return listeners
+async def start(gateway: Gateway, options: ListenOptions) -> list[Listener]:
+    """Start the ``[milter]`` listener of ``gateway.config`` (none in a serve worker that
+    does not own the unix sockets)."""
+    settings = gateway.config.milter or MilterSettings()
+    if settings.listen.is_unix and not options.unix_sockets:
+        return []
+    return [await MilterListener(gateway, settings, options).start()]

@@ -24,22 +24,10 @@ from pathlib import Path
 import pytest
 
 from tests.clamd_daemon import EICAR, ClamdDaemon, free_port
+from tests.helpers import require_binary
 
 CICAP_MODULES = "/usr/lib/x86_64-linux-gnu/c_icap"
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def need(binary: str, package: str) -> str:
-    """Path of ``binary``; skip when missing (non-root) or fail (root: CI must install it)."""
-    found = shutil.which(binary) or next(
-        (p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}") if os.access(p, os.X_OK)),
-        None)
-    if found is None:
-        if os.geteuid() == 0:
-            pytest.fail(f"{binary} is not installed; CI must install it "
-                        f"(apt-get install {package})")
-        pytest.skip(f"{binary} not installed (apt-get install {package})")
-    return found
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float,
@@ -82,7 +70,7 @@ class CIcap:
 @pytest.fixture(scope="session")
 def cicap(clamd: ClamdDaemon) -> Iterator[CIcap]:
     """Real c-icap with virus_scan (libc-icap-mod-virus-scan) using the test clamd."""
-    binary = need("c-icap", "c-icap")
+    binary = require_binary("c-icap", "c-icap")
     if not Path(CICAP_MODULES, "virus_scan.so").exists():
         if os.geteuid() == 0:
             pytest.fail("virus_scan.so missing: apt-get install libc-icap-mod-virus-scan")
@@ -280,7 +268,7 @@ class Squid:
 @pytest.fixture(scope="module")
 def squid(avgate_icap: AvgateIcap) -> Iterator[Squid]:
     """Real Squid (private config, loopback only, no cache) adapting through avgate."""
-    binary = need("squid", "squid")
+    binary = require_binary("squid", "squid")
     workdir = Path(tempfile.mkdtemp(prefix="avgate-squid-"))
     port = free_port()
     user = ""

@@ -7,13 +7,16 @@ import asyncio
 import dataclasses
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
-from avgate.config import Config
+from avgate import config
+from avgate.errors import ConfigError
 from avgate.frontends import icap as fe
+from avgate.frontends.listen import ListenOptions
 from avgate.gateway import Gateway
-from avgate.limits import Limits, MiB
+from avgate.limits import MiB
 from avgate.protocols import icap as proto
 from tests.clamd_daemon import EICAR
 
@@ -37,13 +40,14 @@ def respmod(body: bytes, *, allow_204: bool = True, preview: int | None = None,
                                 res_hdr=res_hdr(len(body), ctype), body="res-body")
 
 
-async def make_server(**icap: object) -> tuple[Gateway, fe.IcapServer]:
+async def make_server(base_dir: str = ".", **icap: object) -> tuple[Gateway, fe.IcapServer]:
     table = {"listen": "127.0.0.1:0", "idle_timeout": 2, **icap}
-    cfg = dataclasses.replace(Config(), icap=table,
-                              limits=Limits(max_scan_size=8 * MiB))
+    cfg = config.from_dict({"icap": table, "limits": {"max_scan_size": 8 * MiB}},
+                           base_dir=base_dir)
     gw = Gateway.from_config(cfg)
     await gw.start()
-    [srv] = await fe.start(gw)
+    [srv] = await fe.start(gw, ListenOptions())
+    assert isinstance(srv, fe.IcapServer)
     return gw, srv
 
 
@@ -58,7 +62,10 @@ async def server() -> AsyncIterator[fe.IcapServer]:
 
 async def exchange(srv: fe.IcapServer, data: bytes) -> tuple[list[object], bool]:
     """Send ``data``, read until the server closes; (events, closed)."""
-    r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+    if srv.address.is_unix:
+        r, w = await asyncio.open_unix_connection(srv.address.path)
+    else:
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
     w.write(data)
     await w.drain()
     p = proto.IcapParser("client")
@@ -80,6 +87,13 @@ async def exchange(srv: fe.IcapServer, data: bytes) -> tuple[list[object], bool]
 
 def responses(evs: list[object]) -> list[proto.Response]:
     return [e for e in evs if isinstance(e, proto.Response)]
+
+
+def body_of(evs: list[object]) -> bytes:
+    return b"".join(e.data for e in evs if isinstance(e, proto.BodyChunk))
+
+
+OPTIONS_CLOSE = b"OPTIONS icap://t/avscan ICAP/1.0\r\nConnection: close\r\n\r\n"
 
 
 @pytest.mark.parametrize("wire", [
@@ -177,13 +191,14 @@ async def test_istag_changes_with_db_versions(server: fe.IcapServer) -> None:
 
 async def test_scanner_error_gives_503_page_not_a_pass() -> None:
     """failure_action tempfail (default): the proxy gets an HTTP 503 page, never the object."""
-    cfg = dataclasses.replace(
-        Config(), icap={"listen": "127.0.0.1:0"},
-        engines=({"type": "icap", "name": "down", "url": "icap://127.0.0.1:1/x",
-                  "connect_timeout": 1},))
+    cfg = config.from_dict({
+        "icap": {"listen": "127.0.0.1:0"},
+        "engines": [{"type": "icap", "name": "down", "url": "icap://127.0.0.1:1/x",
+                     "connect_timeout": 1}]})
     gw = Gateway.from_config(cfg)
     await gw.start()
-    [srv] = await fe.start(gw)
+    [srv] = await fe.start(gw, ListenOptions())
+    assert isinstance(srv, fe.IcapServer)
     try:
         body = b"would pass unscanned"
         evs, _ = await exchange(srv, respmod(body) + proto.encode_body(body)
@@ -228,3 +243,71 @@ async def test_large_object_streams_with_bounded_memory(server: fe.IcapServer) -
     assert line.startswith(b"ICAP/1.0 204")
     print(f"ICAP {total // MiB} MiB object: RSS growth {(peak - before) / MiB:.1f} MiB")
     assert peak - before < 64 * MiB, f"RSS grew by {(peak - before) / MiB:.1f} MiB"
+
+
+def _reload(gw: Gateway, **icap: object) -> None:
+    """What a SIGHUP does for the front-end: the gateway now carries another config."""
+    cfg = gw.config
+    assert cfg.icap is not None
+    gw.config = dataclasses.replace(cfg, icap=cfg.icap.model_copy(update=icap))
+
+
+async def test_service_follows_a_reload(server: fe.IcapServer) -> None:
+    _reload(server.gateway, service="other")
+    evs, _ = await exchange(server, b"OPTIONS icap://t/other ICAP/1.0\r\n"
+                                    b"Connection: close\r\n\r\n")
+    assert [r.status for r in responses(evs)] == [200]
+    assert server.describe() == f"icap://127.0.0.1:{server.port}/other"
+
+
+async def test_block_page_file_and_reload(tmp_path: Path) -> None:
+    """``block_page`` is read from the config's directory; after a reload the file is read
+    again, and one that cannot be read keeps the previous page (with a warning)."""
+    (tmp_path / "block.html").write_text("<p>custom: {virus} at {url}</p>")
+    gw, srv = await make_server(base_dir=str(tmp_path), block_page="block.html")
+    events: list[dict[str, object]] = []
+
+    class Log:
+        def log(self, event: dict[str, object], level: str = "info") -> None:
+            events.append(event)
+
+    gw.log = Log()  # type: ignore[assignment]
+    infected = respmod(EICAR) + proto.encode_body(EICAR) + OPTIONS_CLOSE
+    try:
+        evs, _ = await exchange(srv, infected)
+        first = b"<p>custom: Eicar-Test-Signature at http://origin.test/f</p>"
+        assert body_of(evs) == first
+        _reload(gw, block_page="gone.html")
+        evs, _ = await exchange(srv, infected)
+        assert body_of(evs) == first
+        assert any("keeping the previous block page" in str(e.get("error")) for e in events)
+        (tmp_path / "new.html").write_text("new page: {virus}")
+        _reload(gw, block_page="new.html")
+        evs, _ = await exchange(srv, infected)
+        assert body_of(evs) == b"new page: Eicar-Test-Signature"
+    finally:
+        await srv.aclose()
+        await gw.close()
+
+
+async def test_unreadable_block_page_stops_the_start(tmp_path: Path) -> None:
+    cfg = config.from_dict({"icap": {"listen": "127.0.0.1:0", "block_page": "missing.html"}},
+                           base_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="block_page"):
+        await fe.start(Gateway.from_config(cfg), ListenOptions())
+
+
+async def test_unix_socket_listener(tmp_path: Path) -> None:
+    path = tmp_path / "icap.sock"
+    cfg = config.from_dict({"icap": {"listen": f"unix:{path}"}})
+    assert await fe.start(Gateway.from_config(cfg), ListenOptions(unix_sockets=False)) == []
+    assert not path.exists()  # another serve worker owns it
+    gw, srv = await make_server(listen=f"unix:{path}")
+    try:
+        assert srv.describe() == f"icap://unix:{path}/avscan"
+        evs, _ = await exchange(srv, OPTIONS_CLOSE)
+        assert [r.status for r in responses(evs)] == [200]
+    finally:
+        await srv.aclose()
+        await gw.close()
+    assert not path.exists()

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from avgate import config as config_mod
+from avgate.frontends.listen import Listener, ListenOptions
 from avgate.frontends.milter import MilterListener, start
 from avgate.gateway import Gateway
 from avgate.protocols import milter as m
@@ -198,7 +199,7 @@ MilterFactory = Callable[..., Awaitable[MilterListener]]
 @pytest.fixture
 async def milter(tmp_path: Path) -> AsyncIterator[MilterFactory]:
     """Start avgate's milter front-end (on a free port unless ``milter["listen"]`` says)."""
-    started: list[tuple[Gateway, list[MilterListener]]] = []
+    started: list[tuple[Gateway, list[Listener]]] = []
 
     async def factory(*, milter: dict[str, Any] | None = None,
                       policy: dict[str, Any] | None = None,
@@ -208,8 +209,9 @@ async def milter(tmp_path: Path) -> AsyncIterator[MilterFactory]:
                                            engines=engines))
         gateway = Gateway.from_config(cfg)
         await gateway.start()
-        listeners = await start(gateway)
+        listeners = await start(gateway, ListenOptions(base_dir=cfg.base_dir))
         started.append((gateway, listeners))
+        assert isinstance(listeners[0], MilterListener)
         return listeners[0]
 
     yield factory

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from avgate import config as config_mod
+from avgate.frontends.listen import ListenOptions
+from avgate.frontends.milter import start
+from avgate.gateway import Gateway
 from avgate.protocols import milter as m
 from avgate.quarantine import QuarantineStore
 
@@ -216,8 +223,58 @@ async def test_unix_socket_listener(milter: MilterFactory, tmp_path: Path) -> No
     path = tmp_path / "milter.sock"
     srv = await milter(milter={"listen": f"unix:{path}"})
     assert srv.describe() == f"unix:{path}"
+    # 0660 by default, never world-writable: give the MTA's user the socket's group
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
     res = await one(str(path), make_message("unix"))
     assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+    await srv.aclose()
+    assert not path.exists()
+
+
+async def test_unix_socket_mode_group_and_sendmail_spelling(milter: MilterFactory,
+                                                           tmp_path: Path) -> None:
+    path = tmp_path / "sendmail.sock"
+    srv = await milter(milter={"listen": f"local:{path}", "unix_socket_mode": "0600",
+                               "unix_socket_group": os.getgid()})
+    assert srv.describe() == f"unix:{path}"
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == os.getgid()
+    res = await one(str(path), make_message("local"))
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+
+
+async def test_libmilter_inet_spelling(milter: MilterFactory) -> None:
+    srv = await milter(milter={"listen": "inet:0@127.0.0.1"})
+    assert srv.describe() == f"inet:127.0.0.1:{srv.port}" and srv.port
+    res = await one(srv.port, make_message("inet spelling"))
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+
+
+async def test_unix_socket_left_to_the_worker_that_owns_it(tmp_path: Path) -> None:
+    """A serve worker that does not open the unix sockets starts no milter listener."""
+    cfg = config_mod.from_dict({"milter": {"listen": f"unix:{tmp_path / 'm.sock'}"}})
+    gateway = Gateway.from_config(cfg)
+    assert await start(gateway, ListenOptions(unix_sockets=False)) == []
+    assert not (tmp_path / "m.sock").exists()
+
+
+async def test_settings_follow_a_reload_from_the_next_message(milter: MilterFactory) -> None:
+    """``gateway.config.milter`` is read per message: a reload applies on a connection
+    opened before it (serve swaps the Gateway, and with it the config)."""
+    srv = await milter()
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    two = ("a@example.test", "b@example.test")
+    res = await client.message(make_message("before"), recipients=two)
+    assert isinstance(res.final, m.Accept)
+    cfg = srv.gateway.config
+    assert cfg.milter is not None
+    srv.gateway.config = dataclasses.replace(
+        cfg, milter=cfg.milter.model_copy(update={"max_recipients": 1}))
+    res = await client.message(make_message("after"), recipients=two)
+    assert isinstance(res.final, m.ReplyCode)
+    assert res.final.reply.startswith("552 5.5.3")
+    await client.close()
 
 
 async def test_old_mta_without_no_reply_flags(milter: MilterFactory) -> None:
