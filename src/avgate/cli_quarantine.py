@@ -17,14 +17,13 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from . import config as config_mod
 from .errors import AvgateError, ConfigError, NotFound
-from .quarantine import DEFAULT_NEXT_HOP, QuarantineStore, iso_utc
-from .quarantine.release import AlreadyReleased, release, report
+from .quarantine import AlreadyReleased, QuarantineStore, RecordFilter, iso_utc, release, report
 
 quarantine_app = typer.Typer(no_args_is_help=True,
                              help="Inspect, release and purge the quarantine.")
@@ -85,18 +84,26 @@ def _store(cfg: config_mod.Config) -> Iterator[QuarantineStore]:
         store.close()
 
 
-def _next_hop(cfg: config_mod.Config) -> str:
-    return str(cfg.quarantine.get("next_hop") or DEFAULT_NEXT_HOP)
+def _only(flag: str, what: str) -> Any:
+    """A ``quarantine list`` filter option (see :class:`~avgate.quarantine.RecordFilter`)."""
+    return typer.Option(flag, help=f"Only records {what}.")
 
 
 @quarantine_app.command("list")
 def list_(config: ConfigOpt = None,
           json_out: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
-          virus: Annotated[str | None, typer.Option(
-              "--virus", help="Only records with a finding matching this glob.")] = None,
-          since: Annotated[str | None, typer.Option(
-              "--since", help="Only records quarantined after TIME (ISO 8601, @EPOCH, 3d)."
-          )] = None) -> None:
+          virus: Annotated[str | None, _only("--virus", "with a finding matching this glob")
+                           ] = None,
+          since: Annotated[str | None, _only(
+              "--since", "quarantined after TIME (ISO 8601, @EPOCH, 3d)")] = None,
+          sender: Annotated[str | None, _only("--sender", "whose sender matches this glob")
+                            ] = None,
+          recipient: Annotated[str | None, _only(
+              "--recipient", "with a recipient matching this glob")] = None,
+          status: Annotated[str | None, _only(
+              "--status", "with this scan status (infected, skipped...)")] = None,
+          frontend: Annotated[str | None, _only(
+              "--frontend", "from this front-end (smtp, milter, http...)")] = None) -> None:
     """List quarantined objects, oldest first."""
     from .ondemand import parse_since
 
@@ -106,8 +113,10 @@ def list_(config: ConfigOpt = None,
     except ValueError as exc:
         _echo(f"avgate: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
+    where = RecordFilter(virus=virus, sender=sender, recipient=recipient, status=status,
+                         frontend=frontend, since=since_ts)
     with _store(cfg) as store:
-        records = store.list(virus=virus, since=since_ts)
+        records = store.list(where)
         for rec in records:
             if json_out:
                 d = rec.to_dict()
@@ -116,9 +125,9 @@ def list_(config: ConfigOpt = None,
             else:
                 released = " released" if rec.released is not None else ""
                 _echo(f"{rec.id}  {iso_utc(rec.created)[:19]}Z  {rec.size:>9}  "
-                           f"{rec.status:<8} {','.join(rec.viruses) or '-'}  "
-                           f"{rec.envelope.sender or '<>'} -> "
-                           f"{','.join(rec.envelope.recipients) or '-'}{released}")
+                      f"{rec.status:<8} {','.join(rec.viruses) or '-'}  "
+                      f"{rec.envelope.sender or '<>'} -> "
+                      f"{','.join(rec.envelope.recipients) or '-'}{released}")
         if not json_out:
             _echo(f"{len(records)} record(s)", err=True)
 
@@ -195,10 +204,10 @@ def release_(record_id: IdArg, config: ConfigOpt = None,
                  "--force", help="Release even if it was released before.")] = False) -> None:
     """Re-inject the object over SMTP to [quarantine] next_hop with its original envelope."""
     cfg = load_config(config)
+    next_hop = cfg.quarantine.next_hop
     with _store(cfg) as store:
-        rec = asyncio.run(release(store, record_id, _next_hop(cfg), to=to or None,
-                                  force=force))
-        _echo(f"{rec.id}: released to {', '.join(rec.released_to)} via {_next_hop(cfg)}")
+        rec = asyncio.run(release(store, record_id, next_hop, to=to or None, force=force))
+        _echo(f"{rec.id}: released to {', '.join(rec.released_to)} via {next_hop}")
 
 
 @quarantine_app.command()
@@ -230,14 +239,15 @@ def report_(record_id: IdArg, config: ConfigOpt = None,
         _echo("avgate: give exactly one of --false-positive, --false-negative", err=True)
         raise typer.Exit(EXIT_ERROR)
     cfg = load_config(config)
-    report_to = str(cfg.quarantine.get("report_to", ""))
-    report_from = str(cfg.quarantine.get("report_from", "") or "avgate@localhost")
+    settings = cfg.quarantine
+    report_to = settings.report_to
     if not report_to:
         _echo("avgate: [quarantine] report_to is not configured", err=True)
         raise typer.Exit(EXIT_ERROR)
     kind = "false-positive" if false_positive else "false-negative"
     with _store(cfg) as store:
-        asyncio.run(report(store, record_id, kind, _next_hop(cfg), report_from, report_to))
+        asyncio.run(report(store, record_id, kind, settings.next_hop, settings.report_from,
+                           report_to))
         _echo(f"{record_id}: {kind} report sent to {report_to}")
 
 

@@ -126,9 +126,12 @@ _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def parse_since(text: str, now: float | None = None) -> float:
-    """``--since``: ISO 8601 date/time (naive = local time), ``@EPOCH``, or ``2h``/``3d``
-    (s, m, h, d, w ago). Returns an epoch time; raises ValueError."""
+def parse_since(text: str, now: float | None = None, *, naive_utc: bool = False) -> float:
+    """A point in time, in the one grammar of ``--since``, ``--state`` files and the HTTP API's
+    ``since``: ``@EPOCH`` or a plain number (epoch seconds), ``2h``/``3d`` (s, m, h, d, w ago),
+    or ISO 8601 (``Z`` or an offset allowed). A naive ISO time is local time, or UTC with
+    ``naive_utc`` (a network client cannot know the server's zone). Returns an epoch time;
+    raises ValueError."""
     text = text.strip()
     if text.startswith("@"):
         return float(text[1:])
@@ -137,10 +140,16 @@ def parse_since(text: str, now: float | None = None) -> float:
         return (time.time() if now is None else now) - float(m.group(1)) * _UNIT_SECONDS[
             m.group(2)]
     try:
-        return datetime.fromisoformat(text).timestamp()
+        when = datetime.fromisoformat(text)
     except ValueError:
-        raise ValueError(f"not a time: {text!r} (use ISO 8601, @EPOCH or e.g. 2h, 3d)"
-                         ) from None
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"not a time: {text!r} (use ISO 8601, epoch seconds, @EPOCH or "
+                             "e.g. 2h, 3d)") from None
+    if naive_utc and when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def format_time(ts: float) -> str:

@@ -33,6 +33,9 @@ import pytest
 from avgate import config as config_mod
 from avgate.errors import ConfigError
 from avgate.frontends import http as fe
+from avgate.frontends.http.multipart import disposition_params
+from avgate.frontends.http.scan import INFECTED_ERROR
+from avgate.frontends.listen import ListenOptions, parse_listen
 from avgate.gateway import Gateway
 from tests.integration.http.conftest import (
     EICAR,
@@ -119,7 +122,7 @@ def test_100k_tiny_parts_are_refused_without_stalling_the_loop(server: HttpEnv) 
     assert r.status_code == 413, r.text[:300]
     answer = r.json()
     assert isinstance(answer, dict) and "max_parts" in answer["error"]  # no list of "clean"s
-    assert answer["max_parts"] == fe.DEFAULT_MAX_PARTS
+    assert answer["max_parts"] == fe.HttpSettings().max_parts == 1000
     assert probe.worst < 1.0, f"/healthz waited {probe.worst:.2f}s during the upload"
     assert after.status_code == 200 and after.json()["status"] == "clean"
     events = [json.loads(x) for x in (server.root / "scan.log").read_text().splitlines()]
@@ -195,7 +198,7 @@ def test_every_part_is_scanned(server: HttpEnv, disposition: str, field: str,
     assert r.status_code == 403, r.text
     benign, evil = r.json()
     assert benign["status"] == "clean" and benign["filename"] == "ok.txt"
-    assert evil["status"] == "infected" and evil["error"] == fe.INFECTED_ERROR
+    assert evil["status"] == "infected" and evil["error"] == INFECTED_ERROR
     assert (evil["field"], evil["filename"]) == (field, filename)
     assert evil["name"] == (filename or field)
 
@@ -218,7 +221,7 @@ def test_disposition_parser_is_linear() -> None:
     ]
     for value in hostile:
         started = time.perf_counter()
-        fe._disposition_params(value)
+        disposition_params(value)
         assert time.perf_counter() - started < 0.25, value[:40]
 
 
@@ -319,9 +322,11 @@ def test_token_config_is_checked_with_key_and_line(tmp_path: Path) -> None:
         assert why in info.value.problems[0] and "(line 2)" in info.value.problems[0], bad
     cfg.write_text('[http]\n[[http.tokens]]\ntoken = "a"\nroles = ["admin"]\n'
                    '[[http.tokens]]\ntoken = "b"\n')
-    assert config_mod.load(cfg).http is not None
-    assert config_mod.load(cfg).http["tokens"] == [  # type: ignore[index]
-        {"token": "a", "roles": ["read", "admin"]}, {"token": "b", "roles": ["scan"]}]
+    http = config_mod.load(cfg).http
+    assert http is not None
+    assert http.tokens == (fe.Token(token="a", roles=("read", "admin")),  # noqa: S106
+                           fe.Token(token="b", roles=("scan",)))  # noqa: S106
+    assert "'a'" not in repr(http) and "'b'" not in repr(http)  # a repr never shows a token
 
 
 # -- 5. release addresses ---------------------------------------------------------------------
@@ -359,7 +364,8 @@ async def _started(http: dict[str, Any], capsys: pytest.CaptureFixture[str]
     cfg = config_mod.from_dict({"http": http})
     events = Events()
     gateway = Gateway.from_config(cfg, log=events)  # type: ignore[arg-type]
-    (listener,) = await fe.start(gateway)
+    (listener,) = await fe.start(gateway, ListenOptions())
+    assert isinstance(listener, fe.HttpListener)
     try:
         limit = listener.server.config.limit_concurrency
     finally:
@@ -369,7 +375,7 @@ async def _started(http: dict[str, Any], capsys: pytest.CaptureFixture[str]
 
 async def test_max_connections_has_a_default(capsys: pytest.CaptureFixture[str]) -> None:
     _, _, limit = await _started({"listen": "127.0.0.1:0"}, capsys)
-    assert limit == fe.DEFAULT_MAX_CONNECTIONS == 256
+    assert limit == fe.HttpSettings().max_connections == 256
     _, _, limit = await _started({"listen": "127.0.0.1:0", "max_connections": 7}, capsys)
     assert limit == 7
 
@@ -389,7 +395,9 @@ async def test_public_listener_without_tokens_is_warned_about(
 
 
 def test_exposure_warnings() -> None:
-    warn = fe.exposure_warnings
+    def warn(http: dict[str, Any], where: str) -> list[str]:
+        return fe.exposure_warnings(fe.HttpSettings.model_validate(http), parse_listen(where))
+
     assert warn({}, "127.0.0.1:8080") == [] and warn({}, "[::1]:8080") == []
     assert warn({}, "localhost:8080") == [] and warn({}, "unix:/run/avgate/http.sock") == []
     assert warn({}, "[::ffff:127.0.0.1]:8080") == []

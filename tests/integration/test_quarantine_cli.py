@@ -155,3 +155,24 @@ def test_release_to_unreachable_hop_is_error(setup: tuple[Path, Path, Sink],
     assert q("release", rec["id"], "-c", str(other)).exit_code == 2
     (after,) = [json.loads(x) for x in q("list", "--json", "-c", str(cfg)).stdout.splitlines()]
     assert after["released"] is None
+
+
+def test_list_filters_are_the_stores(setup: tuple[Path, Path, Sink]) -> None:
+    """``quarantine list`` filters through ``QuarantineStore.list``, like the HTTP API."""
+    cfg, md, _ = setup
+    CliRunner().invoke(app, ["scan", "--no-progress", "-c", str(cfg), "--action",
+                             "quarantine", str(md)])
+
+    def listed(*args: str) -> list[str]:
+        out = q("list", "--json", "-c", str(cfg), *args)
+        assert out.exit_code == 0, out.output
+        return [json.loads(line)["sender"] for line in out.stdout.splitlines()]
+
+    assert listed() == ["alice@example.org"]
+    assert listed("--sender", "ALICE@*", "--recipient", "bob@*") == ["alice@example.org"]
+    assert listed("--status", "infected", "--virus", "eicar*") == ["alice@example.org"]
+    assert listed("--frontend", "http") == [] and listed("--recipient", "carol@*") == []
+    for since in ("3d", "@0", "0", "2000-01-01"):  # the one time grammar (see ondemand)
+        assert listed("--since", since) == ["alice@example.org"], since
+    assert listed("--since", "@99999999999") == []
+    assert q("list", "-c", str(cfg), "--since", "yesterday-ish").exit_code == 2

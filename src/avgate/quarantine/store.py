@@ -34,9 +34,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
+from ..context import Envelope as Envelope  # the transaction a record keeps (re-exported)
 from ..errors import NotFound, QuarantineError
 from ..result import ScanResult
+from ..settings import Section
 from ..spool import Spool
+from .addresses import parse_addresses
 
 if TYPE_CHECKING:
     from ..policy import Decision
@@ -69,15 +72,14 @@ CREATE INDEX IF NOT EXISTS records_created ON records(created);
 """
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """Where a quarantined message came from and where it was going."""
 
-    sender: str = ""
-    recipients: tuple[str, ...] = ()
-    client_addr: str = ""
-    helo: str = ""
-    listener: str = ""
+class QuarantineSettings(Section):
+    """``[quarantine]``: where held objects live, and where releases and reports go."""
+
+    path: str = "./var/quarantine"  # relative to the config file's directory
+    next_hop: str = "127.0.0.1:10026"  # SMTP next hop for releases (host:port)
+    report_to: str = ""  # FP/FN reports of quarantined records go here ("" = not set)
+    report_from: str = "avgate@localhost"
 
 
 class EnvelopeLike(Protocol):
@@ -136,6 +138,48 @@ class Record:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class RecordFilter:
+    """Which records :meth:`QuarantineStore.list` returns (None: any; all given must match).
+
+    Globs are fnmatch patterns (``*``, ``?``, ``[...]``), compared case-insensitively.
+    """
+
+    virus: str | None = None  # glob on any finding name
+    sender: str | None = None  # glob on the envelope sender
+    recipient: str | None = None  # glob on any envelope recipient
+    status: str | None = None  # exact scan status (infected, skipped...)
+    frontend: str | None = None  # exact front-end name (smtp, http...)
+    since: float | None = None  # created at or after this epoch time
+
+
+_SQL_INT_MAX = (1 << 63) - 1
+
+
+def _glob(value: str | None, pattern: str) -> bool:
+    """SQL function ``avgate_glob(value, pattern)``: fnmatch, case-insensitive."""
+    return value is not None and fnmatch.fnmatchcase(value.lower(), pattern.lower())
+
+
+def _where(where: RecordFilter | None) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its arguments) selecting what ``where`` describes."""
+    if where is None:
+        return "", []
+    # every term is a constant of this function; values only ever travel as parameters
+    given = [(term, value) for term, value in (
+        ("created >= ?", where.since),
+        ("status = ?", where.status),
+        ("frontend = ?", where.frontend),
+        ("avgate_glob(sender, ?)", where.sender),
+        ("EXISTS (SELECT 1 FROM json_each(recipients) WHERE avgate_glob(value, ?))",
+         where.recipient),
+        ("EXISTS (SELECT 1 FROM json_each(viruses) WHERE avgate_glob(value, ?))", where.virus),
+    ) if value is not None]
+    if not given:
+        return "", []
+    return " WHERE " + " AND ".join(t for t, _ in given), [v for _, v in given]
+
+
 def iso_utc(ts: float) -> str:
     """An epoch time as ISO 8601 UTC with a trailing Z."""
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -187,6 +231,7 @@ class QuarantineStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._db.create_function("avgate_glob", 2, _glob, deterministic=True)
         except (OSError, sqlite3.Error) as exc:
             raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
         self.cleanup()
@@ -347,25 +392,26 @@ class QuarantineStore:
         with self.open_raw(record_id) as f:
             return f.read()
 
-    def list(self, *, virus: str | None = None, since: float | None = None,
-             limit: int | None = None) -> list[Record]:
-        """Records oldest first; ``virus`` is a glob on finding names, ``since`` an epoch."""
-        sql = "SELECT * FROM records"
-        args: list[Any] = []
-        if since is not None:
-            sql += " WHERE created >= ?"
-            args.append(since)
-        sql += " ORDER BY id"
-        out: list[Record] = []
-        for row in self._db.execute(sql, args):
-            rec = self._record(row)
-            if virus is not None and not any(
-                    fnmatch.fnmatchcase(v.lower(), virus.lower()) for v in rec.viruses):
-                continue
-            out.append(rec)
-            if limit is not None and len(out) >= limit:
-                break
-        return out
+    def list(self, where: RecordFilter | None = None, limit: int | None = None,
+             offset: int = 0) -> builtins.list[Record]:
+        """Records matching ``where``, oldest first; at most ``limit`` after skipping ``offset``.
+
+        The filter runs in SQL (globs through :func:`_glob`), so a page costs the rows it
+        returns, not the whole store.
+        """
+        sql, args = _where(where)
+        # SQLite integers are 64-bit: an offset past that is past every record anyway
+        args += [-1 if limit is None else min(limit, _SQL_INT_MAX),
+                 min(max(offset, 0), _SQL_INT_MAX)]
+        rows = self._db.execute(
+            f"SELECT * FROM records{sql} ORDER BY id LIMIT ? OFFSET ?", args)  # noqa: S608
+        return [self._record(row) for row in rows]
+
+    def count(self, where: RecordFilter | None = None) -> int:
+        """How many records match ``where`` (the total behind a page of :meth:`list`)."""
+        sql, args = _where(where)
+        found = self._db.execute(f"SELECT COUNT(*) FROM records{sql}", args)  # noqa: S608
+        return int(found.fetchone()[0])
 
     def stats(self) -> tuple[int, int]:
         """(records, bytes) in the store."""
@@ -390,24 +436,15 @@ class QuarantineStore:
                       when: float | None = None) -> None:
         """Record that the object was released to ``recipients``.
 
-        Each address goes through the release's address parser first (InvalidAddress):
+        Each address goes through :func:`~.addresses.parse_addresses` first (InvalidAddress):
         ``released_to`` never holds a CR/LF or other junk, whoever calls this.
         """
-        from .release import parse_addresses
-
         recipients = parse_addresses(recipients)
         self.get(record_id)
         with self._db:
             self._db.execute("UPDATE records SET released = ?, released_to = ? WHERE id = ?",
                              (time.time() if when is None else when,
                               json.dumps(list(recipients)), record_id))
-
-    async def release(self, record_id: str, next_hop: str, to: Sequence[str] | None = None,
-                      force: bool = False) -> Record:
-        """Re-inject the object over SMTP with its original envelope (see release.py)."""
-        from .release import release
-
-        return await release(self, record_id, next_hop, to=to, force=force)
 
     def delete(self, record_id: str) -> None:
         """Remove a record and its content; NotFound if there is none."""

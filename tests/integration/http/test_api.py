@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from avgate.frontends.http import OPENAPI
+from avgate.frontends.http import openapi_document
 
 from .conftest import EICAR, MAX_UPLOAD, READ_TOKEN, SCAN_TOKEN, TOKEN, HttpEnv, SmtpSink
 
@@ -235,10 +235,63 @@ def test_scan_log_has_http_scans(client: httpx.Client, http_env: HttpEnv) -> Non
 
 def test_openapi_document_matches_routes(client: httpx.Client) -> None:
     served = client.get("/openapi.json").json()
-    assert served == json.loads(json.dumps(OPENAPI))
+    assert served == openapi_document()
     for path, methods in served["paths"].items():
         concrete = path.replace("{id}", "20260101T000000000000Z-0000000000000000")
         for method in methods:
             r = client.request(method.upper(), concrete)
             assert r.status_code not in (404, 405) or "{id}" in path, (method, path)
             assert str(r.status_code) in methods[method]["responses"], (method, path, r)
+
+
+def test_quarantine_list_filters(client: httpx.Client, http_env: HttpEnv) -> None:
+    """Every filter of GET /v1/quarantine, and the one time grammar for ``since``."""
+    qid = client.post("/v1/scan", content=EICAR + b"\t\n").json()["quarantine_id"]
+
+    def ids(**params: str) -> list[str]:
+        r = client.get("/v1/quarantine", params={"limit": 1000, **params},
+                       headers=http_env.auth)
+        assert r.status_code == 200, (params, r.text)
+        assert r.json()["total"] == len(r.json()["items"])
+        return [x["id"] for x in r.json()["items"]]
+
+    assert qid in ids(status="infected", frontend="http", virus="EICAR-*")
+    assert qid in ids(sender="", recipient="")  # an empty text filter is no filter
+    assert qid not in ids(frontend="smtp") and qid not in ids(status="clean")
+    assert qid not in ids(sender="?*") and qid not in ids(recipient="*")  # none: ""/[]
+    for since in ("3d", "@0", "0", "1970-01-02T00:00:00Z", "2000-01-01T00:00:00"):
+        assert qid in ids(since=since), since
+    for since in ("@99999999999", "99999999999", "2999-01-01T00:00:00", "2999-01-01"):
+        assert qid not in ids(since=since), since
+    bad = client.get("/v1/quarantine", params={"since": "yesterday-ish"},
+                     headers=http_env.auth)
+    assert bad.status_code == 400 and "since" in bad.json()["error"]
+
+
+def test_since_grammar_naive_is_utc_for_the_api() -> None:
+    from avgate.ondemand import parse_since
+
+    now = 1_700_000_000.0
+    assert parse_since("2023-11-14T22:13:20", naive_utc=True) == now
+    assert parse_since("2023-11-14T23:13:20+01:00", naive_utc=True) == now
+    assert parse_since("1700000000") == parse_since("@1700000000") == now
+    assert parse_since("1700000000.5") == now + 0.5
+    assert parse_since("2h", now=now, naive_utc=True) == now - 7200
+
+
+def test_openapi_document_states_the_code_limits() -> None:
+    """The document is package data: the numbers and texts it repeats match the code."""
+    from avgate.frontends.http import scan
+    from avgate.frontends.http.quarantine import MAX_PAGE, MAX_RELEASE_TO
+
+    doc = openapi_document()
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", doc["info"]["version"])
+    listing = doc["paths"]["/v1/quarantine"]["get"]["parameters"]
+    (limit,) = [p for p in listing if p["name"] == "limit"]
+    assert limit["schema"]["maximum"] == MAX_PAGE
+    release = doc["paths"]["/v1/quarantine/{id}/release"]["post"]["requestBody"]
+    to = release["content"]["application/json"]["schema"]["properties"]["to"]
+    assert to["maxItems"] == MAX_RELEASE_TO
+    error = doc["components"]["schemas"]["ScanResult"]["properties"]["error"]["description"]
+    for text in (scan.INFECTED_ERROR, scan.SCAN_ERROR, scan.BLOCKED_ERROR):
+        assert f'"{text}' in error, text

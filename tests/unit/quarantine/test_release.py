@@ -9,14 +9,18 @@ from pathlib import Path
 import pytest
 
 from avgate.errors import NotFound, QuarantineError
-from avgate.quarantine import AlreadyReleased, Envelope, QuarantineStore, release, report
-from avgate.quarantine.release import (
+from avgate.quarantine import (
+    AlreadyReleased,
+    Envelope,
     InvalidAddress,
+    QuarantineStore,
     parse_address,
     parse_addresses,
-    parse_hostport,
     parse_sender,
+    release,
+    report,
 )
+from avgate.quarantine.release import parse_hostport
 from avgate.result import Finding, ScanResult, ScanStatus
 
 from .conftest import Sink, free_port
@@ -54,7 +58,7 @@ async def test_second_release_refused_unless_forced(store: QuarantineStore,
     with pytest.raises(AlreadyReleased):
         await release(store, rid, smtp_sink.next_hop)
     assert len(smtp_sink.received) == 1
-    await store.release(rid, smtp_sink.next_hop, to=["admin@example.org"], force=True)
+    await release(store, rid, smtp_sink.next_hop, to=["admin@example.org"], force=True)
     assert len(smtp_sink.received) == 2
     assert smtp_sink.received[1].recipients == ["admin@example.org"]
     assert smtp_sink.received[1].data == MSG

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from avgate.errors import NotFound, QuarantineError
-from avgate.quarantine import Envelope, QuarantineStore
+from avgate.quarantine import Envelope, QuarantineStore, RecordFilter
 from avgate.quarantine import store as store_mod
 from avgate.result import EngineInfo, Finding, ScanResult, ScanStatus
 from avgate.spool import Spool
@@ -93,10 +93,47 @@ def test_unknown_and_malformed_ids(store: QuarantineStore) -> None:
 def test_list_filters(store: QuarantineStore) -> None:
     a = store.put(b"a", ENV, infected("Win.Trojan.Agent-1"))
     b = store.put(b"b", ENV, infected("Eicar-Test-Signature"))
-    assert [r.id for r in store.list(virus="win.*")] == [a]
-    assert [r.id for r in store.list(virus="*Eicar*")] == [b]
-    assert store.list(since=time.time() + 60) == []
-    assert len(store.list(since=time.time() - 60)) == 2
+    assert [r.id for r in store.list(RecordFilter(virus="win.*"))] == [a]
+    assert [r.id for r in store.list(RecordFilter(virus="*Eicar*"))] == [b]
+    assert store.list(RecordFilter(since=time.time() + 60)) == []
+    assert len(store.list(RecordFilter(since=time.time() - 60))) == 2
+
+
+def test_list_filters_every_field_in_sql(store: QuarantineStore) -> None:
+    mail = store.put(b"m", ENV, infected("Win.Trojan.Agent-1"), frontend="smtp")
+    web = store.put(b"w", Envelope("Mallory@Evil.example", ("ÉVE@example.net",)),
+                    infected("Eicar-Test-Signature"), frontend="http")
+    skipped = store.put(b"s", Envelope(), ScanResult(ScanStatus.SKIPPED), frontend="http")
+
+    def ids(**kw: object) -> list[str]:
+        where = RecordFilter(**kw)  # type: ignore[arg-type]
+        found = [r.id for r in store.list(where)]
+        assert store.count(where) == len(found)
+        return found
+
+    assert ids() == [mail, web, skipped]
+    assert ids(sender="mallory@*") == [web]  # globs ignore case
+    assert ids(sender="*") == [mail, web, skipped] and ids(sender="?*") == [mail, web]
+    assert ids(recipient="carol@*") == [mail]  # any recipient matches
+    assert ids(recipient="éve@example.net") == [web]  # case folded beyond ASCII
+    assert ids(recipient="[be]*@example.net") == [mail]
+    assert ids(status="skipped") == [skipped] and ids(status="SKIPPED") == []  # exact
+    assert ids(frontend="http") == [web, skipped]
+    assert ids(frontend="http", virus="*") == [web]  # every condition must hold
+    assert ids(virus="*", sender="alice@*", frontend="http") == []
+    # values travel as parameters: SQL in a filter is only text that matches nothing
+    assert ids(status="x' OR 1=1 --") == [] and ids(sender="' OR 1=1 --") == []
+
+
+def test_list_pages(store: QuarantineStore) -> None:
+    made = [store.put(b"x%d" % i, ENV, infected()) for i in range(5)]
+    assert [r.id for r in store.list(limit=2)] == made[:2]
+    assert [r.id for r in store.list(limit=2, offset=2)] == made[2:4]
+    assert [r.id for r in store.list(offset=4)] == made[4:]
+    assert store.list(limit=2, offset=5) == [] and store.count() == 5
+    # past SQLite's 64-bit integers: no overflow, just nothing
+    assert store.list(limit=10**30, offset=10**30) == []
+    assert len(store.list(limit=10**30)) == 5
 
 
 def test_delete_and_purge(store: QuarantineStore) -> None:
