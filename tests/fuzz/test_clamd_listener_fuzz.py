@@ -15,6 +15,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from avgate import config
 from avgate.frontends import clamd as fe
+from avgate.frontends.listen import ListenOptions
 from avgate.gateway import Gateway
 
 EXAMPLES = int(os.environ.get("AVGATE_FUZZ_EXAMPLES", "200"))
@@ -54,7 +56,8 @@ class _Server:
 
     async def _start(self) -> list[fe.ClamdListener]:
         await self.gateway.start()
-        return await fe.start(self.gateway)
+        started = await fe.start(self.gateway, ListenOptions(base_dir=self.cfg.base_dir))
+        return cast(list[fe.ClamdListener], started)
 
     async def _stop(self) -> None:
         for listener in self.listeners:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,18 +13,6 @@ from tests.integration.avgate_proc import AvgateServe
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 STREAM_MAX = 1024 * 1024
 MAX_SCAN = 512 * 1024  # below STREAM_MAX: bigger streams are received but not scanned
-
-
-def require_binary(name: str, package: str) -> str:
-    """Path of a Debian tool; skip when missing and unprivileged, fail when root (CI)."""
-    found = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
-    if found is None:
-        if os.geteuid() == 0:
-            pytest.fail(f"{name} is not installed; CI must install it (apt-get install "
-                        f"{package})")
-        pytest.skip(f"{name} not installed (apt-get install {package})")
-    return found
 
 
 @dataclass

@@ -13,6 +13,7 @@ from typing import Any, TypeVar, cast
 
 from avgate import config
 from avgate.frontends import clamd as fe
+from avgate.frontends.listen import ListenOptions
 from avgate.gateway import Gateway
 
 T = TypeVar("T")
@@ -67,7 +68,8 @@ class InProcessClamd:
 
     async def _start(self) -> list[fe.ClamdListener]:
         await self.gateway.start()
-        return await fe.start(cast(Gateway, self.ref))
+        started = await fe.start(cast(Gateway, self.ref), ListenOptions(base_dir=self.cfg.base_dir))
+        return cast(list[fe.ClamdListener], started)
 
     async def _stop(self) -> None:
         for listener in self.listeners:

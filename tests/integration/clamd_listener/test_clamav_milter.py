@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ClamdListenerEnv, require_binary
+from tests.helpers import require_binary
+
+from .conftest import ClamdListenerEnv
 
 # the peer kit lives in shared/ beside the project checkout
 _ROOT = Path(__file__).resolve().parents[3]

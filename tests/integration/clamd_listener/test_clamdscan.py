@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import STREAM_MAX, ClamdListenerEnv, require_binary
+from tests.helpers import require_binary
+
+from .conftest import STREAM_MAX, ClamdListenerEnv
 
 
 @pytest.fixture(scope="module")
