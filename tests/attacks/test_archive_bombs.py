@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from avgate.engines.base import EngineContext, build_engine
-from avgate.engines.embedded import EICAR_NAME, EmbeddedEngine
+from avgate.engines.embedded import EICAR_NAME, EmbeddedEngine, EmbeddedEngineSettings
 from avgate.limits import Limits
 from avgate.result import LimitKind, ScanResult, ScanStatus
 from tests.corpus import EICAR, mail, make_zip
@@ -42,7 +42,7 @@ from tests.unit.content.hostile import (
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedEngine:
     ctx = EngineContext(limits=Limits(), base_dir=str(tmp_path_factory.mktemp("bombs")))
-    eng = build_engine({"type": "embedded"}, ctx)
+    eng = build_engine(EmbeddedEngineSettings(), ctx)
     assert isinstance(eng, EmbeddedEngine)
     eng.load()
     return eng
@@ -178,7 +178,7 @@ def test_nesting_deeper_than_max_recursion(engine: EmbeddedEngine) -> None:
 
 def test_size_limits_stay_size_limits(tmp_path: Path) -> None:
     ctx = EngineContext(limits=Limits(max_file_size=1000), base_dir=str(tmp_path))
-    eng = build_engine({"type": "embedded"}, ctx)
+    eng = build_engine(EmbeddedEngineSettings(), ctx)
     assert isinstance(eng, EmbeddedEngine)
     eng.load()
     data = make_zip([("big.bin", bytes(range(256)) * 8), ("eicar.com", EICAR)])

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import pytest
 
 from avgate.engines.base import EngineContext, build_engine
-from avgate.engines.embedded import EICAR_NAME, EmbeddedEngine
+from avgate.engines.embedded import EICAR_NAME, EmbeddedEngine, EmbeddedEngineSettings
 from avgate.limits import Limits
 from avgate.result import ScanStatus
 from tests.corpus import EICAR, make_zip, raw_zip
@@ -51,7 +51,7 @@ from tests.unit.content.hostile import (
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> EmbeddedEngine:
     ctx = EngineContext(limits=Limits(), base_dir=str(tmp_path_factory.mktemp("bypass")))
-    eng = build_engine({"type": "embedded"}, ctx)
+    eng = build_engine(EmbeddedEngineSettings(), ctx)
     assert isinstance(eng, EmbeddedEngine)
     eng.load()
     return eng

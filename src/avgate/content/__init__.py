@@ -121,7 +121,7 @@ _Decomposer = Callable[[Part, Budget], Children]
 
 def _decomposers() -> dict[Kind, _Decomposer]:
     # Imported here: the decomposer modules use Part/Problem/Budget from this module.
-    from . import archives, mime
+    from . import archives, mime, sevenzip
 
     return {
         Kind.ZIP: archives.zip_members,
@@ -129,7 +129,7 @@ def _decomposers() -> dict[Kind, _Decomposer]:
         Kind.GZIP: archives.gzip_members,
         Kind.BZIP2: archives.bzip2_members,
         Kind.XZ: archives.xz_members,
-        Kind.SEVENZIP: archives.sevenzip_members,
+        Kind.SEVENZIP: sevenzip.sevenzip_members,
         Kind.MAIL: mime.mail_parts,
         Kind.OTHER: mime.uuencoded_parts,
     }

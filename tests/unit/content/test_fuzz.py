@@ -79,3 +79,14 @@ def test_regression_nul_in_charset_with_non_ascii_body() -> None:
     check(data)
     assert any(isinstance(i, Part) and b"THIS-IS-A-TEST-MALWARE-MARKER" in i.data
                for i in decompose(data, LIMITS, "fuzz"))
+
+
+def test_regression_zip_member_with_an_empty_name() -> None:
+    # found by test_mutated_corpus: ZipInfo.is_dir() raises IndexError for an empty name
+    import zlib
+
+    from tests.corpus import EICAR, raw_zip
+
+    data = raw_zip([("", 0, 0, zlib.crc32(EICAR), len(EICAR), EICAR)])
+    check(data)
+    assert any(isinstance(i, Part) and i.data == EICAR for i in decompose(data, LIMITS, "fuzz"))

@@ -21,12 +21,9 @@ import py7zr
 import pytest
 
 from avgate.content import RATIO_FLOOR, Part, Problem, decompose, mime, mimeparse
-from avgate.content.archives import (
-    HEADER_BYTES_PER_FILE,
-    sevenzip_header_problem,
-    zip_directory_problem,
-)
+from avgate.content.archives import zip_directory_problem
 from avgate.content.filetype import HEADER_PROBE, Kind, detect, looks_like_mail, zip_at_end
+from avgate.content.sevenzip import HEADER_BYTES_PER_FILE, sevenzip_header_problem
 from avgate.limits import KiB, Limits
 from avgate.result import LimitKind, ScanStatus
 from tests.corpus import (
