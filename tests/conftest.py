@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from tests.clamd_daemon import ClamdDaemon, find_clamd, start_clamd
+from tests.clamd_daemon import ClamdDaemon, start_clamd
+from tests.helpers import require_clamd
 
 # -- real clamd ---------------------------------------------------------------------------
-
-
-def _clamd_binary() -> str:
-    """The clamd binary, or skip (unprivileged dev machine) / fail (root: CI installs it)."""
-    binary = find_clamd()
-    if binary is None:
-        if os.geteuid() == 0:
-            pytest.fail("clamd is not installed; CI must install it "
-                        "(apt-get install clamav-daemon) or set AVGATE_CLAMD")
-        pytest.skip("clamd not installed (apt-get install clamav-daemon, or set AVGATE_CLAMD)")
-    return binary
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +18,7 @@ def clamd() -> Iterator[ClamdDaemon]:
 
     Tests that pause, kill or restart it must leave it running and answering again.
     """
-    daemon = start_clamd(_clamd_binary())
+    daemon = start_clamd(require_clamd())
     try:
         yield daemon
     finally:

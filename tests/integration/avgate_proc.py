@@ -9,20 +9,59 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+from tests.clamd_daemon import free_port as free_port  # re-exported
+from tests.helpers import wait_until
 
 _LISTEN_RE = re.compile(r"^avgate: (\w+): listening on (?:https?://)?(\S+)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _hex_addr(port: int) -> str:
+    return f"0100007F:{port:04X}"  # 127.0.0.1 as /proc/net/tcp writes it (little-endian)
+
+
+def server_ends(server_port: int) -> dict[int, tuple[str, int]]:
+    """The server ends of the established connections to 127.0.0.1:``server_port``, read
+    from /proc/net/tcp: client port → (socket inode, bytes received but not yet read).
+
+    The inode is "0" while the connection waits in the listen backlog; a server that has
+    accepted it owns a socket with a real inode (see :func:`socket_inodes`)."""
+    local = _hex_addr(server_port)
+    ends: dict[int, tuple[str, int]] = {}
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[1] == local and f[3] == "01" and f[2].startswith("0100007F:"):
+            ends[int(f[2].split(":")[1], 16)] = (f[9], int(f[4].split(":")[1], 16))
+    return ends
+
+
+def in_server(server_port: int, client_port: int) -> bool:
+    """The server has accepted the connection from ``client_port`` and read everything sent
+    on it so far: a request the test started is in the server's hands, not in a kernel
+    queue (what a test waits for before it signals the server)."""
+    inode, unread = server_ends(server_port).get(client_port, ("0", 0))
+    return inode != "0" and unread == 0
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets process ``pid`` holds open."""
+    inodes: set[str] = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
 
 
 def children(pid: int) -> list[int]:
@@ -94,19 +133,20 @@ class AvgateServe:
     def output(self) -> str:
         return "\n".join([*self.lines(), "--- stderr ---", *self.err_lines()])
 
+    def has_line(self, text: str, *, stderr: bool = False, after: int = 0) -> bool:
+        """A line (from index ``after``) of stdout (or stderr) contains ``text``."""
+        lines = self.err_lines() if stderr else self.lines()
+        return any(text in line for line in lines[after:])
+
     def wait_for_line(self, text: str, timeout: float = 10.0, *, stderr: bool = False,
                       after: int = 0) -> bool:
-        """Wait until a line (from index ``after``) contains ``text``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            lines = self.err_lines() if stderr else self.lines()
-            if any(text in line for line in lines[after:]):
-                return True
-            if self.proc is not None and self.proc.poll() is not None:
-                lines = self.err_lines() if stderr else self.lines()
-                return any(text in line for line in lines[after:])
-            time.sleep(0.05)
-        return False
+        """Wait until a line (from index ``after``) contains ``text``; False at the deadline
+        or once the process has exited without writing it."""
+        def done() -> bool:
+            exited = self.proc is not None and self.proc.poll() is not None
+            return exited or self.has_line(text, stderr=stderr, after=after)
+
+        return wait_until(done, timeout) and self.has_line(text, stderr=stderr, after=after)
 
     def port(self, frontend: str, index: int = 0) -> int:
         return int(self.listeners[frontend][index].rsplit(":", 1)[1])

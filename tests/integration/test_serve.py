@@ -16,7 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.avgate_proc import AvgateServe, children, free_port
+from tests.helpers import wait_until
+from tests.integration.avgate_proc import (
+    AvgateServe,
+    children,
+    free_port,
+    in_server,
+    server_ends,
+)
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 NEW_THREAT = b"this object becomes a threat once the new signature is loaded\n"
@@ -62,15 +69,6 @@ def clamd(port: int, data: bytes, timeout: float = 10) -> bytes:
 def log_events(root: Path) -> list[dict[str, object]]:
     path = root / "scan.log"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate: object, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture
@@ -143,7 +141,7 @@ def test_sighup_with_broken_config_keeps_the_old_one(served: tuple[AvgateServe, 
     assert serve.wait_for_line("reload refused", stderr=True, after=n), serve.output()
     refused = [x for x in serve.err_lines()[n:] if "reload refused" in x]
     assert reason in refused[0], refused
-    assert wait_for(lambda: any(e.get("event") == "reload" and e.get("ok") is False
+    assert wait_until(lambda: any(e.get("event") == "reload" and e.get("ok") is False
                                 and reason in str(e.get("error")) for e in log_events(root)))
     # the running configuration still works, including the old signatures
     assert clamd(port, b"zPING\0") == b"PONG\0"
@@ -172,10 +170,11 @@ def test_sigterm_drains_scans_in_flight(served: tuple[AvgateServe, Path]) -> Non
     slow.sendall(b"zINSTREAM\0" + struct.pack(">I", len(EICAR)) + EICAR[:20])
     # an HTTP upload in progress
     http_result: dict[str, object] = {}
-    release = threading.Event()
+    sent_first_part, release = threading.Event(), threading.Event()
 
     def body() -> Iterator[bytes]:
         yield EICAR[:30]
+        sent_first_part.set()  # httpx asks for the next part once this one is on the wire
         release.wait(20)
         yield EICAR[30:]
 
@@ -186,11 +185,16 @@ def test_sigterm_drains_scans_in_flight(served: tuple[AvgateServe, Path]) -> Non
 
     uploader = threading.Thread(target=upload)
     uploader.start()
-    time.sleep(0.5)  # both requests are in the server now
+    assert sent_first_part.wait(10)
+    # both requests are in the server now: accepted, and every byte sent so far read
+    http_port, slow_port = serve.port("http"), slow.getsockname()[1]
+    assert wait_until(lambda: in_server(port, slow_port)
+                      and any(in_server(http_port, p) for p in server_ends(http_port))), (
+        server_ends(port), server_ends(http_port))
     serve.signal(signal.SIGTERM)
     assert serve.wait_for_line("avgate: stopping")
     # no new connections...
-    assert wait_for(lambda: _refused(port), timeout=5)
+    assert wait_until(lambda: _refused(port), timeout=5)
     # ...but the scans in flight complete
     slow.sendall(EICAR[20:] + b"\0\0\0\0")
     assert slow.recv(100) == b"stream: Eicar-Test-Signature FOUND\0"
@@ -217,9 +221,10 @@ def test_drain_deadline(tmp_path: Path) -> None:
     config = tmp_path / "avgate.toml"
     config.write_text(config_text(tmp_path, drain=1.5))
     with AvgateServe(config) as serve:
-        stuck = socket.create_connection(("127.0.0.1", serve.port("clamd_listener")))
+        port = serve.port("clamd_listener")
+        stuck = socket.create_connection(("127.0.0.1", port))
         stuck.sendall(b"zINSTREAM\0\0\0\0\x10abc")  # never completed
-        time.sleep(0.3)
+        assert wait_until(lambda: in_server(port, stuck.getsockname()[1]))
         started = time.monotonic()
         serve.signal(signal.SIGTERM)
         assert serve.proc is not None
@@ -242,7 +247,7 @@ def test_workers_share_the_listeners(tmp_path: Path) -> None:
     config.write_text(text)
     with AvgateServe(config) as serve:
         assert serve.proc is not None
-        assert wait_for(lambda: sum("avgate: serving" in x for x in serve.lines()) == 2), (
+        assert wait_until(lambda: sum("avgate: serving" in x for x in serve.lines()) == 2), (
             serve.output())
         assert len(children(serve.proc.pid)) == 2
         assert any("2 workers" in x for x in serve.lines())
@@ -267,12 +272,12 @@ def test_workers_share_the_listeners(tmp_path: Path) -> None:
         digest = hashlib.md5(NEW_THREAT, usedforsecurity=False).hexdigest()
         (tmp_path / "sigs" / "new.hdb").write_text(f"{digest}:{len(NEW_THREAT)}:{NEW_NAME}\n")
         serve.signal(signal.SIGHUP)
-        assert wait_for(lambda: sum("avgate: reloaded" in x for x in serve.lines()) == 2), (
+        assert wait_until(lambda: sum("avgate: reloaded" in x for x in serve.lines()) == 2), (
             serve.output())
         for _ in range(10):
             assert clamd(clamd_port, instream(NEW_THREAT)) == f"stream: {NEW_NAME} FOUND\0".encode()
         assert clamd(clamd_port, b"zRELOAD\0") == b"RELOADING\0"
-        assert wait_for(lambda: sum("avgate: reloaded" in x for x in serve.lines()) == 4), (
+        assert wait_until(lambda: sum("avgate: reloaded" in x for x in serve.lines()) == 4), (
             serve.output())
         assert serve.stop() == 0
         assert sum(x == "avgate: stopped" for x in serve.lines()) == 2

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import signal
 import smtplib
 import socket
@@ -27,7 +26,14 @@ from aiosmtpd.controller import Controller
 
 from avgate.protocols import icap as proto
 from avgate.protocols import milter as m
-from tests.integration.avgate_proc import AvgateServe, children, free_port
+from tests.helpers import wait_until
+from tests.integration.avgate_proc import (
+    AvgateServe,
+    children,
+    free_port,
+    server_ends,
+    socket_inodes,
+)
 from tests.integration.milter.conftest import MtaClient
 from tests.integration.milter.conftest import make_message as mail_message
 
@@ -40,39 +46,13 @@ REQ_HDR = b"GET http://origin.test/f HTTP/1.1\r\nHost: origin.test\r\n\r\n"
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _socket_inodes(pid: int) -> set[str]:
-    inodes: set[str] = set()
-    try:
-        fds = list(Path(f"/proc/{pid}/fd").iterdir())
-    except OSError:
-        return inodes
-    for fd in fds:
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
-
-
-def _hex_addr(port: int) -> str:
-    return f"0100007F:{port:04X}"  # 127.0.0.1 as /proc/net/tcp writes it (little-endian)
-
-
 def _serving_pid(workers: list[int], server_port: int, client_port: int) -> int | None:
     """The worker holding the server side of the connection 127.0.0.1:client_port →
     127.0.0.1:server_port."""
-    local, remote = _hex_addr(server_port), _hex_addr(client_port)
-    inode = None
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[1] == local and f[2] == remote:
-            inode = f[9]
-            break
+    inode, _ = server_ends(server_port).get(client_port, (None, 0))
     if inode is None:
         return None
-    return next((pid for pid in workers if inode in _socket_inodes(pid)), None)
+    return next((pid for pid in workers if inode in socket_inodes(pid)), None)
 
 
 def _local_port(client: smtplib.SMTP) -> int:
@@ -85,7 +65,7 @@ def _unix_listeners(workers: list[int], path: Path) -> list[int]:
     inodes = {f[6] for f in (line.split() for line in
                              Path("/proc/net/unix").read_text().splitlines()[1:])
               if len(f) >= 8 and f[7] == str(path)}
-    return [pid for pid in workers if inodes & _socket_inodes(pid)]
+    return [pid for pid in workers if inodes & socket_inodes(pid)]
 
 
 class _Sink:
@@ -195,7 +175,7 @@ def test_workers_serve_smtp_milter_icap(tmp_path: Path) -> None:
         assert serve.proc is not None
         assert serve.wait_for_line("avgate: serving", timeout=10)
         ok = lambda: sum("avgate: serving" in x for x in serve.lines()) == 2  # noqa: E731
-        assert _wait(ok), serve.output()
+        assert wait_until(ok), serve.output()
         workers = children(serve.proc.pid)
         assert len(workers) == 2, serve.output()
         for name in ("smtp", "milter", "icap"):
@@ -287,7 +267,7 @@ def test_workers_unix_sockets_in_one_worker(tmp_path: Path) -> None:
     with AvgateServe(config) as serve:
         assert serve.proc is not None
         ok = lambda: sum("avgate: serving" in x for x in serve.lines()) == 2  # noqa: E731
-        assert _wait(ok), serve.output()
+        assert wait_until(ok), serve.output()
         workers = children(serve.proc.pid)
         assert len(workers) == 2
         # each unix socket is opened once, by the same worker (worker 0)
@@ -325,17 +305,6 @@ def _state(pid: int) -> str:
     except OSError:
         return "gone"
     return stat[stat.rfind(")") + 2]
-
-
-def _wait(predicate: Any, timeout: float = 10) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 RELOAD_POLICY = """
@@ -390,7 +359,7 @@ def test_workers_reload_front_end_settings(tmp_path: Path) -> None:
     with AvgateServe(write(False)) as serve:
         assert serve.proc is not None
         ok = lambda: sum("avgate: serving" in x for x in serve.lines()) == 2  # noqa: E731
-        assert _wait(ok), serve.output()
+        assert wait_until(ok), serve.output()
         workers = children(serve.proc.pid)
         loop = asyncio.new_event_loop()
         smtp_conns = [smtplib.SMTP("127.0.0.1", smtp_port, timeout=10) for _ in range(8)]
@@ -411,7 +380,7 @@ def test_workers_reload_front_end_settings(tmp_path: Path) -> None:
             serve.signal(signal.SIGHUP)
             reloaded = lambda: sum("avgate: reloaded" in x  # noqa: E731
                                    for x in serve.lines()[n:]) == 2
-            assert _wait(reloaded), serve.output()
+            assert wait_until(reloaded), serve.output()
             # the same (kept-alive) connections, on both workers, now follow the new config
             assert [smtp_eicar(c) for c in smtp_conns] == [451] * 8
             assert loop.run_until_complete(milter_eicar(clients)) == (

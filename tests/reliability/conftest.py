@@ -27,7 +27,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,8 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.clamd_daemon import ClamdDaemon, find_clamd
+from tests.clamd_daemon import ClamdDaemon
 from tests.corpus import EICAR, MARKER, MARKER_NDB
+from tests.helpers import require_clamd
 from tests.integration.avgate_proc import AvgateServe
 from tests.integration.smtp.conftest import (  # noqa: F401 - fixtures re-exported
     RawClient,
@@ -175,11 +175,7 @@ async def smtp_send(port: int, msg: bytes, *, timeout: float = 20) -> str:  # no
 @pytest.fixture
 def own_clamd() -> Iterator[Callable[[], ClamdDaemon]]:
     """Factory: a started private clamd per call; all of them killed and removed at the end."""
-    binary = find_clamd()
-    if binary is None:
-        if os.geteuid() == 0:
-            pytest.fail("clamd is not installed (apt-get install clamav-daemon)")
-        pytest.skip("clamd not installed (apt-get install clamav-daemon)")
+    binary = require_clamd()
     daemons: list[ClamdDaemon] = []
 
     def make() -> ClamdDaemon:
@@ -304,15 +300,6 @@ async def started_sink() -> AsyncIterator[Sink]:
         await s.stop()
 
 
-def wait_until(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
 KINDS = ("clean", "eicar", "clean", "marker")
 
 
@@ -335,9 +322,10 @@ async def send_batch(port: int, ledger: Ledger, n: int, *, concurrency: int = 4,
     return out
 
 
-def scanned_correctly(ledger: Ledger, batch: dict[str, str]) -> list[tuple[str, str]]:
-    """Messages of ``batch`` whose outcome is not the scanned verdict (clean → delivered,
-    infected → rejected); empty when every one was scanned and acted on."""
+def wrongly_scanned(ledger: Ledger, batch: dict[str, str]) -> list[tuple[str, str]]:
+    """(id, reply) of every message of ``batch`` whose outcome is not its scanned verdict
+    (clean → delivered, infected → rejected); empty when every one was scanned and acted
+    on, so tests read ``assert not wrongly_scanned(ledger, batch)``."""
     want = {"clean": "delivered", "eicar": "rejected", "marker": "rejected"}
     return [(m, ledger.replies[m]) for m, o in batch.items() if o != want[ledger.kinds[m]]]
 

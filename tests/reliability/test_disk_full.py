@@ -18,10 +18,10 @@ from tests.reliability.conftest import (
     Ledger,
     Sink,
     fill,
-    scanned_correctly,
     send_batch,
     smtp_send,
     unique_message,
+    wrongly_scanned,
 )
 
 
@@ -40,7 +40,7 @@ async def test_spool_dir_full_tempfails_then_recovers(avgate: Any, sink: Sink, e
 
     filler.unlink()
     ok = await send_batch(gw.port, ledger, 8, tag="free-", size=20_000)
-    assert not scanned_correctly(ledger, ok), ok
+    assert not wrongly_scanned(ledger, ok), ok
     assert not [p for p in os.listdir(spool) if p.startswith("avgate-spool-")]
 
     # bigger than the whole filesystem: the spool write fails in the middle of DATA
@@ -87,7 +87,7 @@ async def test_spool_dir_full_with_large_messages(avgate: Any, sink: Sink, embed
     assert set(full.values()) == {"tempfailed"}, ledger.replies
     filler.unlink()
     ok = await _big_batch(gw.port, ledger, 6, "free-")
-    assert not scanned_correctly(ledger, ok), ok
+    assert not wrongly_scanned(ledger, ok), ok
     ledger.check([x.data for x in sink.messages], sent=12)
 
 

@@ -254,8 +254,8 @@ async def test_smtp_line_length_exact_and_one_over(env: tuple[Served, ThreadSink
         w.write(b"EHLO " + b"a" * 2000 + b"\r\nNOOP\r\n")
         first = await asyncio.wait_for(r.readline(), 5)
         assert first.startswith(b"5"), first
-        rest = await asyncio.wait_for(r.read(4096), 5)
-        assert b"250" in rest or first.startswith(b"5"), rest
+        rest = await asyncio.wait_for(r.readline(), 5)
+        assert rest.startswith(b"250"), rest  # NOOP answered: the session went on
     finally:
         w.close()
     await probe_smtp(env)
@@ -301,8 +301,8 @@ def test_http_upload_exact_and_one_over(env: tuple[Served, ThreadSink, Ledger]) 
 
 def test_milter_packet_one_over_the_limit_closes_at_once(
         env: tuple[Served, ThreadSink, Ledger]) -> None:
-    """A length field one over max_packet (64 MiB) is refused from the 4-byte header alone:
-    nothing is buffered, the connection is closed at once."""
+    """A length field one over max_packet (default 256 KiB) is refused from the 4-byte
+    header alone: nothing is buffered, the connection is closed at once."""
     served = env[0]
     rss = served.rss_kib()
     with socket.create_connection(("127.0.0.1", served.ports["milter"]), timeout=5) as s:
@@ -367,6 +367,9 @@ async def test_smtp_stalled_in_data_delivers_nothing(env: tuple[Served, ThreadSi
         ledger.record(mid, "clean", "ERR closed: " + rest.decode(errors="replace"))
     finally:
         w.close()
+    # Nothing to wait for: this checks that nothing happens. The short window catches a
+    # half message relayed as the session ends; the module's ledger check (teardown)
+    # catches a later one.
     await asyncio.sleep(0.2)
     assert len(sink.messages) == before
 
@@ -446,20 +449,34 @@ async def test_smtp_garbage_gets_5xx_and_server_goes_on(env: tuple[Served, Threa
         try:
             await r.readline()
             w.write(garbage.replace(b"\r\n", b"") + b"\r\n")
-            await w.drain()
-            got = await asyncio.wait_for(r.read(4096), IDLE + 3)
+            try:
+                await w.drain()
+                # a 5xx reply or a hang-up, within the idle timeout (TimeoutError: a
+                # client left hanging, which fails the test)
+                got = await asyncio.wait_for(r.read(4096), IDLE + 3)
+            except ConnectionResetError:
+                got = b""  # hung up without a reply: allowed
             assert got == b"" or got[:1] == b"5", got[:200]
-        except (ConnectionError, TimeoutError):
-            pass
         finally:
             w.close()
     await probe_smtp(env)
 
 
 def test_scan_log_is_valid_json_after_all_that(env: tuple[Served, ThreadSink, Ledger]) -> None:
+    """Every line of the scan log is one JSON object, and every listener's scans are in it
+    with their verdicts (a log that lost or mangled lines under attack fails here)."""
+    for probe in PROBES.values():  # one clean and one infected object per listener, at least
+        asyncio.run(probe(env))  # type: ignore[arg-type]
     path = Path(env[0].root) / "scan.log"
-    for line in path.read_text().splitlines():
-        json.loads(line)
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(isinstance(e, dict) and "time" in e and "event" in e for e in events)
+    scans = [e for e in events if e["event"] == "scan"]
+    for frontend in ("smtp", "milter", "icap", "clamd", "http"):
+        statuses = {e["status"] for e in scans if e["frontend"] == frontend}
+        assert {"clean", "infected"} <= statuses, (frontend, statuses)
+    for e in scans:
+        assert len(e["sha256"]) == 64 and e["size"] >= 0, e
+        assert (e["status"] == "infected") == bool(e["findings"]), e
 
 
 async def test_milter_under_serve_scans_clean_and_infected(

@@ -5,13 +5,14 @@ infected, run all, cache keyed by DB version, never cache errors) is what is und
 engines have their own tests.
 """
 
-from collections.abc import Mapping
+import asyncio
 from typing import Any
 
 from avgate.engines.base import BaseEngine, EngineContext
 from avgate.result import Finding, ScanResult, ScanStatus
 from avgate.scan import ScanService, VerdictCache
 from avgate.spool import Spool
+from tests.helpers import async_wait_until
 
 
 class CountingEngine(BaseEngine):
@@ -24,13 +25,13 @@ class CountingEngine(BaseEngine):
         self.dbv = version
 
     @classmethod
-    def from_config(cls, table: Mapping[str, Any], ctx: EngineContext) -> BaseEngine:
+    def from_settings(cls, settings: Any, ctx: EngineContext) -> BaseEngine:
         raise NotImplementedError
 
     def db_version(self) -> str:
         return self.dbv
 
-    async def _scan(self, spool: Spool) -> ScanResult:
+    async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
         self.calls += 1
         findings = (Finding(f"V.{self.name}", self.name),) if self.status is ScanStatus.INFECTED \
             else ()
@@ -98,16 +99,12 @@ async def test_result_carries_sha256_and_size():
 
 
 class SlowEngine(CountingEngine):
-    async def _scan(self, spool: Spool) -> ScanResult:
-        import asyncio
-
+    async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
         await asyncio.sleep(0.05)
-        return await super()._scan(spool)
+        return await super()._scan(spool, deadline)
 
 
 async def test_concurrent_identical_objects_scanned_once():
-    import asyncio
-
     a = SlowEngine("a", ScanStatus.INFECTED)
     svc = ScanService([a], cache=VerdictCache(10))
     results = await asyncio.gather(*(svc.scan_bytes(b"mass mailing") for _ in range(16)))
@@ -117,8 +114,6 @@ async def test_concurrent_identical_objects_scanned_once():
 
 
 async def test_concurrent_errors_shared_but_not_cached():
-    import asyncio
-
     a = SlowEngine("a", ScanStatus.ERROR)
     svc = ScanService([a], cache=VerdictCache(10))
     results = await asyncio.gather(*(svc.scan_bytes(b"x") for _ in range(4)))
@@ -127,15 +122,36 @@ async def test_concurrent_errors_shared_but_not_cached():
     assert a.calls == 2
 
 
-async def test_waiters_rescan_when_the_first_scan_is_cancelled():
-    import asyncio
+class GatedEngine(CountingEngine):
+    """Counts scans as they start and holds each until ``release`` is set."""
 
-    a = SlowEngine("a", ScanStatus.CLEAN)
+    def __init__(self, name: str, status: ScanStatus) -> None:
+        super().__init__(name, status)
+        self.started = 0
+        self.release = asyncio.Event()
+
+    async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
+        self.started += 1
+        await self.release.wait()
+        return await super()._scan(spool, deadline)
+
+
+async def test_waiters_rescan_when_the_first_scan_is_cancelled():
+    a = GatedEngine("a", ScanStatus.CLEAN)
     svc = ScanService([a], cache=VerdictCache(10))
     first = asyncio.create_task(svc.scan_bytes(b"y"))
-    await asyncio.sleep(0.01)
-    second = asyncio.create_task(svc.scan_bytes(b"y"))
-    await asyncio.sleep(0.01)
+    assert await async_wait_until(lambda: a.started == 1, timeout=5)
+    waiters = [asyncio.create_task(svc.scan_bytes(b"y")) for _ in range(3)]
+    for _ in range(10):  # let the waiters run up to their wait (no timer involved)
+        await asyncio.sleep(0)
+    # single flight: while the first scan runs, identical objects do not reach the engine
+    assert a.started == 1 and not any(w.done() for w in waiters)
     first.cancel()
-    r = await second
-    assert r.status is ScanStatus.CLEAN and first.cancelled()
+    # one waiter scans again itself; the others wait for its verdict
+    assert await async_wait_until(lambda: a.started == 2, timeout=5)
+    a.release.set()
+    results = await asyncio.gather(*waiters)
+    assert first.cancelled()
+    assert all(r.status is ScanStatus.CLEAN for r in results)
+    assert a.started == 2 and a.calls == 1
+    assert sorted(r.cached for r in results) == [False, True, True]

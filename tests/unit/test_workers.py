@@ -10,6 +10,7 @@ import time
 import pytest
 
 from avgate.workers import BudgetExceeded, WorkerError, WorkerPool
+from tests.helpers import async_wait_until
 
 MiB = 1 << 20
 
@@ -103,7 +104,7 @@ async def test_a_worker_that_dies_is_replaced(pool: WorkerPool) -> None:
 
 async def test_cancelling_a_task_kills_its_worker(pool: WorkerPool) -> None:
     task = asyncio.ensure_future(pool.run(spin, 30.0, budget=60))
-    await asyncio.sleep(0.3)
+    assert await async_wait_until(lambda: pool.stats().busy == 1)  # a worker is spinning
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -113,7 +114,7 @@ async def test_cancelling_a_task_kills_its_worker(pool: WorkerPool) -> None:
 
 async def test_the_event_loop_keeps_answering_while_workers_spin(pool: WorkerPool) -> None:
     tasks = [asyncio.ensure_future(pool.run(spin, 1.5, budget=10)) for _ in range(2)]
-    await asyncio.sleep(0.1)
+    assert await async_wait_until(lambda: pool.stats().busy == 2)
     worst = 0.0
     for _ in range(20):
         t = time.monotonic()
@@ -125,7 +126,7 @@ async def test_the_event_loop_keeps_answering_while_workers_spin(pool: WorkerPoo
 
 async def test_waiting_for_a_free_worker_is_bounded(pool: WorkerPool) -> None:
     busy = [asyncio.ensure_future(pool.run(spin, 2.0, budget=10)) for _ in range(2)]
-    await asyncio.sleep(0.2)
+    assert await async_wait_until(lambda: pool.stats().busy == 2)
     with pytest.raises(TimeoutError):
         await pool.run(add, 1, 1, budget=10, wait=0.2)
     await asyncio.gather(*busy)
