@@ -150,14 +150,15 @@ class GatewayRef:
         return self.current.new_spool()
 
     async def process(self, spool: Spool, ctx: Context, ids: dict[str, str] | None = None,
-                      store_quarantine: bool = True) -> Outcome:
+                      store_quarantine: bool = True, defer_log: bool = False) -> Outcome:
         """``Gateway.process`` on the current Gateway, counted for drain and retirement."""
         gw = self.current
         key = id(gw)
         self._inflight[key] = self._inflight.get(key, 0) + 1
         self._idle.setdefault(key, asyncio.Event()).clear()
         try:
-            return await gw.process(spool, ctx, ids, store_quarantine=store_quarantine)
+            return await gw.process(spool, ctx, ids, store_quarantine=store_quarantine,
+                                    defer_log=defer_log)
         finally:
             self._inflight[key] -= 1
             if not self._inflight[key]:

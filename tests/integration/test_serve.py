@@ -299,3 +299,15 @@ def test_worker_start_failure_stops_everything(tmp_path: Path) -> None:
             serve.start(timeout=15)
         assert serve.proc is not None and serve.proc.wait(15) == 1
         assert serve.wait_for_line("failed while starting", stderr=True, timeout=2)
+
+
+def test_gateway_ref_forwards_every_process_argument() -> None:
+    """GatewayRef.process must take whatever Gateway.process takes (a front-end under serve
+    gets the ref, in tests often the Gateway itself: a missing argument fails only in serve)."""
+    import inspect
+
+    from avgate.gateway import Gateway
+    from avgate.serve import GatewayRef
+
+    assert (list(inspect.signature(GatewayRef.process).parameters)
+            == list(inspect.signature(Gateway.process).parameters))

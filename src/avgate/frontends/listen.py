@@ -150,8 +150,11 @@ def bind(address: Address, *, what: str, options: ListenOptions = ListenOptions(
 def _bind_tcp(address: Address, reuse_port: bool) -> socket.socket:
     infos = socket.getaddrinfo(address.host or None, address.port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, _, proto, _, sockaddr = infos[0]
+    # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY only on sockets that say
+    # so, and accepted sockets inherit it; without it every reply waits for delayed ACKs
+    # (measured: 3 ms -> 48 ms per SMTP message)
+    sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
