@@ -3,11 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-# Debian packages the test suite drives for real (installed when root with apt-get).
+# Debian packages the test suite drives for real (installed when root with apt-get): every
+# binary, Perl module and plug-in in tests/helpers.py REQUIREMENTS (a unit test keeps the two
+# equal; tests/conftest.py stops a run at its start, with one line, when one is missing).
 # swaks needs libnet-ssleay-perl and libio-socket-ssl-perl for STARTTLS, and
-# --no-install-recommends leaves them out.
+# --no-install-recommends leaves them out; openssl makes the test certificates; mount gives
+# the reliability tests a small tmpfs.
 TEST_DEBS ?= clamav-daemon clamdscan clamav-milter swaks libnet-ssleay-perl libio-socket-ssl-perl \
-             postfix squid c-icap libc-icap-mod-virus-scan
+             postfix squid c-icap libc-icap-mod-virus-scan openssl mount
 
 .PHONY: run test test-deps venv venv-dev bench fuzz lint typecheck clean
 
@@ -31,12 +34,15 @@ run: venv
 
 test-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  missing=""; for p in $(TEST_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  missing=""; for p in $(TEST_DEBS); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q ' installed$$' || missing="$$missing $$p"; \
+	  done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  fi; \
-	else echo "not root or no apt-get: tests needing real daemons will skip with a reason"; fi
+	else echo "not root or no apt-get: tests needing real daemons will skip with a reason" \
+	  "(with CI set, the run stops at its start naming what is missing)"; fi
 
 test: venv-dev test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -7,7 +7,27 @@ from collections.abc import Iterator
 import pytest
 
 from tests.clamd_daemon import ClamdDaemon, start_clamd
-from tests.helpers import require_clamd
+from tests.helpers import (
+    missing_message,
+    missing_requirements,
+    require_clamd,
+    strict_dependencies,
+)
+
+# -- the external pieces the tests drive ------------------------------------------------------
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Where the test packages must be there (CI, or root with apt-get: `make test` installs
+    them), stop before the first test with one line naming what is missing and the package,
+    instead of failing deep inside some test. Elsewhere the tests needing them skip."""
+    if not strict_dependencies():
+        return
+    missing = missing_requirements()
+    if missing:
+        # a usage error: pytest prints it once, as "ERROR: ...", and exits with 4
+        raise pytest.UsageError(missing_message(missing))
+
 
 # -- real clamd ---------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Small helpers shared by every test folder: waiting for a condition with a deadline, and
-finding the external tools the integration tests drive.
+finding the external tools the integration tests drive (:data:`REQUIREMENTS`, checked once at
+the start of a run by ``tests/conftest.py``).
 
 Tests synchronise on what they can observe (a log line, a file, a counter, a socket state),
 polled here with a deadline, never on a fixed sleep: a sleep is either too short on a loaded
@@ -11,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sysconfig
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import pytest
 
@@ -44,13 +48,109 @@ async def async_wait_until(predicate: Callable[[], object], timeout: float = 10.
     return bool(predicate())
 
 
+# -- what the test suite drives ---------------------------------------------------------------
+# Every binary, Perl module and plug-in some test drives, with the Debian package that provides
+# it. `make test` installs these packages (TEST_DEBS in the Makefile, kept equal to this list by
+# tests/unit/test_fresh_machine.py); tests/conftest.py checks them before the first test.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not on a normal user's PATH
+CICAP_MODULES = f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu'}/c_icap"
+
+
+@dataclass(frozen=True, slots=True)
+class Requirement:
+    """One external piece some test drives: a ``binary`` (looked up on PATH and the sbin
+    directories), a ``perl`` module (loaded by ``perl -MModule``) or a ``file``."""
+
+    kind: str
+    name: str
+    package: str  # the Debian package that provides it
+
+    def describe(self) -> str:
+        return {"binary": self.name, "perl": f"Perl module {self.name}",
+                "file": self.name}[self.kind]
+
+
+REQUIREMENTS: tuple[Requirement, ...] = (
+    Requirement("binary", "clamd", "clamav-daemon"),
+    Requirement("binary", "clamdscan", "clamdscan"),
+    Requirement("binary", "clamav-milter", "clamav-milter"),
+    Requirement("binary", "swaks", "swaks"),
+    # swaks --tls: "TLS not available: requires Net::SSLeay" (a Recommends, left out by
+    # --no-install-recommends)
+    Requirement("perl", "Net::SSLeay", "libnet-ssleay-perl"),
+    Requirement("perl", "IO::Socket::SSL", "libio-socket-ssl-perl"),
+    Requirement("binary", "postfix", "postfix"),
+    Requirement("binary", "postconf", "postfix"),
+    Requirement("binary", "postqueue", "postfix"),
+    Requirement("binary", "squid", "squid"),
+    Requirement("binary", "c-icap", "c-icap"),
+    Requirement("binary", "c-icap-client", "c-icap"),
+    Requirement("file", f"{CICAP_MODULES}/virus_scan.so", "libc-icap-mod-virus-scan"),
+    Requirement("file", f"{CICAP_MODULES}/clamd_mod.so", "libc-icap-mod-virus-scan"),
+    Requirement("binary", "openssl", "openssl"),  # test certificates (STARTTLS, HTTPS)
+    Requirement("binary", "mount", "mount"),  # the reliability tests' small tmpfs (root)
+    Requirement("binary", "umount", "mount"),
+)
+
+
+def strict_dependencies(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a missing requirement is an error rather than a skip: on CI (``$CI`` set) and
+    wherever ``make test`` installs the packages itself (root with apt-get). A developer
+    machine without root keeps the skips."""
+    env = os.environ if env is None else env
+    if env.get("CI", "").lower() not in ("", "0", "false"):
+        return True
+    return os.geteuid() == 0 and find_binary("apt-get", env) is not None
+
+
+def find_binary(name: str, env: Mapping[str, str] | None = None) -> str | None:
+    """``name`` on ``$PATH``, then in the sbin directories (clamd, postfix, squid live there,
+    and an unprivileged PATH often lacks them)."""
+    env = os.environ if env is None else env
+    path = os.pathsep.join([env.get("PATH", os.defpath), *SBIN_DIRS])
+    return shutil.which(name, path=path)
+
+
+def requirement_present(req: Requirement, env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    if req.kind == "file":
+        return os.path.exists(req.name)
+    if req.kind == "binary":
+        if req.name == "clamd" and env.get("AVGATE_CLAMD"):
+            return os.access(env["AVGATE_CLAMD"], os.X_OK)
+        return find_binary(req.name, env) is not None
+    perl = find_binary("perl", env)
+    if perl is None:
+        return False
+    probe = subprocess.run([perl, f"-M{req.name}", "-e", "1"], capture_output=True,
+                           timeout=30, check=False)
+    return probe.returncode == 0
+
+
+def missing_requirements(requirements: Iterable[Requirement] = REQUIREMENTS,
+                         env: Mapping[str, str] | None = None) -> list[Requirement]:
+    """The requirements that are not installed here."""
+    return [r for r in requirements if not requirement_present(r, env)]
+
+
+def missing_message(missing: Iterable[Requirement]) -> str:
+    """One line: what is missing, and the one command that installs it."""
+    missing = list(missing)
+    packages = " ".join(dict.fromkeys(r.package for r in missing))
+    what = ", ".join(f"{r.describe()} ({r.package})" for r in missing)
+    return (f"avgate tests: missing {what}. Install them with `apt-get install "
+            f"--no-install-recommends {packages}` (`make test` does that when run as root); "
+            "on a developer machine without root and without $CI the tests that need them "
+            "skip instead.")
+
+
 def require_binary(name: str, package: str) -> str:
-    """Path of an installed tool (``$PATH``, then /usr/sbin and /usr/bin). Missing: skip on
-    an unprivileged dev machine, fail as root (CI installs every package it needs)."""
-    found = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)), None)
+    """Path of an installed tool (``$PATH``, then the sbin directories). Missing: skip on an
+    unprivileged dev machine, fail where :func:`strict_dependencies` (CI installs every
+    package it needs)."""
+    found = find_binary(name)
     if found is None:
-        if os.geteuid() == 0:
+        if strict_dependencies():
             pytest.fail(f"{name} is not installed; CI must install it (apt-get install "
                         f"{package})")
         pytest.skip(f"{name} not installed (apt-get install {package})")
@@ -64,7 +164,7 @@ def require_clamd() -> str:
 
     binary = find_clamd()
     if binary is None:
-        if os.geteuid() == 0:
+        if strict_dependencies():
             pytest.fail("clamd is not installed; CI must install it "
                         "(apt-get install clamav-daemon) or set AVGATE_CLAMD")
         pytest.skip("clamd not installed (apt-get install clamav-daemon, or set AVGATE_CLAMD)")

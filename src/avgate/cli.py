@@ -9,15 +9,16 @@ import sys
 import zipfile
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from . import __version__
 from . import config as config_mod
+from .cli_quarantine import ConfigOpt, config_path, quarantine_app, safe
 from .cli_quarantine import load_config as _load_config
-from .cli_quarantine import quarantine_app
 from .errors import AvgateError, ConfigError
+from .reports import report_cli
 from .result import ScanStatus
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -25,9 +26,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 config_app = typer.Typer(no_args_is_help=True, help="Show or check the configuration.")
 app.add_typer(config_app, name="config")
 app.add_typer(quarantine_app, name="quarantine")
+app.command("report")(report_cli)  # avgate report --false-positive|--false-negative FILE
 
-ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config file (TOML).",
-                                               envvar=None)]
+
+# `--config` is accepted at every level, as users type it: `avgate --config X quarantine list`,
+# `avgate quarantine --config X list`, `avgate quarantine list --config X` (the innermost wins;
+# see cli_quarantine.config_path)
+@app.callback()
+def _main(config: ConfigOpt = None) -> None:
+    pass
+
+
+@config_app.callback()
+def _config_group(config: ConfigOpt = None) -> None:
+    pass
 
 EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
 
@@ -36,8 +48,15 @@ def _out(line: str) -> None:
     sys.stdout.write(line + "\n")
 
 
+def _say(line: str) -> None:
+    """A text-mode line naming a scanned object: file names, archive member names and reasons
+    come from whoever made the object, so control characters are shown escaped."""
+    _out(safe(line))
+
+
 @app.command()
 def scan(
+    ctx: typer.Context,
     paths: Annotated[list[str], typer.Argument(
         help="Files, directories, Maildirs, mbox files, or - for stdin.")],
     config: ConfigOpt = None,
@@ -59,6 +78,7 @@ def scan(
     2 error (like clamscan)."""
     import time
 
+    from .observability import ScanLog, scan_event
     from .ondemand import (
         ACTIONS,
         ActionOutcome,
@@ -73,7 +93,7 @@ def scan(
     )
     from .scan import ScanService
 
-    cfg = _load_config(config)
+    cfg = _load_config(config, ctx)
     if action not in ACTIONS:
         typer.echo(f"avgate: --action must be one of {', '.join(ACTIONS)}", err=True)
         raise typer.Exit(2)
@@ -96,24 +116,57 @@ def scan(
         except AvgateError as exc:
             typer.echo(f"avgate: {exc}", err=True)
             raise typer.Exit(2) from None
+    scan_log: ScanLog | None = None
+    if cfg.log.path:
+        # on-demand scans go to the same scan log as online ones (never to stdout: that is
+        # the report)
+        try:
+            scan_log = ScanLog(str(Path(cfg.base_dir, cfg.log.path)), cfg.log.level)
+        except OSError as exc:
+            typer.echo(f"avgate: cannot open the scan log {cfg.log.path}: "
+                       f"{exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
     actions = Actions(action, store)
     summary = Summary()
+    # scan-log events of mbox messages whose action runs at the end (Actions.finish)
+    deferred: dict[str, dict[str, Any]] = {}
 
     def on_error(path: str, reason: str) -> None:
         summary.errors += 1
         if json_out:
             _out(json.dumps({"path": path, "status": "error", "reason": reason}))
         else:
-            _out(f"{path}: {reason} ERROR")
+            _say(f"{path}: {reason} ERROR")
+        if scan_log is not None:
+            scan_log.log({"event": "error", "frontend": "ondemand", "source": path,
+                          "error": reason})
 
     def report(label: str, result_dict: dict[str, object], status: ScanStatus,
                virus: str, reason: str) -> None:
         if json_out:
             _out(json.dumps({"path": label, **result_dict}))
         elif status is ScanStatus.INFECTED:
-            _out(f"{label}: {virus} FOUND")
+            _say(f"{label}: {virus} FOUND")
+        elif status is ScanStatus.SKIPPED:
+            _say(f"{label}: {reason or 'not scanned'} SKIPPED")
+        elif status is ScanStatus.UNKNOWN:
+            _say(f"{label}: {reason or 'undecidable'} UNKNOWN")
         elif status is ScanStatus.ERROR:
-            _out(f"{label}: {reason} ERROR")
+            _say(f"{label}: {reason} ERROR")
+
+    def log_scan(event: dict[str, Any], outcome: ActionOutcome | None) -> None:
+        """Log one object's scan with the action that was carried out (none if it failed)."""
+        if scan_log is None:
+            return
+        if outcome is not None:
+            if outcome.action == "error":
+                event["action_error"] = outcome.detail
+            else:
+                event["actions"] = ["quarantine" if outcome.action == "quarantined"
+                                    else "delete"]
+                if outcome.action == "quarantined":
+                    event["ids"] = {"quarantine": outcome.detail}
+        scan_log.log(event)
 
     def report_action(outcome: ActionOutcome) -> None:
         if outcome.action == "error":
@@ -126,11 +179,11 @@ def scan(
             _out(json.dumps({"path": outcome.label, "action": outcome.action,
                              "detail": outcome.detail}))
         elif outcome.action == "deleted":
-            _out(f"{outcome.label}: Removed.")
+            _say(f"{outcome.label}: Removed.")
         elif outcome.action == "quarantined":
-            _out(f"{outcome.label}: moved to quarantine {outcome.detail}")
+            _say(f"{outcome.label}: moved to quarantine {outcome.detail}")
         else:
-            _out(f"{outcome.label}: {action} failed: {outcome.detail} ERROR")
+            _say(f"{outcome.label}: {action} failed: {outcome.detail} ERROR")
 
     show_progress = (not json_out and not no_progress and sys.stderr.isatty()
                      and any(Path(p).is_dir() for p in paths if p != "-"))
@@ -157,13 +210,22 @@ def scan(
                 summary.add(result)
                 report(target.label, result.to_dict(), result.status, result.virus,
                        result.reason)
+                event = scan_event(result, frontend="ondemand", rule="ondemand",
+                                   source=target.label)
+                if actions.deferred(target, result):
+                    actions.handle(target, result)
+                    deferred[target.label] = event
+                    continue
                 outcome = actions.handle(target, result)
                 if outcome is not None:
                     report_action(outcome)
+                log_scan(event, outcome)
                 if progress is not None and task is not None:
                     progress.update(task, advance=1, description=target.label[-60:])
             for outcome in actions.finish():
                 report_action(outcome)
+                if outcome.label in deferred:
+                    log_scan(deferred.pop(outcome.label), outcome)
         finally:
             if progress is not None:
                 progress.stop()
@@ -171,6 +233,12 @@ def scan(
             await service.close()
             if store is not None:
                 store.close()
+            if scan_log is not None:
+                for event in deferred.values():  # interrupted before their action ran
+                    scan_log.log(event)
+                scan_log.log({"event": "scan_summary", "frontend": "ondemand",
+                              "action": action, **summary.to_dict()})
+                scan_log.close()
         if not quiet and not json_out:
             s = summary
             _out("")
@@ -199,7 +267,7 @@ def scan(
                 write_state(state, run_started)
             else:
                 typer.echo(f"avgate: errors: {state} not advanced", err=True)
-        if not json_out and not quiet:
+        if state is not None and not json_out and not quiet:
             _out(f"Next --since: {format_time(run_started)}")
 
     asyncio.run(run())
@@ -222,12 +290,12 @@ def _selftest_samples() -> list[tuple[str, bytes]]:
 
 
 @app.command()
-def selftest(config: ConfigOpt = None) -> None:
+def selftest(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Send EICAR (plain, zipped, base64 in MIME) through every configured engine."""
     from .scan import ScanService
     from .spool import Spool
 
-    cfg = _load_config(config)
+    cfg = _load_config(config, ctx)
 
     async def run() -> int:
         failures = 0
@@ -258,10 +326,10 @@ def selftest(config: ConfigOpt = None) -> None:
 
 
 @config_app.command("show")
-def config_show(config: ConfigOpt = None,
+def config_show(ctx: typer.Context, config: ConfigOpt = None,
                 json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Print the effective configuration."""
-    cfg = _load_config(config)
+    cfg = _load_config(config, ctx)
     data = cfg.to_dict()
     if json_out:
         _out(json.dumps(data, indent=2))
@@ -271,10 +339,11 @@ def config_show(config: ConfigOpt = None,
 
 
 @config_app.command("check")
-def config_check(file: Annotated[str | None, typer.Argument(help="Config file.")] = None,
+def config_check(ctx: typer.Context,
+                 file: Annotated[str | None, typer.Argument(help="Config file.")] = None,
                  config: ConfigOpt = None) -> None:
     """Validate a config file; exit 0 when valid, 1 with the reasons otherwise."""
-    path = file or config_mod.resolve_path(config)
+    path = file or config_mod.resolve_path(config_path(config, ctx))
     if path is None:
         _out("no config file given: the built-in defaults are valid")
         raise typer.Exit(0)
@@ -288,20 +357,20 @@ def config_check(file: Annotated[str | None, typer.Argument(help="Config file.")
 
 
 @app.command()
-def serve(config: ConfigOpt = None) -> None:
+def serve(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Run the enabled front-ends."""
     from .serve import run
 
-    cfg = _load_config(config)
+    cfg = _load_config(config, ctx)
     raise typer.Exit(run(cfg))
 
 
 @app.command("qmail-queue")
-def qmail_queue(config: ConfigOpt = None) -> None:
+def qmail_queue(ctx: typer.Context, config: ConfigOpt = None) -> None:
     """Drop-in for qmail-queue (QMAILQUEUE): message on fd 0, envelope on fd 1."""
     from .frontends.qmail import qmail_queue_command
 
-    raise typer.Exit(qmail_queue_command(config))
+    raise typer.Exit(qmail_queue_command(config_path(config, ctx)))
 
 
 @app.command()

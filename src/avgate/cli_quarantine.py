@@ -54,14 +54,32 @@ def _echo(text: str, err: bool = False) -> None:
     typer.echo(safe(text), err=err)
 
 
-def load_config(path: str | None) -> config_mod.Config:
-    """The config, or exit 2 with every problem on stderr (shared by every subcommand)."""
+def config_path(path: str | None, ctx: typer.Context | None) -> str | None:
+    """``--config`` as given to this subcommand, else to the nearest command group above it:
+    ``avgate --config X quarantine list``, ``avgate quarantine --config X list`` and
+    ``avgate quarantine list --config X`` all mean the same (the innermost one wins)."""
+    node: Any = ctx  # a typer (click) Context; its parents are click's own type
+    while path is None and node is not None:
+        path = node.params.get("config")
+        node = node.parent
+    return path
+
+
+def load_config(path: str | None, ctx: typer.Context | None = None) -> config_mod.Config:
+    """The config, or exit 2 with every problem on stderr (shared by every subcommand);
+    ``ctx``: a ``--config`` given to a command group counts too (:func:`config_path`)."""
     try:
-        return config_mod.load(path)
+        return config_mod.load(config_path(path, ctx))
     except ConfigError as exc:
         for line in exc.problems:
             _echo(f"config error: {line}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
+
+
+@quarantine_app.callback()
+def _group(config: ConfigOpt = None) -> None:
+    # `avgate quarantine --config X list`: the subcommands read it through config_path
+    pass
 
 
 @contextmanager
@@ -90,7 +108,7 @@ def _only(flag: str, what: str) -> Any:
 
 
 @quarantine_app.command("list")
-def list_(config: ConfigOpt = None,
+def list_(ctx: typer.Context, config: ConfigOpt = None,
           json_out: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
           virus: Annotated[str | None, _only("--virus", "with a finding matching this glob")
                            ] = None,
@@ -107,7 +125,7 @@ def list_(config: ConfigOpt = None,
     """List quarantined objects, oldest first."""
     from .ondemand import parse_since
 
-    cfg = load_config(config)
+    cfg = load_config(config, ctx)
     try:
         since_ts = parse_since(since) if since is not None else None
     except ValueError as exc:
@@ -133,10 +151,10 @@ def list_(config: ConfigOpt = None,
 
 
 @quarantine_app.command()
-def show(record_id: IdArg, config: ConfigOpt = None,
+def show(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None,
          json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Metadata of one record and a summary of its parts."""
-    cfg = load_config(config)
+    cfg = load_config(config, ctx)
     with _store(cfg) as store:
         rec = store.get(record_id)
         parts = _parts(store.read_raw(record_id), cfg)
@@ -144,7 +162,8 @@ def show(record_id: IdArg, config: ConfigOpt = None,
             typer.echo(json.dumps({**rec.to_dict(), "parts": parts}))
             return
         d = rec.to_dict()
-        for key in ("id", "created", "frontend", "listener", "client_addr", "helo", "sender"):
+        for key in ("id", "created", "frontend", "listener", "source", "client_addr", "helo",
+                    "sender"):
             _echo(f"{key + ':':<13} {d[key] or '-'}")
         _echo(f"{'recipients:':<13} {', '.join(rec.envelope.recipients) or '-'}")
         _echo(f"{'status:':<13} {rec.status}")
@@ -185,9 +204,9 @@ def _parts(data: bytes, cfg: config_mod.Config) -> list[dict[str, object]]:
 
 
 @quarantine_app.command()
-def export(record_id: IdArg, config: ConfigOpt = None) -> None:
+def export(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None) -> None:
     """Write the object, byte-for-byte, to stdout (``> file.eml``)."""
-    cfg = load_config(config)
+    cfg = load_config(config, ctx)
     with _store(cfg) as store, store.open_raw(record_id) as f:
         out = sys.stdout.buffer
         while chunk := f.read(1 << 16):
@@ -196,14 +215,14 @@ def export(record_id: IdArg, config: ConfigOpt = None) -> None:
 
 
 @quarantine_app.command("release")
-def release_(record_id: IdArg, config: ConfigOpt = None,
+def release_(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None,
              to: Annotated[list[str] | None, typer.Option(
                  "--to", help="Send to this address instead of the original recipients "
                               "(repeatable).")] = None,
              force: Annotated[bool, typer.Option(
                  "--force", help="Release even if it was released before.")] = False) -> None:
     """Re-inject the object over SMTP to [quarantine] next_hop with its original envelope."""
-    cfg = load_config(config)
+    cfg = load_config(config, ctx)
     next_hop = cfg.quarantine.next_hop
     with _store(cfg) as store:
         rec = asyncio.run(release(store, record_id, next_hop, to=to or None, force=force))
@@ -211,44 +230,46 @@ def release_(record_id: IdArg, config: ConfigOpt = None,
 
 
 @quarantine_app.command()
-def delete(record_id: IdArg, config: ConfigOpt = None) -> None:
+def delete(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None) -> None:
     """Delete one record and its content."""
-    cfg = load_config(config)
+    cfg = load_config(config, ctx)
     with _store(cfg) as store:
         store.delete(record_id)
         _echo(f"{record_id}: deleted")
 
 
 @quarantine_app.command()
-def purge(older_than: Annotated[float, typer.Option(
+def purge(ctx: typer.Context,
+          older_than: Annotated[float, typer.Option(
               "--older-than", min=0, help="Delete records older than DAYS.")],
           config: ConfigOpt = None) -> None:
     """Delete every record quarantined more than DAYS days ago."""
-    cfg = load_config(config)
+    cfg = load_config(config, ctx)
     with _store(cfg) as store:
         ids = store.purge(older_than)
         _echo(f"purged {len(ids)} record(s)")
 
 
 @quarantine_app.command("report")
-def report_(record_id: IdArg, config: ConfigOpt = None,
+def report_(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None,
             false_positive: Annotated[bool, typer.Option("--false-positive")] = False,
             false_negative: Annotated[bool, typer.Option("--false-negative")] = False) -> None:
     """Send the object (attached as message/rfc822) to [quarantine] report_to."""
     if false_positive == false_negative:
         _echo("avgate: give exactly one of --false-positive, --false-negative", err=True)
         raise typer.Exit(EXIT_ERROR)
-    cfg = load_config(config)
+    cfg = load_config(config, ctx)
     settings = cfg.quarantine
-    report_to = settings.report_to
-    if not report_to:
-        _echo("avgate: [quarantine] report_to is not configured", err=True)
-        raise typer.Exit(EXIT_ERROR)
     kind = "false-positive" if false_positive else "false-negative"
+    report_to = settings.report_address(kind)  # report_fp_to / report_fn_to, else report_to
+    if not report_to:
+        key = "report_fp_to" if false_positive else "report_fn_to"
+        _echo(f"avgate: [quarantine] {key} (or report_to) is not configured", err=True)
+        raise typer.Exit(EXIT_ERROR)
     with _store(cfg) as store:
         asyncio.run(report(store, record_id, kind, settings.next_hop, settings.report_from,
                            report_to))
         _echo(f"{record_id}: {kind} report sent to {report_to}")
 
 
-__all__ = ["quarantine_app"]
+__all__ = ["ConfigOpt", "config_path", "load_config", "quarantine_app", "safe"]

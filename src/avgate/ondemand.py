@@ -18,9 +18,17 @@ Stores understood:
 ``--since`` keeps objects modified after a time (an mbox counts as one object: when it
 changed, all its messages are scanned); ``--state FILE`` stores the time just before a run
 started and uses it as the next run's ``--since``. Actions on infected objects: ``report``
-(nothing), ``delete``, ``quarantine`` (into the quarantine store, then removed). An mbox is
-rewritten without the infected messages under an fcntl lock, atomically, every other
-message left byte-identical.
+(nothing), ``delete``, ``quarantine`` (into the quarantine store with ``source`` = the path, or
+``PATH:INDEX`` for an mbox message; then removed). An mbox is rewritten without the infected
+messages under an fcntl lock, atomically, every other message left byte-identical.
+
+The new copy of an mbox is written as an unnamed file (``O_TMPFILE``) in the mbox's directory
+and gets a name, ``.avgate-mbox-NAME.PID.tmp``, only once it is complete, just before it
+replaces the mbox: no mail tool listing that directory sees a half-written mailbox. A run
+killed in that last step leaves the named copy; the next ``delete``/``quarantine`` run that
+meets the mbox removes it under the mbox's lock (as well as the ``.avgate-mbox-XXXXXXXX``
+copies of older versions), and the walker never scans such files. On filesystems without
+``O_TMPFILE`` the copy is written under its dot-name from the start.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import asyncio
 import contextlib
 import email.parser
 import email.policy
+import errno
 import fcntl
 import hashlib
 import os
@@ -52,6 +61,9 @@ if TYPE_CHECKING:
 ACTIONS = ("report", "delete", "quarantine")
 MAILDIR_SUBDIRS = frozenset({"cur", "new", "tmp"})
 _MBOXRD_QUOTED = re.compile(rb"^>(>*From )", re.MULTILINE)
+MBOX_TMP_PREFIX = ".avgate-mbox-"  # a rewritten mbox's copy: .avgate-mbox-NAME.PID.tmp
+_MBOX_TMP_NAME_MAX = 100  # characters of the mbox's name kept in its copy's name
+_LEGACY_MBOX_TMP = re.compile(r"^\.avgate-mbox-[a-z0-9_]{8}$")  # mkstemp's, before issue 13
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +289,8 @@ def iter_targets(paths: Iterable[str], summary: Summary,
                 if MAILDIR_SUBDIRS <= set(dirs):
                     dirs.remove("tmp")  # deliveries in progress, not messages yet
                 for name in sorted(files):
+                    if name.startswith(MBOX_TMP_PREFIX):
+                        continue  # an mbox copy of ours (see the module docstring)
                     full = os.path.join(root, name)
                     if os.path.islink(full) and not os.path.exists(full):
                         continue
@@ -326,7 +340,8 @@ async def scan_targets(service: ScanService, targets: Iterable[Target],
 # -- actions --------------------------------------------------------------------------------
 def envelope_from_headers(data: bytes, listener: str = "") -> Envelope:
     """Best-effort envelope of a stored message: Return-Path, Delivered-To / X-Original-To
-    (what delivery agents record), so a release can send it where it was going."""
+    (what delivery agents record), so a release can send it where it was going. On-demand
+    records leave ``listener`` empty: where the object lay is their ``source``."""
     from .quarantine.store import Envelope
 
     head = data.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
@@ -361,9 +376,18 @@ class Actions:
         self.action = action
         self.store = store
         self._mbox: dict[str, list[tuple[Target, ScanResult]]] = {}
+        self._mbox_seen: set[str] = set()  # every mbox met: stale copies are cleaned at finish
+
+    def deferred(self, target: Target, result: ScanResult) -> bool:
+        """Whether :meth:`handle` leaves this object's action to :meth:`finish` (an infected
+        mbox message: the mbox is rewritten once, with every such message removed)."""
+        return (self.action != "report" and result.status is ScanStatus.INFECTED
+                and target.mbox is not None)
 
     def handle(self, target: Target, result: ScanResult) -> ActionOutcome | None:
         """Act on one result now (files) or later (mbox messages); None when nothing to do."""
+        if self.action != "report" and target.mbox is not None:
+            self._mbox_seen.add(target.mbox.mbox)
         if self.action == "report" or result.status is not ScanStatus.INFECTED:
             return None
         if target.mbox is not None:
@@ -377,8 +401,8 @@ class Actions:
                 with Spool.from_path(target.path) as spool:
                     head = next(spool.chunks(1 << 16), b"")
                     record_id = self.store.put(
-                        spool, envelope_from_headers(head, target.path), result,
-                        frontend="ondemand", rule="ondemand", actions=("quarantine",))
+                        spool, envelope_from_headers(head), result, frontend="ondemand",
+                        rule="ondemand", actions=("quarantine",), source=target.label)
                 os.unlink(target.path)
                 return ActionOutcome(target.label, "quarantined", record_id)
             os.unlink(target.path)
@@ -387,23 +411,26 @@ class Actions:
             return ActionOutcome(target.label, "error", str(exc))
 
     def finish(self) -> list[ActionOutcome]:
-        """Rewrite each mbox that held infected messages; return what happened to each."""
+        """Rewrite each mbox that held infected messages; return what happened to each.
+        Every other mbox met loses the stale copies a killed run left beside it."""
         outcomes: list[ActionOutcome] = []
         for path, items in sorted(self._mbox.items()):
             outcomes.extend(self._rewrite_mbox(path, sorted(
                 items, key=lambda it: it[0].mbox.index if it[0].mbox else 0)))
+        for path in sorted(self._mbox_seen - self._mbox.keys()):
+            with contextlib.suppress(OSError):  # best effort: nothing was asked of this mbox
+                os.close(_open_locked(path))
         self._mbox.clear()
+        self._mbox_seen.clear()
         return outcomes
 
     def _rewrite_mbox(self, path: str,
                       items: list[tuple[Target, ScanResult]]) -> list[ActionOutcome]:
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = _open_locked(path)
         except OSError as exc:
             return [ActionOutcome(t.label, "error", exc.strerror or str(exc)) for t, _ in items]
         try:
-            # MDAs lock the mbox with fcntl too: nothing is appended while we rewrite
-            fcntl.lockf(fd, fcntl.LOCK_EX)
             with open(fd, "rb", closefd=False) as f:
                 data = f.read()
             removals: list[tuple[int, int]] = []
@@ -421,9 +448,9 @@ class Actions:
                     assert self.store is not None and target.data is not None
                     try:
                         detail = self.store.put(
-                            target.data, envelope_from_headers(target.data, target.label),
-                            result, frontend="ondemand", rule="ondemand",
-                            actions=("quarantine",))
+                            target.data, envelope_from_headers(target.data), result,
+                            frontend="ondemand", rule="ondemand", actions=("quarantine",),
+                            source=target.label)
                     except Exception as exc:
                         outcomes.append(ActionOutcome(target.label, "error", str(exc)))
                         continue
@@ -443,30 +470,95 @@ class Actions:
     def _write_without(path: str, fd: int, data: bytes,
                        removals: list[tuple[int, int]]) -> None:
         directory = os.path.dirname(os.path.abspath(path))
-        tmp_fd, tmp = tempfile.mkstemp(prefix=".avgate-mbox-", dir=directory)
+        tmp = os.path.join(directory, _mbox_tmp_name(path))
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with os.fdopen(tmp_fd, "wb") as out:
-                pos = 0
-                for start, end in sorted(removals):
-                    out.write(data[pos:start])
-                    pos = end
-                out.write(data[pos:])
-                out.flush()
-                st = os.fstat(fd)
-                os.fchmod(out.fileno(), st.st_mode & 0o7777)
-                with contextlib.suppress(PermissionError):  # only root may give away files
-                    os.fchown(out.fileno(), st.st_uid, st.st_gid)
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
+            named = False
+            try:
+                # unnamed until complete: nobody listing the directory sees a partial mbox
+                out_fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o600, dir_fd=dfd)
+            except (OSError, AttributeError):  # no O_TMPFILE on this filesystem (or OS)
+                out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                named = True
+            try:
+                with os.fdopen(out_fd, "wb") as out:
+                    pos = 0
+                    for start, end in sorted(removals):
+                        out.write(data[pos:start])
+                        pos = end
+                    out.write(data[pos:])
+                    out.flush()
+                    st = os.fstat(fd)
+                    os.fchmod(out.fileno(), st.st_mode & 0o7777)
+                    with contextlib.suppress(PermissionError):  # only root may give away files
+                        os.fchown(out.fileno(), st.st_uid, st.st_gid)
+                    os.fsync(out.fileno())
+                    if not named:
+                        # linkat(AT_SYMLINK_FOLLOW) through /proc: the way to name an O_TMPFILE
+                        os.link(f"/proc/self/fd/{out.fileno()}", os.path.basename(tmp),
+                                dst_dir_fd=dfd, follow_symlinks=True)
+                        named = True
+                os.replace(tmp, path)
+            except BaseException:
+                if named:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                raise
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _mbox_tmp_name(path: str) -> str:
+    """The name of ``path``'s rewritten copy while it replaces the mbox (a dot-file)."""
+    return (f"{MBOX_TMP_PREFIX}{os.path.basename(path)[:_MBOX_TMP_NAME_MAX]}."
+            f"{os.getpid()}.tmp")
+
+
+def _is_stale_copy(name: str, mbox_name: str) -> bool:
+    """Whether ``name`` is a rewritten copy of the mbox called ``mbox_name`` (any pid), or a
+    copy an older avgate made (``.avgate-mbox-`` and mkstemp's 8 characters)."""
+    prefix = f"{MBOX_TMP_PREFIX}{mbox_name[:_MBOX_TMP_NAME_MAX]}."
+    if name.startswith(prefix) and name.endswith(".tmp"):
+        return name[len(prefix):-len(".tmp")].isdigit()
+    return _LEGACY_MBOX_TMP.match(name) is not None
+
+
+def _open_locked(path: str) -> int:
+    """``path`` opened read-write under an exclusive fcntl lock (MDAs lock the mbox with fcntl
+    too: nothing is appended while we rewrite), then cleared of stale copies.
+
+    The lock is taken on the file now at ``path``: a process that opened the mbox before
+    another one replaced it would otherwise lock, read and rewrite the replaced file. Under
+    that lock no live rewrite of this mbox exists, so every copy of it lying beside it was
+    left by a run that was killed; removing one can at worst make a concurrent rewrite by an
+    older avgate fail cleanly (its rename finds nothing), never lose mail.
+    """
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            st = os.fstat(fd)
+            now = os.stat(path)
+            if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # replaced while we waited for the lock: take the new one
+    else:
+        raise OSError(errno.EAGAIN, "the mbox keeps being replaced; left as is")
+    try:
+        directory = os.path.dirname(os.path.abspath(path))
+        name = os.path.basename(path)
+        for entry in os.scandir(directory):
+            if entry.name.startswith(MBOX_TMP_PREFIX) and _is_stale_copy(entry.name, name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def scan_bytes_sync(service: ScanService, data: bytes) -> ScanResult:

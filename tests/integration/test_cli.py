@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.clamd_daemon import EICAR_NAME
 from tests.corpus import EICAR
+from tests.helpers import require_binary
 
 AVGATE = [sys.executable, "-m", "avgate.cli"]
 
@@ -81,6 +83,28 @@ def test_selftest_fails_when_clamd_down(tmp_path):
                    'connect_timeout = 0.5\n')
     p = run("selftest", "--config", str(cfg))
     assert p.returncode == 1 and "FAIL" in text(p)
+
+
+def test_scan_with_indimail_qhpsi_command_line(tmp_path, clamd_alive):
+    """IndiMail's QHPSI line, `%s` and all, runs as the command engine (issue 13): real
+    clamdscan against the test clamd."""
+    clamdscan = require_binary("clamdscan", "clamdscan")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text('[[engines]]\ntype = "command"\n'
+                   f'command = "{clamdscan} %s --quiet --no-summary '
+                   f'--config-file={clamd_alive.config_path}"\n')
+    (tmp_path / "eicar.com").write_bytes(EICAR)
+    (tmp_path / "clean.txt").write_bytes(b"hello\n")
+    p = run("scan", "--config", str(cfg), "eicar.com", "clean.txt", cwd=tmp_path)
+    assert p.returncode == 1, text(p) + p.stderr.decode()
+    # --quiet keeps clamdscan from printing the name: the exit code alone says infected
+    assert [line for line in text(p).splitlines() if line.endswith(" FOUND")] == [
+        "eicar.com: Unknown.Virus FOUND"]
+    assert "Infected files: 1" in text(p) and "Errors: 0" in text(p)
+    # without --quiet the name comes through
+    cfg.write_text(cfg.read_text().replace(" --quiet", ""))
+    p = run("scan", "--config", str(cfg), "eicar.com", cwd=tmp_path)
+    assert p.returncode == 1 and f"eicar.com: {EICAR_NAME} FOUND" in text(p)
 
 
 def test_config_check_and_show(tmp_path):

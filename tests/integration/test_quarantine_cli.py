@@ -176,3 +176,81 @@ def test_list_filters_are_the_stores(setup: tuple[Path, Path, Sink]) -> None:
         assert listed("--since", since) == ["alice@example.org"], since
     assert listed("--since", "@99999999999") == []
     assert q("list", "-c", str(cfg), "--since", "yesterday-ish").exit_code == 2
+
+
+# -- issue 13: --config at every level; on-demand records' source, old stores migrated --------
+def test_config_is_accepted_at_every_level(setup: tuple[Path, Path, Sink], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, md, _ = setup
+    monkeypatch.chdir(tmp_path)  # the built-in default store would be ./var/quarantine
+    scan = CliRunner().invoke(app, ["--config", str(cfg), "scan", "--no-progress",
+                                    "--action", "quarantine", str(md)])
+    assert scan.exit_code == 1, scan.output
+    for args in (["quarantine", "--config", str(cfg), "list", "--json"],
+                 ["quarantine", "-c", str(cfg), "list", "--json"],
+                 ["--config", str(cfg), "quarantine", "list", "--json"],
+                 ["quarantine", "list", "--json", "--config", str(cfg)],
+                 # the innermost wins
+                 ["--config", str(tmp_path / "other.toml"), "quarantine", "--config", str(cfg),
+                  "list", "--json"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, (args, r.output)
+        assert [json.loads(line)["source"] for line in r.stdout.splitlines()] == [
+            str(md / "new" / "1.host")], args
+    assert not (tmp_path / "var").exists()
+    (rec_id,) = [json.loads(line)["id"] for line in CliRunner().invoke(
+        app, ["-c", str(cfg), "quarantine", "list", "--json"]).stdout.splitlines()]
+    r = CliRunner().invoke(app, ["quarantine", "--config", str(cfg), "show", rec_id])
+    assert r.exit_code == 0 and f"source:       {md / 'new' / '1.host'}" in r.stdout
+    assert "listener:     -" in r.stdout
+    for args in (["--config", str(cfg), "config", "show"],
+                 ["config", "--config", str(cfg), "show"]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0 and f"source: {cfg}" in r.stdout, (args, r.output)
+    r = CliRunner().invoke(app, ["config", "--config", str(cfg), "check"])
+    assert r.exit_code == 0 and f"{cfg}: OK" in r.stdout
+
+
+# the index as avgate made it before records had a source (on-demand kept the path in listener)
+OLD_SCHEMA = """
+CREATE TABLE records (
+    id TEXT PRIMARY KEY, created REAL NOT NULL, sender TEXT NOT NULL,
+    recipients TEXT NOT NULL, client_addr TEXT NOT NULL, helo TEXT NOT NULL,
+    listener TEXT NOT NULL, frontend TEXT NOT NULL, sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL, status TEXT NOT NULL, viruses TEXT NOT NULL, result TEXT NOT NULL,
+    rule TEXT NOT NULL, actions TEXT NOT NULL, released REAL, released_to TEXT);
+CREATE INDEX records_created ON records(created);
+"""
+
+
+def test_an_older_store_is_migrated(tmp_path: Path) -> None:
+    import hashlib
+    import sqlite3
+    import time
+
+    qdir = tmp_path / "q"
+    (qdir / "objects").mkdir(parents=True)
+    db = sqlite3.connect(qdir / "index.sqlite3")
+    db.executescript(OLD_SCHEMA)
+    rows = [("20240101T000000000000Z-00000000000000a1", "ondemand", "/srv/mail/inbox:2"),
+            ("20240101T000000000001Z-00000000000000a2", "smtp", "in")]
+    for rid, frontend, listener in rows:
+        (qdir / "objects" / rid).write_bytes(EICAR)
+        db.execute("INSERT INTO records VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (rid, time.time(), "", "[]", "", "", listener, frontend,
+                    hashlib.sha256(EICAR).hexdigest(), len(EICAR), "infected",
+                    '["Eicar-Test-Signature"]', "{}", "ondemand", '["quarantine"]', None,
+                    None))
+    db.commit()
+    db.close()
+    cfg = tmp_path / "avgate.toml"
+    cfg.write_text(f'[quarantine]\npath = "{qdir}"\n')
+    r = CliRunner().invoke(app, ["quarantine", "--config", str(cfg), "list", "--json"])
+    assert r.exit_code == 0, r.output
+    got = [(d["frontend"], d["listener"], d["source"])
+           for d in map(json.loads, r.stdout.splitlines())]
+    assert got == [("ondemand", "", "/srv/mail/inbox:2"), ("smtp", "in", "")]
+    # opened again (already migrated): unchanged, and new records can be written
+    r = CliRunner().invoke(app, ["quarantine", "--config", str(cfg), "list", "--json"])
+    assert [json.loads(line)["source"] for line in r.stdout.splitlines()] == [
+        "/srv/mail/inbox:2", ""]

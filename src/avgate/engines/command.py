@@ -1,7 +1,9 @@
 """Command engine: runs an external scanner on the spooled file (QHPSI style).
 
 ``command = "clamdscan --no-summary --fdpass {path}"`` is split with :mod:`shlex` once, at
-config time. ``{path}`` is replaced inside its argv element by the spool's absolute path and
+config time. ``{path}`` — or ``%s``, IndiMail's QHPSI form (``QHPSI='/usr/bin/clamdscan %s
+--quiet --no-summary'`` can be copied as it is) — is replaced inside its argv element by the
+spool's absolute path, in one pass (a path containing ``%s`` or ``{path}`` stays as it is), and
 the program is executed directly, never through a shell: a file name full of shell
 metacharacters is just bytes in one argument. The exit code decides the verdict; the virus
 name comes from stdout (``virus_regex``). On timeout the whole process group is killed, so a
@@ -27,6 +29,8 @@ from ..spool import Spool
 from .base import BaseEngine, EngineContext, EngineSettings
 
 PATH_PLACEHOLDER = "{path}"
+QHPSI_PLACEHOLDER = "%s"  # IndiMail's QHPSI command lines: the same placeholder
+_PLACEHOLDERS = re.compile(r"\{path\}|%s")
 DEFAULT_VIRUS_REGEX = r":\s+(\S+)\s+FOUND\s*$"  # clamscan/clamdscan: "<path>: <name> FOUND"
 UNKNOWN_VIRUS = "Unknown.Virus"
 _STDOUT_CAP = 64 * 1024  # enough for any scanner's verdict lines; the rest is drained
@@ -42,8 +46,9 @@ def _argv(value: Any) -> tuple[str, ...]:
         argv = list(value)
     else:
         raise ValueError("expected a string or a list of strings")
-    if not any(PATH_PLACEHOLDER in a for a in argv):
-        raise ValueError(f"must contain {PATH_PLACEHOLDER}")
+    if not any(_PLACEHOLDERS.search(a) for a in argv):
+        raise ValueError(f"must contain {PATH_PLACEHOLDER} (or {QHPSI_PLACEHOLDER}, as in "
+                         "IndiMail's QHPSI)")
     return tuple(argv)
 
 
@@ -71,8 +76,8 @@ ExitCodes = Annotated[tuple[int, ...], BeforeValidator(_exit_codes)]
 class CommandEngineSettings(EngineSettings):
     """``[[engines]] type = "command"``.
 
-    command: the scanner's command line with ``{path}`` (a string, split once like a shell
-        would but never run by one, or a list of arguments)
+    command: the scanner's command line with ``{path}`` or ``%s`` (a string, split once like a
+        shell would but never run by one, or a list of arguments)
     clean_exit, infected_exit, error_exit: exit codes (one or a list) of each verdict; any
         other exit is an error too
     virus_regex: finds the virus name in stdout (group "virus", else the first group)
@@ -124,10 +129,11 @@ class CommandEngine(BaseEngine):
         return os.path.basename(self.argv[0])
 
     def argv_for(self, path: str) -> list[str]:
-        """The argv for one file: ``{path}`` replaced textually, never re-split."""
+        """The argv for one file: ``{path}`` and ``%s`` replaced textually in one pass (the
+        path itself is never searched for placeholders), never re-split."""
         # absolute, so a file named "-rf" can never be read as an option
         path = os.path.abspath(path)
-        return [a.replace(PATH_PLACEHOLDER, path) for a in self.argv]
+        return [_PLACEHOLDERS.sub(lambda _: path, a) for a in self.argv]
 
     async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
         argv = self.argv_for(spool.path())

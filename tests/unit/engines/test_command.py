@@ -25,7 +25,7 @@ CTX = EngineContext()
 # The scanner reads the file it was given and acts on its content, clamscan-style.
 SCANNER = r'''
 import os, sys, time
-path = sys.argv[-1]
+path = next(a for a in reversed(sys.argv[1:]) if not a.startswith("-"))
 data = open(path, "rb").read()
 if data.startswith(b"SLEEP"):
     pid_file = data.split()[1].decode()
@@ -194,3 +194,27 @@ def test_command_may_be_a_list() -> None:
         {"type": "command", "command": ["scan", "--x", "{path}"]}]}).engines
     eng = build_engine(settings, CTX)
     assert isinstance(eng, CommandEngine) and eng.argv == ("scan", "--x", "{path}")
+
+
+# -- issue 13: IndiMail's QHPSI form ----------------------------------------------------------
+async def test_percent_s_is_the_path_placeholder_too(scanner: str) -> None:
+    """QHPSI='/usr/bin/clamdscan %s --quiet --no-summary' copied as it is."""
+    eng = make(scanner, command=f"{sys.executable} {scanner} %s --quiet --no-summary")
+    assert eng.argv_for("/tmp/x")[2:] == ["/tmp/x", "--quiet", "--no-summary"]
+    result = await scan(eng, b"VIRUS Win.Test.Qhpsi")
+    assert result.status is ScanStatus.INFECTED and result.virus == "Win.Test.Qhpsi"
+    assert (await scan(eng, b"hello")).status is ScanStatus.CLEAN
+
+
+def test_placeholders_are_replaced_in_one_pass(scanner: str) -> None:
+    eng = make(scanner, command="scan --file=%s {path}")
+    # a path containing a placeholder is passed as it is, never substituted again
+    assert eng.argv_for("/tmp/a%s{path}") == ["scan", "--file=/tmp/a%s{path}",
+                                              "/tmp/a%s{path}"]
+
+
+def test_config_accepts_percent_s() -> None:
+    [settings] = config.from_dict({"engines": [
+        {"type": "command", "command": "/usr/bin/clamdscan %s --quiet --no-summary"}]}).engines
+    assert isinstance(settings, CommandEngineSettings)
+    assert settings.command == ("/usr/bin/clamdscan", "%s", "--quiet", "--no-summary")
