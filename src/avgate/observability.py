@@ -4,6 +4,15 @@ The scan log is the audit trail: one JSON object per line for every scan and eve
 written by one writer per process and flushed per line, so ``tail -f`` and log shippers see
 whole lines. Metrics live in a module-level registry (not the prometheus-client default
 one, so tests and embedding applications do not collide); the HTTP front-end exposes it.
+
+Debug lines (``[log] level = "debug"``) go to the same scan log. Code that holds the gateway
+writes ``gateway.log.debug({"event": ..., ...})`` (a front-end's protocol steps); code
+without one (the engines) calls :func:`debug`, which writes to the scan log this process
+opened last (a :class:`ScanLog` registers itself; ``close`` unregisters it). Both drop the
+line unless the level is ``debug``; test :func:`debug_enabled` (``ScanLog.debug_enabled``)
+first when building the line costs something. A debug line summarises — command, sizes,
+reply, timing — and never carries message bodies or secrets (passwords, tokens, proxy
+credentials). Writing one never fails the caller.
 """
 
 from __future__ import annotations
@@ -63,9 +72,13 @@ class LogSettings(Section):
 
 
 class ScanLog:
-    """JSON-lines writer: ``path`` (appended to, created 0o600) or stdout when None."""
+    """JSON-lines writer: ``path`` (appended to, created 0o600) or stdout when None.
 
-    def __init__(self, path: str | None = None, level: str = "info") -> None:
+    ``register`` (default): become the process's log for :func:`debug`.
+    """
+
+    def __init__(self, path: str | None = None, level: str = "info", *,
+                 register: bool = True) -> None:
         if level not in _LEVELS:
             raise ValueError(f"unknown log level {level!r}")
         self.level = level
@@ -80,6 +93,9 @@ class ScanLog:
             # the log names senders and recipients: not world-readable
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._stream = open(fd, "a", encoding="utf-8", buffering=1)
+        if register:
+            global _current
+            _current = self
 
     @property
     def debug_enabled(self) -> bool:
@@ -96,15 +112,46 @@ class ScanLog:
             self._stream.flush()
 
     def debug(self, event: dict[str, Any]) -> None:
-        """A debug line (engine dialogue — never content bytes); dropped unless level=debug."""
+        """A debug line (a protocol step, an engine request — summaries, never content bytes
+        nor secrets); dropped unless level=debug. Never raises: a debug line that cannot be
+        written (stream closed, disk full) must not fail the scan or session it describes."""
         if self.debug_enabled:
-            self.log({"level": "debug", **event}, level="debug")
+            try:
+                self.log({"level": "debug", **event}, level="debug")
+            except (OSError, ValueError):
+                pass
 
     def close(self) -> None:
-        """Close the file (stdout is left open)."""
+        """Close the file (stdout is left open); stop being the process's debug log."""
+        global _current
+        if _current is self:
+            _current = None
         if self._own:
             with self._lock:
                 self._stream.close()
+
+
+#: the scan log :func:`debug` writes to (the one this process opened last)
+_current: ScanLog | None = None
+
+
+def current_log() -> ScanLog | None:
+    """The process's scan log (the one opened last and not closed), if any."""
+    return _current
+
+
+def debug_enabled() -> bool:
+    """Whether :func:`debug` writes anything (a scan log is open with level ``debug``)."""
+    log = _current
+    return log is not None and log.debug_enabled
+
+
+def debug(event: dict[str, Any]) -> None:
+    """Write a debug line to the process's scan log (see the module docstring); a no-op
+    unless one is open with level ``debug``. Never raises."""
+    log = _current
+    if log is not None:
+        log.debug(event)
 
 
 class RateLimitedLog:

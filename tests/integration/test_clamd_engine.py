@@ -111,6 +111,38 @@ async def test_health_reports_each_server(clamd_alive: ClamdDaemon) -> None:
     assert by_server["unix:/nonexistent/clamd.sock"]["down"] is True
 
 
+async def test_real_clamd_through_a_socks5_proxy(clamd_alive: ClamdDaemon) -> None:
+    """Sun's SOCKS set-up: an authenticating SOCKS5 proxy in front of a real clamd; the proxy
+    resolves clamd's name (``localhost`` here) and relays every byte."""
+    from tests.unit.engines.socks5_server import Socks5Server
+
+    proxy = await Socks5Server(user="sun", password="pw-1").start()  # noqa: S106 - test proxy
+    try:
+        port = int(clamd_alive.tcp.rsplit(":", 1)[1])
+        eng = ClamdEngine(ClamdEngineSettings(
+            servers=({"url": f"tcp://localhost:{port}", "socks": proxy.url()},),
+            connect_timeout=2, scan_timeout=20), CTX)
+        await eng.start()
+        assert eng.version().startswith("ClamAV 1.")  # VERSION went through the proxy
+        infected = await eng.scan(Spool.from_bytes(b"x" * 100_000 + MARKER + b" text"))
+        clean = await eng.scan(Spool.from_bytes(b"nothing to see here"))
+        health = await eng.health()
+        await eng.close()
+        wrong = ClamdEngine(ClamdEngineSettings(
+            servers=(clamd_alive.tcp,), socks=proxy.url(password="nope"),  # noqa: S106
+            connect_timeout=2),
+            CTX)
+        refused = await wrong.scan(Spool.from_bytes(EICAR))
+    finally:
+        await proxy.stop()
+    assert infected.status is ScanStatus.INFECTED and infected.virus == MARKER_NAME
+    assert clean.status is ScanStatus.CLEAN
+    assert health["ok"] and health["servers"][0]["socks"].startswith("socks5://sun:***@")
+    assert ("localhost", port) in proxy.targets and proxy.relayed > 100_000
+    assert refused.status is ScanStatus.ERROR and "SOCKS proxy" in refused.reason
+    assert "nope" not in refused.reason
+
+
 async def test_engine_cpu_per_small_scan(clamd_alive: ClamdDaemon) -> None:
     """Client-side CPU for a 20 KB scan stays small (clamd's own work is not counted)."""
     eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.unix), CTX)

@@ -3,7 +3,17 @@
 An engine detects; it never decides. ``scan`` always returns a :class:`ScanResult` — a
 failure is a result with status ``error`` — so the scan service never sees an exception
 from an engine for a failed scan. ``EngineError`` raised inside ``_scan`` is turned into
-such a result by :meth:`BaseEngine.scan`.
+such a result by :meth:`BaseEngine.scan`:
+
+- :class:`UnparseableReply` (the engine answered, we could not understand the answer) →
+  ``unknown``;
+- any other ``EngineError`` (refused, reset, timeout, closed before a whole reply, the
+  engine's own error reply) → ``error``.
+
+Debug logging: with ``[log] level = "debug"`` every engine writes one ``engine`` line per
+scan (and the network engines one ``engine_request`` line per request) through
+:func:`avgate.observability.debug`: command, sizes, reply, timing — never content bytes
+nor secrets.
 """
 
 from __future__ import annotations
@@ -16,11 +26,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from .. import observability
-from ..errors import ConfigError, EngineError
+from ..errors import ConfigError, EngineError, EngineProtocolError
 from ..limits import DEFAULT_LIMITS, DEFAULT_WORKER_MEMORY, Limits, Timeouts
 from ..result import EngineInfo, ScanResult, ScanStatus
 from ..settings import Section
 from ..spool import Spool
+
+
+class UnparseableReply(EngineProtocolError):
+    """(avgate.engines.base) The engine answered, but with a reply we cannot interpret
+    (garbage, a reply that does not belong to the request): the scan is ``unknown``, not
+    ``error`` — ``error`` is kept for no communication (refused, reset, timeout, connection
+    closed before a whole reply)."""
 
 
 class EngineSettings(Section):
@@ -74,6 +91,10 @@ class BaseEngine(abc.ABC):
         #: ``scan``: the budget of one scan, [limits] scan_timeout: one deadline, spent by
         #: every server and retry inside, never multiplied
         self.timeouts = Timeouts(scan=ctx.limits.scan_timeout)
+        #: replies this engine could not parse (each made a scan ``unknown``); part of the
+        #: network engines' :meth:`db_version`, so that such a verdict, which says nothing
+        #: about the object, is never served again from the verdict cache
+        self.unparseable_replies = 0
 
     @classmethod
     @abc.abstractmethod
@@ -101,25 +122,67 @@ class BaseEngine(abc.ABC):
 
     async def scan(self, spool: Spool) -> ScanResult:
         """Scan within the budget; never raises for a failed scan. Records this engine's
-        latency and errors (its own, not the merged result's)."""
+        latency and errors (its own, not the merged result's): a scan without a verdict
+        from the engine — ``error``, or ``unknown`` from a reply we could not parse."""
         start = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self.timeouts.scan
+        failed = True
         try:
             async with asyncio.timeout_at(None if self.own_timeout else deadline):
                 result = await self._scan(spool, deadline)
+            failed = result.status is ScanStatus.ERROR
         except TimeoutError:
             result = ScanResult.error(f"{self.name}: scan timeout after {self.timeouts.scan:g}s")
+        except UnparseableReply as exc:
+            self.unparseable_replies += 1
+            result = ScanResult(ScanStatus.UNKNOWN, reason=f"{self.name}: {exc}")
         except EngineError as exc:
             result = ScanResult.error(f"{self.name}: {exc}")
         except OSError as exc:  # safety net: engines translate their own I/O errors
             result = ScanResult.error(f"{self.name}: {exc.strerror or exc}")
+        except BaseException as exc:  # cancelled: the client went away, or an outer timeout
+            if observability.debug_enabled():
+                self._debug_scan(spool, None, time.perf_counter() - start, type(exc).__name__)
+            raise
         elapsed = time.perf_counter() - start
         observability.engine_latency.labels(engine=self.name).observe(elapsed)
-        if result.status is ScanStatus.ERROR:
+        if failed:
             observability.engine_errors_total.labels(engine=self.name).inc()
+        if observability.debug_enabled():
+            self._debug_scan(spool, result, elapsed)
         engines = result.engines or (self.info(),)
         return result.with_(elapsed=elapsed, engines=engines,
                             sha256=result.sha256 or spool.sha256, size=result.size or spool.size)
+
+    def _debug_scan(self, spool: Spool, result: ScanResult | None, elapsed: float,
+                    interrupted: str = "") -> None:
+        """The debug line of one scan: what went in (size, hash), what came out, how long."""
+        event: dict[str, Any] = {
+            "event": "engine", "engine": self.name, "type": self.type_name,
+            "sha256": spool.sha256, "size": spool.size,
+            "elapsed_ms": round(elapsed * 1000, 3)}
+        if result is None:
+            event["status"] = "interrupted"
+            event["reason"] = interrupted
+        else:
+            event["status"] = result.status.value
+            if result.findings:
+                event["findings"] = [f.name for f in result.findings]
+            if result.reason:
+                event["reason"] = result.reason
+        observability.debug(event)
+
+    def debug_request(self, server: str, command: str, started: float, **fields: Any) -> None:
+        """One ``engine_request`` debug line (a network engine's request and its reply):
+        ``server`` as configured (no secrets), ``command`` (INSTREAM, PING, RESPMOD, ...),
+        ``started`` (``time.perf_counter()`` when it began) and the summary fields (sizes,
+        reply status line, error) — never content bytes. Cheap when debug is off."""
+        if not observability.debug_enabled():
+            return
+        observability.debug({"event": "engine_request", "engine": self.name,
+                             "type": self.type_name, "server": server, "command": command,
+                             **fields,
+                             "elapsed_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     @abc.abstractmethod
     async def _scan(self, spool: Spool, deadline: float) -> ScanResult:

@@ -14,6 +14,18 @@ ERROR reply is clamd's verdict about this object, not a server failure.
 
 Timeouts: one budget per scan (``[limits] scan_timeout``), spent by every attempt;
 ``connect_timeout`` and ``scan_timeout`` bound one attempt within it.
+
+Replies: a reply we cannot interpret (garbage, ``UNKNOWN COMMAND``, PONG to INSTREAM, an
+endless line) is :class:`~avgate.engines.base.UnparseableReply` → ``unknown``; no whole reply
+(refused, reset, timeout, closed before the terminator) and clamd's own ``... ERROR`` are
+``error``.
+
+SOCKS5: a ``tcp://`` server can be reached through a SOCKS5 proxy (Sun's SOCKS_HOST/PORT/
+USERNAME/PASSWORD): ``socks = "socks5://user:password@host:port"`` for every tcp server of the
+engine, or per server in the table form of ``servers``. The proxy resolves the server's
+host name (``socks5h`` behaviour); python-socks speaks the proxy protocol. The password is
+never shown: ``config show`` and health reports print ``socks5://user:***@host:port``, and
+errors name only the proxy's address.
 """
 
 from __future__ import annotations
@@ -22,19 +34,26 @@ import asyncio
 import socket
 import time
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, field_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+)
 
 from ..errors import EngineError, EngineProtocolError, EngineTimeout, EngineUnavailable
 from ..limits import GiB, KiB
 from ..protocols import clamd as proto
 from ..result import Finding, ScanResult, ScanStatus
-from ..settings import Size, StrTuple
+from ..settings import Section, Size
 from ..spool import Spool
-from .base import EngineContext
-from .upstream import Bound, Clock, Upstream, UpstreamEngine, UpstreamSettings, server_urls
+from .base import EngineContext, UnparseableReply
+from .upstream import Bound, Clock, Upstream, UpstreamEngine, UpstreamSettings
 
 VERSION_TTL = 60.0  # seconds between lazy VERSION re-queries (db change → cache invalidation)
 _READ_SIZE = 4096
@@ -46,6 +65,72 @@ _PING = proto.encode_command("PING")
 _VERSION = proto.encode_command("VERSION")
 
 
+# -- SOCKS5 ------------------------------------------------------------------------------
+
+
+def parse_socks(url: str) -> tuple[str, int, str, str]:
+    """``socks5://[user:password@]host:port`` → (host, port, user, password). Messages never
+    repeat the URL (it may hold a password)."""
+    split = urllib.parse.urlsplit(url)
+    if split.scheme != "socks5":
+        raise ValueError("expected socks5://[user:password@]host:port")
+    if not split.hostname:
+        raise ValueError("missing proxy host (socks5://[user:password@]host:port)")
+    try:
+        port = split.port
+    except ValueError:
+        raise ValueError("bad proxy port") from None
+    if port is None:
+        raise ValueError("missing proxy port (socks5://[user:password@]host:port)")
+    if split.path not in ("", "/") or split.query or split.fragment:
+        raise ValueError("expected socks5://[user:password@]host:port, nothing after")
+    user = urllib.parse.unquote(split.username or "")
+    password = urllib.parse.unquote(split.password or "")
+    if bool(user) != bool(password):
+        raise ValueError("give both user and password, or neither")
+    if len(user.encode()) > 255 or len(password.encode()) > 255:  # RFC 1929
+        raise ValueError("user and password are at most 255 bytes each")
+    return split.hostname, port, user, password
+
+
+def redact_socks(url: str) -> str:
+    """The proxy URL as it may be shown: the password replaced by ``***``."""
+    if not url:
+        return url
+    host, port, user, _ = parse_socks(url)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"socks5://{urllib.parse.quote(user, safe='')}:***@{where}" if user else \
+        f"socks5://{where}"
+
+
+def _check_socks(url: str) -> str:
+    if url:  # "" = no proxy (a server entry can override the engine's socks with it)
+        parse_socks(url)
+    return url
+
+
+#: a SOCKS5 proxy URL; "" = none. Shown (config show) with its password replaced
+SocksUrl = Annotated[str, AfterValidator(_check_socks),
+                     PlainSerializer(redact_socks, return_type=str)]
+
+
+async def socks_connect(url: str, host: str, port: int, seconds: float) -> socket.socket:
+    """A connected non-blocking socket to ``host:port`` through the SOCKS5 proxy ``url``
+    (the proxy resolves ``host``). Raises OSError (proxy unreachable), TimeoutError or
+    EngineUnavailable (the proxy refused: authentication, ruleset, target unreachable)."""
+    from python_socks import ProxyError, ProxyType  # only needed when a proxy is configured
+    from python_socks.async_.asyncio import Proxy
+
+    phost, pport, user, password = parse_socks(url)
+    proxy = Proxy(ProxyType.SOCKS5, phost, pport, username=user or None,
+                  password=password or None, rdns=True)
+    try:
+        return await proxy.connect(dest_host=host, dest_port=port, timeout=max(seconds, 0.001))
+    except ProxyError as exc:
+        raise EngineUnavailable(f"SOCKS proxy {redact_socks(url)} refused {host}:{port}: "
+                                f"{exc}") from None
+
+
 @dataclass(slots=True, eq=False)
 class ClamdServer(Upstream):
     """One configured server: its address, health state and last VERSION."""
@@ -53,8 +138,14 @@ class ClamdServer(Upstream):
     host: str = ""
     port: int = 0
     path: str = ""  # unix socket
+    socks: str = field(default="", repr=False)  # SOCKS5 proxy URL (tcp only); a secret
     version: proto.VersionInfo | None = None
     version_at: float = 0.0  # clock time of the last VERSION query
+
+    @property
+    def via(self) -> str:
+        """The proxy as it may be shown ("" when direct)."""
+        return redact_socks(self.socks)
 
     @classmethod
     def parse(cls, url: str) -> ClamdServer:
@@ -79,9 +170,15 @@ class ClamdServer(Upstream):
             raise ValueError(f"missing port in {url!r}")
         return cls(url, host=split.hostname, port=port)
 
-    async def connect(self) -> socket.socket:
-        """A connected non-blocking socket (the caller closes it)."""
+    async def connect(self, seconds: float = 60.0) -> socket.socket:
+        """A connected non-blocking socket (the caller closes it); ``seconds`` is passed to
+        the SOCKS client (the caller bounds the whole connect anyway)."""
         loop = asyncio.get_running_loop()
+        if self.socks:
+            sock = await socks_connect(self.socks, self.host, self.port, seconds)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
         if self.path:
             targets: list[tuple[int, Any]] = [(socket.AF_UNIX, self.path)]
         else:
@@ -106,19 +203,92 @@ class ClamdServer(Upstream):
         raise error
 
 
+def _server_url(url: str) -> str:
+    ClamdServer.parse(url)
+    return url
+
+
+class ClamdServerSettings(Section):
+    """One entry of ``servers``: a string is short for ``{ url = "..." }``.
+
+    url: ``tcp://host:port`` / ``unix:/path``
+    socks: SOCKS5 proxy for this server (tcp only), overriding the engine's ``socks``;
+        ``""`` = connect directly; unset: the engine's
+    """
+
+    url: Annotated[str, AfterValidator(_server_url)]
+    socks: SocksUrl | None = Field(None, repr=False)
+
+    @field_validator("socks")
+    @classmethod
+    def _tcp_only(cls, socks: str | None, info: ValidationInfo) -> str | None:
+        url = info.data.get("url", "")
+        if socks and url and ClamdServer.parse(url).path:
+            raise ValueError("a SOCKS5 proxy reaches tcp:// servers only, not unix sockets")
+        return socks
+
+
+def _servers(value: Any) -> Any:
+    """One entry or a list of them; each a URL string or a table → a tuple of tables."""
+    items = value if isinstance(value, list | tuple) else [value]
+    out: list[Any] = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            item = {"url": item}
+        elif not isinstance(item, dict | ClamdServerSettings):
+            raise ValueError(f"servers[{i}]: expected a URL string or a table "
+                             f"{{ url = \"...\", socks = \"...\" }}")
+        out.append(item)
+    return tuple(out)
+
+
+def _check_servers(servers: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not servers:
+        raise ValueError("list at least one server")
+    return servers
+
+
+def _show_server(entry: ClamdServerSettings) -> Any:
+    """``config show``: the plain URL unless the entry has its own proxy (password hidden)."""
+    if entry.socks is None:
+        return entry.url
+    return {"url": entry.url, "socks": redact_socks(entry.socks)}
+
+
+ServerEntry = Annotated[ClamdServerSettings, PlainSerializer(_show_server)]
+
+
 class ClamdEngineSettings(UpstreamSettings):
     """``[[engines]] type = "clamd"``.
 
-    servers: ``tcp://host:port`` / ``unix:/path`` (one string or a list), tried per strategy
+    servers: ``tcp://host:port`` / ``unix:/path`` (one string or a list), tried per strategy;
+        an entry may be a table ``{ url = "...", socks = "socks5://..." }``
+    socks: SOCKS5 proxy (``socks5://[user:password@]host:port``) for every ``tcp://`` server
+        of this engine (unset: connect directly; unix sockets always connect directly)
     stream_chunk_size: bytes per INSTREAM chunk (e.g. "64 KiB"; 1 byte to 1 GiB)
     strategy, connect_timeout, scan_timeout, retry_after, max_failures: see UpstreamSettings
     """
 
     type: Literal["clamd"] = "clamd"
     name: str = "clamd"
-    servers: Annotated[StrTuple, AfterValidator(server_urls(ClamdServer.parse))] = (
-        "tcp://127.0.0.1:3310", "unix:/run/clamav/clamd.ctl")
+    servers: Annotated[tuple[ServerEntry, ...], BeforeValidator(_servers),
+                       AfterValidator(_check_servers)] = (
+        ClamdServerSettings(url="tcp://127.0.0.1:3310"),
+        ClamdServerSettings(url="unix:/run/clamav/clamd.ctl"))
+    socks: SocksUrl | None = Field(None, repr=False)
     stream_chunk_size: Size = 64 * KiB
+
+    def server_list(self) -> list[ClamdServer]:
+        """The servers to build, each with its proxy (its own ``socks``, else the engine's;
+        tcp servers only)."""
+        out: list[ClamdServer] = []
+        for entry in self.servers:
+            socks = entry.socks if entry.socks is not None else self.socks
+            server = ClamdServer.parse(entry.url)
+            if socks and not server.path:
+                server.socks = socks
+            out.append(server)
+        return out
 
     @field_validator("stream_chunk_size")
     @classmethod
@@ -136,7 +306,7 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
 
     def __init__(self, settings: ClamdEngineSettings, ctx: EngineContext, *,
                  clock: Clock = time.monotonic) -> None:
-        super().__init__(settings, [ClamdServer.parse(s) for s in settings.servers], ctx, clock)
+        super().__init__(settings, settings.server_list(), ctx, clock)
         self.settings = settings
 
     @classmethod
@@ -159,23 +329,28 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         """The database part of VERSION of every server (joined with ``|`` if they differ).
 
         Re-queried in the background once the answer is older than ``VERSION_TTL``, so the
-        verdict cache follows clamd's database reloads without slowing a scan.
+        verdict cache follows clamd's database reloads without slowing a scan; changes too
+        after a reply we could not parse (see ``cache_epoch``).
         """
         now = self.clock()
         if any(now - s.version_at > VERSION_TTL for s in self.servers):
             self._schedule_refresh()
-        return "|".join(dict.fromkeys(s.version.db for s in self.servers if s.version))
+        return "|".join(dict.fromkeys(s.version.db for s in self.servers if s.version)) + \
+            self.cache_epoch()
 
     async def health(self) -> dict[str, Any]:
         """PING every server; ``ok`` when at least one answers."""
         async def ping(server: ClamdServer) -> dict[str, Any]:
-            reply = await self._command(server, _PING)
+            reply = await self._command(server, _PING, "PING")
             if reply.kind is not proto.ReplyKind.PONG:
-                raise EngineProtocolError(f"unexpected PING reply {reply.text[:80]!r}")
+                raise UnparseableReply(f"unexpected PING reply {reply.text[:80]!r}")
             return {}
 
-        ok, reports = await self.upstreams.health(
-            ping, lambda s: {"version": s.version.raw if s.version else ""})
+        def describe(s: ClamdServer) -> dict[str, Any]:
+            return {"version": s.version.raw if s.version else "",
+                    **({"socks": s.via} if s.socks else {})}
+
+        ok, reports = await self.upstreams.health(ping, describe)
         return {"name": self.name, "type": self.type_name, "ok": ok, "servers": reports}
 
     # -- scanning ------------------------------------------------------------------------
@@ -200,6 +375,22 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
 
     async def _instream(self, server: ClamdServer, spool: Spool, deadline: float
                         ) -> proto.Reply:
+        started = time.perf_counter()
+        try:
+            reply = await self._instream_on(server, spool, deadline)
+        except EngineError as exc:
+            self._debug(server, "INSTREAM", started, size=spool.size, error=str(exc))
+            raise
+        self._debug(server, "INSTREAM", started, size=spool.size, reply=reply.text[:200])
+        return reply
+
+    def _debug(self, server: ClamdServer, command: str, started: float, **fields: Any) -> None:
+        if server.socks:
+            fields["socks"] = server.via
+        self.debug_request(server.url, command, started, **fields)
+
+    async def _instream_on(self, server: ClamdServer, spool: Spool, deadline: float
+                           ) -> proto.Reply:
         sock = await self._connect(server, deadline)
         bound = Bound.of(self.settings.scan_timeout, deadline)
         try:
@@ -212,6 +403,8 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
                     try:
                         async with asyncio.timeout(_REPLY_AFTER_RESET):
                             reply = await _read_reply(sock)
+                    except UnparseableReply:
+                        raise
                     except (TimeoutError, EngineError):
                         raise EngineProtocolError(
                             f"connection lost while streaming: {exc.strerror or exc}"
@@ -223,7 +416,7 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         finally:
             sock.close()
         if reply.kind not in (proto.ReplyKind.OK, proto.ReplyKind.FOUND, proto.ReplyKind.ERROR):
-            raise EngineProtocolError(f"unexpected INSTREAM reply {reply.text[:80]!r}")
+            raise UnparseableReply(f"unexpected INSTREAM reply {reply.text[:80]!r}")
         return reply
 
     async def _send_stream(self, sock: socket.socket, spool: Spool) -> None:
@@ -250,15 +443,25 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         bound = Bound.of(self.settings.connect_timeout, deadline)
         try:
             async with asyncio.timeout_at(bound.when):
-                return await server.connect()
+                return await server.connect(bound.seconds)
         except TimeoutError:
             raise EngineTimeout(f"connect timeout after {bound}") from None
         except OSError as exc:
             raise EngineUnavailable(f"cannot connect: {exc.strerror or exc}") from exc
 
-    async def _command(self, server: ClamdServer, command: bytes) -> proto.Reply:
+    async def _command(self, server: ClamdServer, command: bytes, name: str) -> proto.Reply:
         """Send a one-line command (PING, VERSION) and read its reply: connecting and the
         reply each get ``connect_timeout``."""
+        started = time.perf_counter()
+        try:
+            reply = await self._command_on(server, command)
+        except EngineError as exc:
+            self._debug(server, name, started, error=str(exc))
+            raise
+        self._debug(server, name, started, reply=reply.text[:200])
+        return reply
+
+    async def _command_on(self, server: ClamdServer, command: bytes) -> proto.Reply:
         timeout = self.settings.connect_timeout
         sock = await self._connect(server, self.deadline(timeout))
         try:
@@ -275,21 +478,22 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
     async def _fetch_version(self, server: ClamdServer) -> None:
         server.version_at = self.clock()  # also on failure: no retry storm
         try:
-            reply = await self._command(server, _VERSION)
+            reply = await self._command(server, _VERSION, "VERSION")
             server.version = proto.parse_version(reply.text)
         except (EngineError, ValueError) as exc:
             server.last_error = f"VERSION: {exc}"
 
 
 async def _read_reply(sock: socket.socket) -> proto.Reply:
-    """Read one z-terminated reply; EOF before the terminator is a protocol error."""
+    """Read one z-terminated reply. EOF before the terminator is a protocol error (no whole
+    reply: ``error``); a reply longer than any clamd sends is garbage (``unknown``)."""
     loop = asyncio.get_running_loop()
     buf = proto.ReplyReader(proto.Prefix.Z)
     while True:
         try:
             raw = buf.next_reply()
         except proto.ClamdProtocolError as exc:
-            raise EngineProtocolError(str(exc)) from exc
+            raise UnparseableReply(str(exc)) from exc
         if raw is not None:
             return proto.parse_reply(raw)
         try:

@@ -16,9 +16,13 @@ body of an encapsulated ``HTTP/1.1 200 OK`` response in a RESPMOD request:
 
 One connection per scan: ICAP servers close idle connections on their own schedule and a
 stale pooled connection would cost a retry on the slow path; a loopback connect is cheap.
-Errors: connect refused/reset → EngineUnavailable, no answer in time → EngineTimeout, an
-answer we cannot parse (or an ICAP error status) → EngineProtocolError; each moves the scan
-on to the next server, within the one budget of the scan (``[limits] scan_timeout``).
+Errors: connect refused/reset → EngineUnavailable, no answer in time → EngineTimeout, the
+connection closed before a whole answer or an ICAP error status → EngineProtocolError (all
+``error``: no verdict came); an answer we cannot parse (garbage, a malformed ICAP or
+encapsulated HTTP header, an answer that does not fit the request) →
+:class:`~avgate.engines.base.UnparseableReply` (``unknown``: the server answered, we could
+not understand it). Each moves the scan on to the next server, within the one budget of the
+scan (``[limits] scan_timeout``).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from ..protocols import icap as proto
 from ..result import Finding, ScanResult, ScanStatus
 from ..settings import StrTuple
 from ..spool import Spool
-from .base import EngineContext
+from .base import EngineContext, UnparseableReply
 from .upstream import Bound, Clock, Upstream, UpstreamEngine, UpstreamSettings, server_urls
 
 DEFAULT_PORT = 1344
@@ -100,6 +104,11 @@ class IcapServer(Upstream):
     def icap_uri(self) -> str:
         return f"icap://{self.host}:{self.port}/{self.service}"
 
+    @property
+    def label(self) -> str:
+        """The server for log lines: the URI without its query (which may carry a key)."""
+        return self.icap_uri.partition("?")[0]
+
 
 class IcapEngineSettings(UpstreamSettings):
     """``[[engines]] type = "icap"``.
@@ -143,11 +152,13 @@ class IcapEngine(UpstreamEngine[IcapServer]):
 
     def db_version(self) -> str:
         """The servers' ISTags (joined with ``|`` if they differ); re-asked in the background
-        once a server's Options-TTL has passed."""
+        once a server's Options-TTL has passed. Changes too after a reply we could not parse
+        (see ``cache_epoch``)."""
         now = self.clock()
         if any(s.options is None or not s.options.fresh(now) for s in self.servers):
             self._schedule_refresh()
-        return "|".join(dict.fromkeys(s.options.istag for s in self.servers if s.options))
+        return "|".join(dict.fromkeys(s.options.istag for s in self.servers if s.options)) + \
+            self.cache_epoch()
 
     def version(self) -> str:
         for s in self.servers:
@@ -183,6 +194,17 @@ class IcapEngine(UpstreamEngine[IcapServer]):
             server.options_lock.release()
 
     async def _fetch_options(self, server: IcapServer, deadline: float) -> ServerOptions:
+        started = time.perf_counter()
+        try:
+            opts = await self._fetch_options_on(server, deadline)
+        except EngineError as exc:
+            self.debug_request(server.label, "OPTIONS", started, error=str(exc))
+            raise
+        self.debug_request(server.label, "OPTIONS", started, status=200, istag=opts.istag,
+                           preview=opts.preview, allow_204=opts.allow_204, ttl=opts.ttl)
+        return opts
+
+    async def _fetch_options_on(self, server: IcapServer, deadline: float) -> ServerOptions:
         request = proto.encode_request("OPTIONS", server.icap_uri,
                                        [("Host", server.host), ("User-Agent", "avgate"),
                                         ("Connection", "close")])
@@ -240,12 +262,29 @@ class IcapEngine(UpstreamEngine[IcapServer]):
         limit = self.settings.preview
         if limit is not None:
             preview = limit if preview is None else min(preview, limit)
+        started = time.perf_counter()
+        note: dict[str, Any] = {"size": spool.size, "preview": preview}
+        try:
+            result = await self._respmod_on(server, spool, deadline, preview, opts.allow_204,
+                                            note)
+        except EngineError as exc:
+            self.debug_request(server.label, "RESPMOD", started, **note, error=str(exc))
+            raise
+        self.debug_request(server.label, "RESPMOD", started, **note,
+                           verdict=result.status.value,
+                           **({"findings": [f.name for f in result.findings]}
+                              if result.findings else {}))
+        return result
+
+    async def _respmod_on(self, server: IcapServer, spool: Spool, deadline: float,
+                          preview: int | None, allow_204: bool, note: dict[str, Any]
+                          ) -> ScanResult:
         reader, writer = await self._connect(server, deadline)
         bound = Bound.of(self.settings.scan_timeout, deadline)
         try:
             async with asyncio.timeout_at(bound.when):
                 return await self._respmod(server, reader, writer, spool, preview,
-                                           opts.allow_204)
+                                           allow_204, note)
         except TimeoutError:
             raise EngineTimeout(f"no RESPMOD reply within {bound}") from None
         except OSError as exc:
@@ -255,7 +294,9 @@ class IcapEngine(UpstreamEngine[IcapServer]):
 
     async def _respmod(self, server: IcapServer, reader: asyncio.StreamReader,
                        writer: asyncio.StreamWriter, spool: Spool, preview: int | None,
-                       allow_204: bool) -> ScanResult:
+                       allow_204: bool, note: dict[str, Any]) -> ScanResult:
+        """One RESPMOD exchange; ``note`` gets the summary for the debug line (the ICAP
+        status of each answer, whether the server asked for the rest after the preview)."""
         size = spool.size
         key = spool.sha256
         req_hdr = (f"GET http://avgate.invalid/{key} HTTP/1.1\r\n"
@@ -278,11 +319,14 @@ class IcapEngine(UpstreamEngine[IcapServer]):
                 await writer.drain()
                 parser = proto.IcapParser("client")
                 resp = await _response(reader, parser)
+                note["status"] = resp.status
                 if resp.status == 100:
                     if sent >= size:
-                        raise EngineProtocolError("100 Continue after a complete preview")
+                        raise UnparseableReply("100 Continue after a complete preview")
+                    note["continue"] = True
                     await _send_rest(writer, f)
                     resp = await _response(reader, parser)
+                    note["status"] = resp.status
             else:
                 head = proto.encode_request("RESPMOD", server.icap_uri, headers,
                                             req_hdr=req_hdr, res_hdr=res_hdr, body="res-body")
@@ -290,6 +334,7 @@ class IcapEngine(UpstreamEngine[IcapServer]):
                 await _send_rest(writer, f)
                 parser = proto.IcapParser("client")
                 resp = await _response(reader, parser)
+                note["status"] = resp.status
         return await self._verdict(resp, reader, parser, key)
 
     async def _verdict(self, resp: proto.Response, reader: asyncio.StreamReader,
@@ -309,11 +354,11 @@ class IcapEngine(UpstreamEngine[IcapServer]):
         names = proto.threats_from_headers(resp.headers)
         if not names:
             if not resp.res_hdr:
-                raise EngineProtocolError("200 without an encapsulated HTTP response")
+                raise UnparseableReply("200 without an encapsulated HTTP response")
             try:
                 http_status = proto.HttpHead.parse(resp.res_hdr).status
             except proto.IcapProtocolError as exc:
-                raise EngineProtocolError(f"bad encapsulated HTTP header: {exc}") from exc
+                raise UnparseableReply(f"bad encapsulated HTTP header: {exc}") from exc
             if http_status == 200 and resp.has_body and digest.hexdigest() == sha256:
                 return ScanResult(ScanStatus.CLEAN)  # echoed unmodified
             names = [MODIFIED_NAME]
@@ -350,24 +395,31 @@ def _status_error(resp: proto.Response, what: str) -> EngineError:
 
 
 async def _next(reader: asyncio.StreamReader, parser: proto.IcapParser) -> proto.Event:
-    """The next event of a response, reading as needed."""
+    """The next event of a response, reading as needed. Bytes the parser rejects are an
+    unparseable reply (``unknown``); the connection closing before the reply is whole is
+    a failed exchange (``error``)."""
+    eof = False
     while True:
         try:
             ev = parser.next_event()
         except proto.IcapProtocolError as exc:
-            raise EngineProtocolError(f"bad ICAP reply: {exc}") from exc
+            if eof:
+                raise EngineProtocolError(f"connection closed mid-reply ({exc})") from exc
+            raise UnparseableReply(f"bad ICAP reply: {exc}") from exc
         if not isinstance(ev, type(proto.NEED_DATA)):
             return ev  # type: ignore[return-value]
         data = await reader.read(_READ_SIZE)
-        if not data and parser.idle:
-            raise EngineProtocolError("connection closed without a reply")
+        if not data:
+            if parser.idle:
+                raise EngineProtocolError("connection closed without a reply")
+            eof = True
         parser.receive_data(data)
 
 
 async def _response(reader: asyncio.StreamReader, parser: proto.IcapParser) -> proto.Response:
     ev = await _next(reader, parser)
     if not isinstance(ev, proto.Response):
-        raise EngineProtocolError(f"expected an ICAP response, got {type(ev).__name__}")
+        raise UnparseableReply(f"expected an ICAP response, got {type(ev).__name__}")
     return ev
 
 

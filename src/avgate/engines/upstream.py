@@ -6,7 +6,9 @@ fails is marked down for a while.
 
 - ``failover`` tries the servers in configured order; ``round_robin`` starts at the next one
   each scan. Either way a failed attempt (refused, timeout, garbage, closed mid-stream: any
-  :class:`EngineError` the attempt raises) moves the same scan on to the next server.
+  :class:`EngineError` the attempt raises) moves the same scan on to the next server. When
+  none gives a verdict the scan is ``unknown`` if one of them answered garbage
+  (:class:`~avgate.engines.base.UnparseableReply`), else ``error``.
 - ``max_failures`` consecutive failures mark a server down for ``retry_after`` seconds; it is
   skipped meanwhile, and one success (a scan or a health probe) clears it. With every server
   down a scan fails at once, without waiting on any of them.
@@ -32,7 +34,7 @@ from pydantic import Field
 
 from ..errors import EngineError, EngineUnavailable
 from ..limits import DEFAULT_CONNECT_TIMEOUT
-from .base import BaseEngine, EngineContext, EngineSettings
+from .base import BaseEngine, EngineContext, EngineSettings, UnparseableReply
 
 Clock = Callable[[], float]
 R = TypeVar("R")
@@ -144,8 +146,9 @@ class Upstreams(Generic[U]):
         """``attempt`` on one server after the other until one succeeds, within ``deadline``.
 
         An :class:`EngineError` from an attempt counts against its server and moves on to the
-        next; with none left (or no time left) the last error's type is raised, naming every
-        server tried and why it failed.
+        next; with none left (or no time left) an error naming every server tried and why it
+        failed is raised: :class:`UnparseableReply` when any server answered something we
+        could not parse (the scan is then ``unknown``), else the last error's type.
         """
         loop = asyncio.get_running_loop()
         failures: list[tuple[U, EngineError]] = []
@@ -168,7 +171,10 @@ class Upstreams(Generic[U]):
                 f"all {len(self.servers)} server(s) marked down "
                 f"(retry after {self.retry_after:g}s)")
         summary = "; ".join(f"{s.url}: {exc}" for s, exc in failures)
-        raise type(failures[-1][1])(summary + note)
+        # a server that answered what we could not parse makes the scan unknown (an answer
+        # came); otherwise the last failure says what kind of error it was
+        unparseable = [exc for _, exc in failures if isinstance(exc, UnparseableReply)]
+        raise type(unparseable[0] if unparseable else failures[-1][1])(summary + note)
 
     async def health(self, probe: Callable[[U], Awaitable[dict[str, Any]]],
                      describe: Callable[[U], dict[str, Any]] | None = None
@@ -212,6 +218,11 @@ class UpstreamEngine(BaseEngine, Generic[U]):
         self.upstreams = Upstreams(servers, settings, clock=clock)
         self.servers = self.upstreams.servers
         self._refresh: asyncio.Task[None] | None = None
+
+    def cache_epoch(self) -> str:
+        """What :meth:`db_version` adds after an unparseable reply (``""`` before any): the
+        ``unknown`` of that scan was cached under the old key and is never hit again."""
+        return f"|unparseable:{self.unparseable_replies}" if self.unparseable_replies else ""
 
     def deadline(self, seconds: float | None = None) -> float:
         """The event-loop time ``seconds`` from now (default: one scan budget)."""

@@ -112,6 +112,10 @@ class FakeClamd:
             "error": command.reply(proto.error_reply("Can't allocate memory", "stream")),
             "size": command.reply(proto.SIZE_LIMIT_EXCEEDED),
             "pong": command.reply(proto.PONG),
+            "unknown_command": command.reply(proto.UNKNOWN_COMMAND),
+            "binary": bytes(range(1, 256)) + b"\0",
+            "endless": b"A" * (proto.DEFAULT_MAX_REPLY_LENGTH + 10),  # never terminated
+            "silent": b"",  # close without a byte
         }
         writer.write(replies[b])
         await writer.drain()
@@ -197,15 +201,46 @@ async def test_hanging_server_times_out_quickly(fakes: list[FakeClamd]) -> None:
 
 @pytest.mark.parametrize(("behaviour", "reason"), [
     ("garbage", "unexpected INSTREAM reply 'HELLO THERE'"),
-    ("noterm", "connection closed without a reply after b'stream: OK'"),
     ("pong", "unexpected INSTREAM reply 'PONG'"),
+    ("unknown_command", "unexpected INSTREAM reply 'UNKNOWN COMMAND'"),
+    ("binary", "unexpected INSTREAM reply"),
+    ("endless", "longer than"),
 ])
-async def test_garbage_replies_are_errors(fakes: list[FakeClamd], behaviour: str,
+async def test_unparseable_replies_are_unknown(fakes: list[FakeClamd], behaviour: str,
+                                               reason: str) -> None:
+    """clamd answered, but nothing we can read as a verdict: unknown (never clean), and not
+    error — error is for no communication."""
+    f = await fake(fakes, behaviour)
+    result = await engine(f.url).scan(SMALL)
+    assert result.status is ScanStatus.UNKNOWN, result
+    assert reason in result.reason and f.url in result.reason
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    ("noterm", "connection closed without a reply after b'stream: OK'"),
+    ("silent", "connection closed without a reply"),
+])
+async def test_no_whole_reply_is_an_error(fakes: list[FakeClamd], behaviour: str,
                                           reason: str) -> None:
+    # closed before the terminator: no reply came (a clamd crashing mid-reply), error
     f = await fake(fakes, behaviour)
     result = await engine(f.url).scan(SMALL)
     assert result.status is ScanStatus.ERROR
     assert reason in result.reason
+
+
+async def test_garbage_then_refused_is_unknown_refused_then_garbage_too(
+        fakes: list[FakeClamd]) -> None:
+    # with several servers, one that answered garbage makes the scan unknown whatever the
+    # order; each server is still named in the reason
+    bad = await fake(fakes, "garbage")
+    down = closed_port_url()
+    for servers in ((bad.url, down), (down, bad.url)):
+        result = await engine(*servers).scan(SMALL)
+        assert result.status is ScanStatus.UNKNOWN, (servers, result)
+        assert bad.url in result.reason and down in result.reason
+    result = await engine(down, "unix:/nonexistent/clamd.sock").scan(SMALL)
+    assert result.status is ScanStatus.ERROR
 
 
 async def test_server_closing_mid_stream_is_an_error(fakes: list[FakeClamd]) -> None:
@@ -322,7 +357,7 @@ async def test_max_failures_counts_consecutive_failures(fakes: list[FakeClamd]) 
 async def test_all_servers_down_fails_fast(fakes: list[FakeClamd]) -> None:
     bad = await fake(fakes, "garbage")
     eng = engine(bad.url, retry_after=60)
-    assert (await eng.scan(SMALL)).status is ScanStatus.ERROR
+    assert (await eng.scan(SMALL)).status is ScanStatus.UNKNOWN
     result = await eng.scan(SMALL)
     assert result.status is ScanStatus.ERROR and "marked down" in result.reason
     assert bad.connections == 1
@@ -470,3 +505,22 @@ async def test_attempt_is_cut_at_the_deadline(fakes: list[FakeClamd]) -> None:
     result = await eng.scan(SMALL)
     assert result.status is ScanStatus.ERROR and "no reply within" in result.reason
     assert time.monotonic() - start < 1.5
+
+
+async def test_unknown_from_garbage_is_not_served_from_the_verdict_cache(
+        fakes: list[FakeClamd]) -> None:
+    """The unknown of a garbage reply says nothing about the object: once clamd answers
+    properly again the same object gets a real verdict, not the cached unknown."""
+    from avgate.scan import ScanService, VerdictCache
+
+    f = await fake(fakes, "garbage")
+    eng = engine(f.url, max_failures=5)
+    service = ScanService([eng], cache=VerdictCache(100))
+    obj = Spool.from_bytes(b"a mass-mailed attachment")
+    first = await service.scan(obj)
+    assert first.status is ScanStatus.UNKNOWN and not first.cached
+    f.behaviour = "found"
+    second = await service.scan(Spool.from_bytes(b"a mass-mailed attachment"))
+    assert second.status is ScanStatus.INFECTED and not second.cached
+    third = await service.scan(Spool.from_bytes(b"a mass-mailed attachment"))
+    assert third.status is ScanStatus.INFECTED and third.cached  # real verdicts still cached

@@ -91,13 +91,46 @@ async def test_hang_is_timeout() -> None:
     assert result.status is ScanStatus.ERROR and "within 1s" in result.reason
 
 
-@pytest.mark.parametrize("reply", [b"garbage\r\n\r\n", b"ICAP/1.0 500 Server Error\r\n\r\n",
-                                   b"", b"ICAP/1.0 200 OK\r\nEncapsulated: res-hdr=0, res-b"])
-async def test_garbage_close_and_5xx_are_errors(reply: bytes) -> None:
+@pytest.mark.parametrize("reply", [b"ICAP/1.0 500 Server Error\r\n\r\n", b"",
+                                   b"ICAP/1.0 200 OK\r\nEncapsulated: res-hdr=0, res-b"])
+async def test_close_truncation_and_5xx_are_errors(reply: bytes) -> None:
+    # no whole answer (closed, cut short) or the server's own error status: error
     async def answer(_: bytes) -> bytes:
         return reply
     result, _ = await scan_with(answer)
     assert result.status is ScanStatus.ERROR, result
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (b"garbage\r\n\r\n", "bad ICAP reply: malformed"),
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "bad ICAP reply"),
+    (bytes(range(1, 256)) * 4 + b"\r\n\r\n", "bad ICAP reply"),
+    (b"ICAP/1.0 200 OK\r\nEncapsulated: null-body=0\r\n\r\n",
+     "200 without an encapsulated HTTP response"),
+    (b"ICAP/1.0 200 OK\r\nEncapsulated: bogus=0\r\n\r\n", "bad ICAP reply"),
+])
+async def test_unparseable_answers_are_unknown(reply: bytes, reason: str) -> None:
+    """The server answered, we could not understand it: unknown, never clean nor error."""
+    async def answer(_: bytes) -> bytes:
+        return reply
+    result, _ = await scan_with(answer)
+    assert result.status is ScanStatus.UNKNOWN, result
+    assert reason in result.reason  # type: ignore[attr-defined]
+
+
+async def test_garbage_options_answer_is_unknown() -> None:
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"\x00\x01 SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        result = await engine(server.sockets[0].getsockname()[1]).scan(Spool.from_bytes(b"x"))
+    finally:
+        server.close()
+    assert result.status is ScanStatus.UNKNOWN and "bad ICAP reply" in result.reason
 
 
 async def test_204_is_clean_and_istag_is_db_version() -> None:
