@@ -43,11 +43,13 @@ class Context:
     direction: str = "inbound"
     authenticated: bool = False
     size: int = 0
+    after_queue: bool = False  # an SMTP listener behind the MTA's queue: a reject would bounce
 
     def __init__(self, frontend: str, listener: str | None = None, direction: str = "inbound",
                  sender: str | None = None, recipients: Sequence[str] | None = None,
                  client_addr: str | None = None, authenticated: bool = False, size: int = 0,
-                 *, envelope: Envelope | None = None, helo: str | None = None) -> None:
+                 *, envelope: Envelope | None = None, helo: str | None = None,
+                 after_queue: bool = False) -> None:
         if envelope is None:
             envelope = Envelope(sender or "", tuple(recipients or ()), client_addr or "",
                                 helo or "", listener or "")
@@ -58,6 +60,7 @@ class Context:
         object.__setattr__(self, "direction", direction)
         object.__setattr__(self, "authenticated", authenticated)
         object.__setattr__(self, "size", size)
+        object.__setattr__(self, "after_queue", after_queue)
 
     # the envelope's fields, read through the context
     @property

@@ -2,7 +2,7 @@
 
 One server per ``[[smtp.listeners]]`` table (:class:`SmtpListenerSettings`). Each client
 connection gets its own :class:`FilterHandler` and, unless the listener is verdict-only
-(``next_hop = "discard"``), its own session with the next hop
+(``mode = "verdict"``, the old ``next_hop = "discard"``), its own session with the next hop
 (:class:`~avgate.smtpclient.NextHop`), opened at the first ``MAIL FROM`` — before-queue proxy
 semantics, as Postfix's ``smtpd_proxy_filter`` expects:
 
@@ -21,6 +21,14 @@ semantics, as Postfix's ``smtpd_proxy_filter`` expects:
 * Verdict-only listener: no next hop; clean (accepted) → ``250 2.0.0 Ok: clean`` and the
   data is dropped; infected → the policy's reply (e.g. ``550 5.7.1 FilterVerdictPositive``).
 
+Where the listener sits (``mode``) feeds the policy through the Context: on an
+``after_queue`` listener (Postfix ``content_filter``: the MTA has already accepted the mail)
+``Context.after_queue`` is set and the policy turns every ``reject`` into quarantine
+(``discard`` + ``quarantine``, rule ``RULE+after_queue``), answered 250 — a 5xx there would
+make the MTA bounce the message, virus included, to a sender that virus mail forges
+(amavisd-new's ``D_DISCARD``). Tempfails stay 4xx (the MTA keeps the mail and retries).
+``before_queue`` (the default) and ``verdict`` give the policy's replies as they are.
+
 XFORWARD/XCLIENT: what a client says about itself is trusted only from the listener's
 allow-lists, ``xforward_hosts`` and ``xclient_hosts`` (Postfix's
 ``smtpd_authorized_xforward_hosts`` / ``smtpd_authorized_xclient_hosts``): they are
@@ -37,7 +45,8 @@ Reload and workers (``avgate serve``): the Gateway (scanner, policy, store, log)
 message through ``listener.gateway`` (serve's GatewayRef), and the listener's own settings
 through :attr:`SMTPListener.current` (its table in ``gateway.config``) per connection,
 command or message. ``listen``, ``next_hop``, ``relay_timeout``, ``hostname`` and TLS are
-what the listener holds (socket, next-hop pool, TLS context) and need a restart. With
+what the listener holds (socket, next-hop pool, TLS context) and need a restart (so does a
+change to or from ``mode = "verdict"``; before_queue ↔ after_queue follows a reload). With
 ``[serve] workers`` > 1 every worker binds the listen port with SO_REUSEPORT.
 """
 
@@ -116,14 +125,19 @@ def _networks(value: Any) -> tuple[Network, ...]:
 Networks = Annotated[tuple[Any, ...], BeforeValidator(_networks),
                      PlainSerializer(lambda v: [str(n) for n in v], return_type=list[str])]
 LOOPBACK = _networks(["127.0.0.1", "::1"])  # where Postfix connects from
+#: where a listener sits: before the MTA's queue, after it, or answering a verdict only
+ListenerMode = Literal["before_queue", "after_queue", "verdict"]
 
 
 class SmtpListenerSettings(Section):
     """One ``[[smtp.listeners]]`` table.
 
     name: label in logs, policy (``listener``) and quarantine ("smtp", then "smtp1"...)
-    listen: host:port to accept on; next_hop: host:port to relay to, or "discard"
-    (verdict-only listener); direction: inbound | outbound | auto (policy ``direction``)
+    mode: before_queue (default: Postfix ``smtpd_proxy_filter``, the client gets the policy's
+    replies) | after_queue (``content_filter``: a reject is quarantined and answered 250,
+    never bounced) | verdict (no next hop; ``next_hop = "discard"`` is the old spelling)
+    listen: host:port to accept on; next_hop: host:port to relay to ("discard" for a
+    verdict listener); direction: inbound | outbound | auto (policy ``direction``)
     tls_cert, tls_key: STARTTLS (both or neither; relative to the config file)
     max_message_size (Postfix's message_size_limit), max_line_length (DATA lines, without
     CRLF), max_connections (concurrent sessions), idle_timeout (RFC 5321 server timeout),
@@ -136,6 +150,7 @@ class SmtpListenerSettings(Section):
     """
 
     name: str = "smtp"
+    mode: ListenerMode = "before_queue"
     listen: Listen = Address("tcp", "127.0.0.1", 10025)
     next_hop: str = "127.0.0.1:10026"
     direction: Literal["inbound", "outbound", "auto"] = "inbound"
@@ -173,6 +188,28 @@ class SmtpListenerSettings(Section):
                 raise ValueError(f'expected host:port or "discard", got {value!r}') from None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_of_next_hop(cls, data: Any) -> Any:
+        """``next_hop = "discard"`` alone is the old spelling of ``mode = "verdict"``; a
+        verdict listener alone gets ``next_hop = "discard"`` (it relays nothing)."""
+        if isinstance(data, dict):
+            if "mode" not in data and data.get("next_hop") == "discard":
+                return {**data, "mode": "verdict"}
+            if data.get("mode") == "verdict" and "next_hop" not in data:
+                return {**data, "next_hop": "discard"}
+        return data
+
+    @model_validator(mode="after")
+    def _mode_fits_next_hop(self) -> SmtpListenerSettings:
+        if self.mode == "verdict" and self.next_hop != "discard":
+            raise ValueError(f'mode = "verdict" relays nothing: leave next_hop out '
+                             f'(got next_hop = {self.next_hop!r})')
+        if self.mode != "verdict" and self.next_hop == "discard":
+            raise ValueError(f'next_hop = "discard" is a verdict-only listener: '
+                             f'set mode = "verdict", or a host:port for mode = "{self.mode}"')
+        return self
+
     @model_validator(mode="after")
     def _tls_pair(self) -> SmtpListenerSettings:
         if bool(self.tls_cert) != bool(self.tls_key):
@@ -182,7 +219,7 @@ class SmtpListenerSettings(Section):
     @property
     def relay_to(self) -> tuple[str, int] | None:
         """The next hop as (host, port); None for a verdict-only listener."""
-        return None if self.next_hop == "discard" else parse_next_hop(self.next_hop, None)
+        return None if self.mode == "verdict" else parse_next_hop(self.next_hop, None)
 
 
 def tls_context(settings: SmtpListenerSettings, base_dir: str) -> ssl.SSLContext | None:
@@ -290,9 +327,12 @@ class FilterHandler:
                        client_addr=client_addr, helo=attrs.get("HELO", session.host_name or ""),
                        listener=self.listener.name)
         policy = self.gateway.policy  # one policy for the decision and the header names
+        settings = self.listener.current
+        # after the queue a reject would bounce (see the module docstring): the policy holds
         ctx = Context("smtp", envelope=env, authenticated=authenticated, size=spool.size,
-                      direction=policy.direction_for(self.listener.current.direction,
-                                                     client_addr, authenticated))
+                      direction=policy.direction_for(settings.direction, client_addr,
+                                                     authenticated),
+                      after_queue=settings.mode == "after_queue")
         outcome = await self.gateway.process(spool, ctx, ids={"session": self.session_id})
         decision = outcome.decision
         if decision.disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
@@ -446,7 +486,7 @@ class SMTPListener:
         s = self.settings
         hop = "discard (verdict only)" if s.relay_to is None else s.next_hop
         tls = ", STARTTLS" if self._tls else ""
-        return f"{s.name} {s.listen.host}:{self.port} -> {hop} ({s.direction}{tls})"
+        return f"{s.name} {s.listen.host}:{self.port} -> {hop} ({s.mode}, {s.direction}{tls})"
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
