@@ -6,6 +6,17 @@ with the transaction's :class:`~avgate.context.Envelope` inside), and calls
 the quarantine id) and applies the decision in its own protocol. The side effects that must
 happen before the client is answered (the quarantine write) happen here: if they fail, the
 decision becomes a tempfail, so nothing is acknowledged that was not kept.
+
+Every object gets a RefID (:func:`~avgate.decision.new_refid`): the policy puts it in the
+replies and the RefID header, the scan log line carries it (``"refid"``), so an admin finds
+a user's message from the header or the reply text.
+
+The scan log line records what was done, in the front-end's own terms. A front-end that
+applies the decision itself (the milter: headers, body, recipients; ICAP: 204 or a block
+page) calls ``process(..., defer_log=True)`` and then :meth:`Gateway.log_outcome` with the
+actions it carried out and its protocol's outcome. Otherwise the line is written at once,
+with the decision's actions and, on the mail front-ends (smtp, qmail, milter), the SMTP reply;
+other front-ends get no ``reply`` (an SMTP text in an ICAP or clamd line says nothing true).
 """
 
 from __future__ import annotations
@@ -17,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .context import Context, Envelope  # re-exported: front-ends import them from here
+from .decision import new_refid
 from .observability import record_scan, scan_event
-from .policy import Decision, Disposition, Policy
+from .policy import MAIL_FRONTENDS, Decision, Disposition, Policy
 from .result import ScanResult
 from .scan import ScanService
 from .spool import Spool
@@ -29,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Context", "Envelope", "Gateway", "Outcome"]
 
-QUARANTINE_FAILED_REPLY = "451 4.3.0 Quarantine unavailable, try again later"
+QUARANTINE_FAILED_REPLY = "451 4.3.0 Quarantine unavailable, try again later (RefID {refid})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +49,12 @@ class Outcome:
     result: ScanResult
     decision: Decision
     quarantine_id: str | None = None
+    #: the scan-log line not written yet (``process(defer_log=True)``): see ``log_outcome``
+    event: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def refid(self) -> str:
+        return self.decision.refid
 
 
 @dataclass
@@ -65,24 +83,29 @@ class Gateway:
         if self._store is None:
             from .quarantine import QuarantineStore
 
-            self._store = QuarantineStore(self.config.quarantine_path)
+            self._store = QuarantineStore.from_config(self.config)
         return self._store
 
     def new_spool(self) -> Spool:
         return self.scanner.new_spool()
 
     async def process(self, spool: Spool, ctx: Context, ids: dict[str, str] | None = None,
-                      store_quarantine: bool = True) -> Outcome:
+                      store_quarantine: bool = True, defer_log: bool = False) -> Outcome:
         """Scan, decide, quarantine when the decision says so, log; never raises for a
         scan failure (that is a result with status error, decided by policy).
 
         ``store_quarantine=False``: the front-end quarantines by its own means (the milter's
         "mta" mode puts the message on the MTA's hold queue), so our store is not written.
         The quarantine record keeps ``ctx.envelope`` (the one transaction every front-end
-        fills)."""
+        fills).
+
+        ``defer_log=True``: the scan-log line is returned in ``Outcome.event`` instead of
+        written; the front-end writes it with :meth:`log_outcome` once it has applied the
+        decision (metrics are recorded here either way)."""
         started = time.perf_counter()
+        refid = new_refid()
         result = await self.scanner.scan(spool)
-        decision = self.policy.decide(result, ctx)
+        decision = self.policy.decide(result, ctx, refid=refid)
         qid: str | None = None
         if decision.quarantine and store_quarantine:
             try:
@@ -91,24 +114,46 @@ class Gateway:
                                               decision,
                                               frontend=ctx.frontend, listener=ctx.listener)
             except Exception as exc:  # any store failure: tempfail, never accept-and-lose
-                decision = Decision(Disposition.TEMPFAIL, QUARANTINE_FAILED_REPLY,
-                                    rule=f"{decision.rule}+quarantine-failed")
-                self._log_event({"event": "error", "frontend": ctx.frontend,
+                decision = Decision(Disposition.TEMPFAIL,
+                                    QUARANTINE_FAILED_REPLY.format(refid=refid),
+                                    rule=f"{decision.rule}+quarantine-failed", refid=refid)
+                self._log_event({"event": "error", "frontend": ctx.frontend, "refid": refid,
                                  "error": f"quarantine write failed: {exc}"})
-        self._record(ctx, result, decision, qid, ids, time.perf_counter() - started)
+        event = self._event(ctx, result, decision, qid, ids, time.perf_counter() - started)
+        if defer_log:
+            return Outcome(result, decision, qid, event=event)
+        self._log_event(event)
         return Outcome(result, decision, qid)
 
-    def _record(self, ctx: Context, result: ScanResult, decision: Decision, qid: str | None,
-                ids: dict[str, str] | None, elapsed: float) -> None:
+    def log_outcome(self, outcome: Outcome, *, actions: tuple[str, ...] | list[str] | None
+                    = None, **protocol: Any) -> None:
+        """Write the deferred scan-log line of ``outcome`` (``process(defer_log=True)``)
+        with the ``actions`` the front-end carried out (default: the decision's) and its
+        protocol's outcome (e.g. ``reply=`` for SMTP, ``icap_status=`` for ICAP). Does
+        nothing for an outcome whose line was already written."""
+        if not outcome.event:  # not deferred, or written already
+            return
+        event = dict(outcome.event)
+        outcome.event.clear()
+        if actions is not None:
+            event["actions"] = list(actions)
+        event.update({k: v for k, v in protocol.items() if v is not None})
+        self._log_event(event)
+
+    def _event(self, ctx: Context, result: ScanResult, decision: Decision, qid: str | None,
+               ids: dict[str, str] | None, elapsed: float) -> dict[str, Any]:
         record_scan(ctx.frontend, result)
-        extra: dict[str, Any] = {"reply": decision.reply} if decision.reply else {}
+        extra: dict[str, Any] = {}
+        if decision.reply and ctx.frontend in MAIL_FRONTENDS:
+            extra["reply"] = decision.reply
         if decision.would is not None:
             extra["would"] = decision.would.to_dict()
         event = scan_event(result, frontend=ctx.frontend, listener=ctx.listener,
                            ids={**(ids or {}), **({"quarantine": qid} if qid else {})},
-                           rule=decision.rule, actions=decision.actions, **extra)
+                           rule=decision.rule, actions=decision.actions,
+                           refid=decision.refid, **extra)
         event["elapsed_ms"] = round(elapsed * 1000, 3)
-        self._log_event(event)
+        return event
 
     def _log_event(self, event: dict[str, Any]) -> None:
         if self.log is not None:

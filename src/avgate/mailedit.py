@@ -13,6 +13,13 @@ non-numeric segment ends the walk: that part is replaced as a whole. A path that
 resolved in our parse (``~boundary2``: a reading other parsers make) replaces the whole
 body: the infected content must not get through because we could not find it.
 
+``replace`` on a ``skipped``/``unknown`` result (Kernun's REPLACE-AV-UNKNOWN) replaces the
+parts that were not scanned: the paths of the result's ``details`` (the decomposition's
+problems: an encrypted archive, a part over a limit), with the policy's unscanned notice;
+a result without part paths (an engine that only said "not scanned") has its whole body
+replaced. :func:`apply_decision` says which of the decision's edits it carried out, so a
+front-end logs what it did, not what was asked.
+
 Removing header fields (:class:`HeaderFilter`, :func:`strip_headers`): before avgate adds
 its verdict headers, every incoming copy of every header it may write is removed (a sender's
 own ``X-Virus-Status: Clean`` must never reach the recipient). The filter reads the header
@@ -28,6 +35,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from email.charset import QP, Charset
 from email.generator import BytesGenerator
 from email.header import Header
@@ -37,7 +45,7 @@ from email.policy import compat32
 from io import BytesIO
 from typing import TYPE_CHECKING
 
-from .result import ScanResult
+from .result import ScanResult, ScanStatus
 
 if TYPE_CHECKING:
     from .decision import Decision
@@ -47,22 +55,46 @@ _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
 
 
-def edit_message(data: bytes, decision: Decision, result: ScanResult,
-                 remove: Iterable[str] = ()) -> bytes:
-    """``data`` with the decision's part replacements, subject prefix and headers applied.
+@dataclass(frozen=True, slots=True)
+class Edited:
+    """The edited message and the decision's edits that were carried out (``replace``,
+    ``prefix_subject``, ``tag``; ``replaced``: how many parts were replaced)."""
+
+    data: bytes
+    applied: tuple[str, ...] = ()
+    replaced: int = 0
+
+
+def apply_decision(data: bytes, decision: Decision, result: ScanResult,
+                   remove: Iterable[str] = ()) -> Edited:
+    """``data`` with the decision's part replacements, subject prefix and headers applied,
+    and what of that was done.
 
     ``remove``: header names (any case) whose incoming copies are removed first, normally
     ``gateway.policy.own_header_names()`` (read per message), so that the only verdict
     headers the recipient sees are the ones added here.
     """
+    applied: list[str] = []
+    replaced = 0
     data = strip_headers(data, remove)
-    if decision.replace and result.findings:
-        data = replace_parts(data, result, decision.notice)
+    if decision.replace and replace_targets(result):
+        data, replaced = _replace(data, result, decision.notice, decision.refid)
+        if replaced:
+            applied.append("replace")
     if decision.subject_prefix:
         data = prefix_subject(data, decision.subject_prefix)
+        applied.append("prefix_subject")
     if decision.headers:
         data = add_headers(data, decision.headers)
-    return data
+        if any(n != decision.refid_header for n, _ in decision.headers):
+            applied.append("tag")
+    return Edited(data, tuple(applied), replaced)
+
+
+def edit_message(data: bytes, decision: Decision, result: ScanResult,
+                 remove: Iterable[str] = ()) -> bytes:
+    """``data`` with the decision's edits applied (see :func:`apply_decision`)."""
+    return apply_decision(data, decision, result, remove).data
 
 
 # -- textual header edits -------------------------------------------------------------------
@@ -316,9 +348,28 @@ def _prefixed(line: bytes, colon_end: int, prefix: str) -> bytes:
 
 
 # -- part replacement -----------------------------------------------------------------------
-def _notice_text(template: str, virus: str, filename: str) -> str:
+def _notice_text(template: str, virus: str, filename: str, reason: str = "",
+                 refid: str = "") -> str:
     # plain replace, not str.format: a notice with other braces must not raise
-    return template.replace("{virus}", virus).replace("{filename}", filename or "-")
+    return (template.replace("{virus}", virus).replace("{filename}", filename or "-")
+            .replace("{reason}", reason or "-").replace("{refid}", refid or "-"))
+
+
+def replace_targets(result: ScanResult) -> list[tuple[str, str, str]]:
+    """(part path, virus name, reason) of what ``replace`` replaces in ``result``: the
+    findings of an infected result; the parts not scanned of a skipped/unknown one (its
+    ``details``, "status: reason" per path), or the whole body (path "") when the result
+    names none; nothing for clean/error results."""
+    if result.status is ScanStatus.INFECTED:
+        return [(f.part, f.name, "") for f in result.findings]
+    if result.status not in (ScanStatus.SKIPPED, ScanStatus.UNKNOWN):
+        return []
+    targets = []
+    for path, note in result.details:
+        word, sep, reason = note.partition(": ")
+        if sep and word in (ScanStatus.SKIPPED.value, ScanStatus.UNKNOWN.value):
+            targets.append((path, "", reason))
+    return targets or [("", "", result.reason or result.status.value)]
 
 
 def _resolve(root: Message, path: str) -> Message | None:
@@ -384,18 +435,27 @@ def _parent_of(root: Message, child: Message) -> Message | None:
     return None
 
 
-def replace_parts(data: bytes, result: ScanResult, notice_template: str) -> bytes:
-    """Replace every MIME part a finding points at with a text/plain notice."""
+def replace_parts(data: bytes, result: ScanResult, notice_template: str,
+                  refid: str = "") -> bytes:
+    """Replace every MIME part a finding points at (or, for a skipped/unknown result, every
+    part not scanned) with a text/plain notice."""
+    return _replace(data, result, notice_template, refid)[0]
+
+
+def _replace(data: bytes, result: ScanResult, notice_template: str,
+             refid: str = "") -> tuple[bytes, int]:
+    """:func:`replace_parts` and the number of parts replaced."""
     root = BytesParser(policy=compat32).parsebytes(data)
     done: list[Message] = []
-    for finding in result.findings:
-        target = _resolve(root, finding.part)
+    for part_path, virus, reason in replace_targets(result):
+        target = _resolve(root, part_path)
         if target is None:
             target = root
         if any(t is target for t in done):
             continue
-        filename = target.get_filename() or finding.part.rsplit("/", 1)[-1]
-        notice = _make_notice(_notice_text(notice_template, finding.name, str(filename)))
+        filename = target.get_filename() or part_path.rsplit("/", 1)[-1]
+        notice = _make_notice(_notice_text(notice_template, virus, str(filename), reason,
+                                           refid))
         parent = _parent_of(root, target)
         if parent is None:  # the message itself (single-part or unresolvable): its body
             _replace_in_place(target, notice)
@@ -405,7 +465,9 @@ def replace_parts(data: bytes, result: ScanResult, notice_template: str) -> byte
         assert isinstance(payload, list)
         payload[next(i for i, p in enumerate(payload) if p is target)] = notice
         done.append(target)
+    if not done:
+        return data, 0
     out = BytesIO()
     pol = compat32.clone(linesep=line_ending(data).decode("ascii"))
     BytesGenerator(out, mangle_from_=False, maxheaderlen=0, policy=pol).flatten(root)
-    return out.getvalue()
+    return out.getvalue(), len(done)

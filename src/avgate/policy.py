@@ -27,11 +27,15 @@ rules can still decide otherwise, matching ``limit = "structural" | "size" | "no
 
 Actions and how they combine: exactly one *disposition* — ``accept``, ``reject``,
 ``tempfail``, ``discard`` — plus any of the *modifiers* ``quarantine``, ``replace``, ``tag``,
-``prefix_subject``, ``copy_to``. A rule listing only modifiers is an ``accept``, except a
+``prefix_subject``, ``copy_to``, ``remove_recipients`` (milter only). A rule listing only
+modifiers is an ``accept``, except a
 rule whose only disposition-like action is ``quarantine``: that holds the message
 (``discard`` + ``quarantine``: acknowledged, kept in the quarantine, not delivered).
-``replace``/``prefix_subject``/``tag``/``copy_to`` make no sense with ``reject``/``tempfail``
-and are refused by the validator.
+``replace``/``prefix_subject``/``tag``/``copy_to``/``remove_recipients`` make no sense with
+``reject``/``tempfail`` and are refused by the validator. ``replace`` is decided only where
+there is something to replace (infected parts, or the parts of a skipped/unknown result
+that were not scanned), ``remove_recipients`` only for the recipients that match — so the
+decision's actions, which the scan log records, never claim what cannot be done.
 
 Header styles (``header_style``): ``default`` (``X-Virus-Scanned`` + ``X-Virus-Status``),
 ``qhpsi`` (``X-QHPSI: clean | virus found``; skipped/unknown/error, which QHPSI has no word
@@ -42,12 +46,14 @@ Sun/Oracle messaging-server ClamAV plugin: field ``verdict_prefix`` (default ``V
 ``False``); 3: fixed verdict when infected, else the result (``False``)), ``none``.
 ``headers = { Name = "template" }`` replaces the style's headers. Templates (headers, replies,
 ``subject_prefix``) may use ``{virus}``, ``{viruses}``, ``{status}``, ``{status_word}``,
-``{reason}``, ``{version}``, ``{engine}``; unknown names stay as written, and a template that
+``{reason}``, ``{version}``, ``{engine}``, ``{refid}`` (the message's RefID, see
+``refid_header``); unknown names stay as written, and a template that
 cannot render (a stray brace, ``{0}``) is refused when the config is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import ipaddress
 import re
@@ -62,20 +68,25 @@ from pydantic import (
     PlainSerializer,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from . import __version__
 from .context import Context, Envelope
-from .decision import Decision, Disposition
+from .decision import Decision, Disposition, new_refid
 from .limits import parse_size
 from .result import ScanResult, ScanStatus
 from .settings import Section, StrTuple
 
 # Replies for the cases no setting names (the configurable ones are PolicySettings' defaults)
-DEFAULT_FAILURE_REJECT_REPLY = "554 5.7.0 Virus scanner unavailable, message refused"
-DEFAULT_VIRUS_TEMPFAIL_REPLY = "451 4.7.1 Message held: virus found ({virus})"
-DEFAULT_STRUCTURAL_REPLY = "552 5.3.4 Message content not scannable: {reason}"
-DEFAULT_SIZE_REPLY = "552 5.3.4 Message too large to scan: {reason}"
+# (every default reply names the message's RefID, so a user can quote it to the admin)
+DEFAULT_FAILURE_REJECT_REPLY = (
+    "554 5.7.0 Virus scanner unavailable, message refused (RefID {refid})")
+DEFAULT_VIRUS_TEMPFAIL_REPLY = "451 4.7.1 Message held: virus found ({virus}) (RefID {refid})"
+DEFAULT_STRUCTURAL_REPLY = "552 5.3.4 Message content not scannable: {reason} (RefID {refid})"
+DEFAULT_SIZE_REPLY = "552 5.3.4 Message too large to scan: {reason} (RefID {refid})"
+#: the RefID header's default name (``[policy] refid_header``)
+DEFAULT_REFID_HEADER = "X-Avgate-RefID"
 #: the clamav-verdict style's field name: the default of ``verdict_prefix``, and always one
 #: of the names avgate removes from incoming messages (see ``Policy.own_header_names``)
 DEFAULT_VERDICT_PREFIX = "Virus-Test"
@@ -90,7 +101,12 @@ Status = Literal["clean", "infected", "skipped", "unknown", "error"]
 LimitName = Literal["structural", "size", "none"]
 Direction = Literal["inbound", "outbound"]
 DispositionName = Literal["accept", "reject", "tempfail", "discard"]
-Modifier = Literal["quarantine", "replace", "tag", "prefix_subject", "copy_to"]
+Modifier = Literal["quarantine", "replace", "tag", "prefix_subject", "copy_to",
+                   "remove_recipients"]
+#: statuses whose content ``replace`` can replace (infected parts, or the parts not scanned)
+REPLACEABLE = frozenset({ScanStatus.INFECTED, ScanStatus.SKIPPED, ScanStatus.UNKNOWN})
+#: front-ends that can remove a recipient (``remove_recipients``)
+RECIPIENT_FRONTENDS = ("milter",)
 Shortcut = Literal["reject", "keep", "tempfail", "discard", "quarantine"]
 DISPOSITIONS: tuple[str, ...] = get_args(DispositionName)
 MODIFIERS: tuple[str, ...] = get_args(Modifier)
@@ -118,8 +134,9 @@ class Rule:
     headers: tuple[tuple[str, str], ...] | None = None
     subject_prefix: str = ""
     copy_to: tuple[str, ...] = ()
-    notice: str = ""
+    notice: str | None = None  # None: the policy's (notice or unscanned_notice)
     shadow: bool = False
+    remove_recipients: tuple[str, ...] = ()  # globs, lower-case
 
     def matches(self, result: ScanResult, ctx: Context) -> bool:
         if self.statuses is not None and result.status not in self.statuses:
@@ -252,7 +269,7 @@ def _actions(value: Any) -> Any:
         raise ValueError(f"more than one of accept/reject/tempfail/discard: {', '.join(several)}")
     disposition, modifiers = _disposition(actions)
     if disposition in (Disposition.REJECT, Disposition.TEMPFAIL):
-        bad = modifiers & {"replace", "tag", "prefix_subject", "copy_to"}
+        bad = modifiers & {"replace", "tag", "prefix_subject", "copy_to", "remove_recipients"}
         if bad:
             raise ValueError(f"{disposition.value} cannot be combined with "
                              f"{', '.join(sorted(bad))}")
@@ -284,7 +301,8 @@ def _smtp_reply(reply: str, disposition: Disposition | None) -> str:
 
 def _header_name(name: str) -> str:
     if not _HEADER_NAME_RE.match(name):
-        raise ValueError(f"not a header name: {name!r}")
+        raise ValueError("empty: a header field needs a name (RFC 5322 \"Name: value\")"
+                         if not name else f"not a header name: {name!r}")
     return name
 
 
@@ -328,10 +346,15 @@ class RuleSettings(Section):
     size | none), ``reason`` (globs over the reason, case-insensitive); each list condition
     takes one value or a list.
     What it does — ``action`` (required: at most one of accept/reject/tempfail/discard, plus
-    quarantine, replace, tag, prefix_subject, copy_to), ``reply`` (reject: 5xx, tempfail: 4xx;
+    quarantine, replace, tag, prefix_subject, copy_to, remove_recipients), ``reply`` (reject:
+    5xx, tempfail: 4xx;
     default: the policy's), ``headers`` (name = "template": what ``tag`` adds instead of the
     style's headers), ``subject_prefix`` and ``notice`` (default: the policy's), ``copy_to``,
     ``shadow`` (log what it would do, accept), ``name`` (default ``ruleN``).
+    ``remove_recipients`` (globs, case-insensitive; with the action of the same name and
+    ``frontend = "milter"``, the only front-end that can do it): the envelope recipients that
+    match are removed (milter DELRCPT) and the message goes on to the others; a rule that
+    would remove every recipient discards the message instead.
     """
 
     name: str | None = None
@@ -352,6 +375,21 @@ class RuleSettings(Section):
     notice: str | None = None
     copy_to: StrTuple = ()
     shadow: bool = False
+    remove_recipients: StrTuple | None = None
+
+    @model_validator(mode="after")
+    def _remove_recipients_complete(self) -> RuleSettings:
+        acting = "remove_recipients" in (self.action or ())
+        if acting and not self.remove_recipients:
+            raise ValueError('action remove_recipients needs remove_recipients = ["glob", ...] '
+                             "(the recipients to remove)")
+        if self.remove_recipients is not None and not acting:
+            raise ValueError("remove_recipients is set but the action does not list "
+                             "remove_recipients")
+        if acting and self.frontend != RECIPIENT_FRONTENDS:
+            raise ValueError('remove_recipients needs frontend = "milter" (only the milter '
+                             "can remove a recipient)")
+        return self
 
     @field_validator("reply")
     @classmethod
@@ -378,8 +416,12 @@ class PolicySettings(Section):
     clamav-verdict | none), ``headers`` (name = "template", replaces the style),
     ``verdict_mode`` (0-3), ``verdict_prefix``, ``verdict_text`` (clamav-verdict);
     ``shadow`` (decide and log, but accept); ``notice`` (what ``replace`` puts in place of an
-    infected part; ``{virus}``, ``{filename}``), ``subject_prefix``, ``copy_to`` (defaults of
-    the rules' modifiers); ``internal_networks`` (listener direction "auto": clients in these
+    infected part; ``{virus}``, ``{filename}``, ``{refid}``), ``unscanned_notice`` (in place of
+    a part that was not scanned, when ``replace`` fires on a skipped/unknown result;
+    ``{reason}``, ``{filename}``, ``{refid}``), ``subject_prefix``, ``copy_to`` (defaults of
+    the rules' modifiers); ``refid_header`` (the header carrying each message's RefID,
+    default ``X-Avgate-RefID``; "" = none: the RefID is still logged and in the replies);
+    ``internal_networks`` (listener direction "auto": clients in these
     networks are outbound); ``rules`` (``[[policy.rules]]``, see :class:`RuleSettings`).
     """
 
@@ -388,10 +430,11 @@ class PolicySettings(Section):
     structural_action: Shortcut = "reject"
     size_action: Literal["auto", "reject", "keep", "tempfail", "discard", "quarantine"] = "auto"
     reject_reply: Annotated[str, AfterValidator(
-        lambda r: _smtp_reply(r, Disposition.REJECT))] = "550 5.7.1 Virus found: {virus}"
+        lambda r: _smtp_reply(r, Disposition.REJECT))] = (
+        "550 5.7.1 Virus found: {virus} (RefID {refid})")
     tempfail_reply: Annotated[str, AfterValidator(
         lambda r: _smtp_reply(r, Disposition.TEMPFAIL))] = (
-        "451 4.7.1 Virus scanner unavailable, try again later")
+        "451 4.7.1 Virus scanner unavailable, try again later (RefID {refid})")
     header_style: Literal["default", "qhpsi", "clamav-verdict", "none"] = "default"
     headers: HeaderTemplates | None = None
     verdict_mode: Literal[0, 1, 2, 3] = 2
@@ -400,6 +443,11 @@ class PolicySettings(Section):
     shadow: bool = False
     notice: str = ("This part of the message contained a virus ({virus}) and was removed "
                    "by avgate.\nThe original file name was: {filename}\n")
+    unscanned_notice: str = ("This part of the message could not be scanned ({reason}) and "
+                             "was removed by avgate.\nThe original file name was: {filename}\n"
+                             "Reference: {refid}\n")
+    refid_header: Annotated[str, AfterValidator(
+        lambda n: _header_name(n) if n else n)] = DEFAULT_REFID_HEADER
     subject_prefix: Template = "***VIRUS*** "
     copy_to: StrTuple = ()
     internal_networks: Networks = ()
@@ -421,8 +469,8 @@ def _rule(s: RuleSettings, i: int, policy: PolicySettings) -> Rule:
         limit=frozenset(s.limit) if s.limit is not None else None, reason=_lower(s.reason),
         disposition=disposition, modifiers=modifiers, reply=s.reply or "", headers=s.headers,
         subject_prefix=policy.subject_prefix if s.subject_prefix is None else s.subject_prefix,
-        copy_to=s.copy_to, notice=policy.notice if s.notice is None else s.notice,
-        shadow=s.shadow)
+        copy_to=s.copy_to, notice=s.notice, shadow=s.shadow,
+        remove_recipients=_lower(s.remove_recipients) or ())
 
 
 class Policy:
@@ -441,21 +489,38 @@ class Policy:
         return cls(settings)
 
     # -- deciding -------------------------------------------------------------------------
-    def decide(self, result: ScanResult, ctx: Context) -> Decision:
-        """The decision for ``result`` seen through ``ctx`` (first matching rule wins)."""
+    def decide(self, result: ScanResult, ctx: Context, refid: str | None = None) -> Decision:
+        """The decision for ``result`` seen through ``ctx`` (first matching rule wins).
+
+        ``refid``: the message's RefID (the Gateway makes one per object; a new one when
+        None). It is in ``{refid}`` of every template, in ``Decision.refid`` and, when the
+        message is delivered and ``refid_header`` is set, among the headers to add."""
+        refid = new_refid() if refid is None else refid
         decision: Decision | None = None
         shadow = self.settings.shadow
         for rule in self.rules:
             if rule.matches(result, ctx):
-                decision = self._apply_rule(rule, result, ctx)
+                decision = self._apply_rule(rule, result, ctx, refid)
                 shadow = shadow or rule.shadow
                 break
         if decision is None:
-            decision = self._default(result, ctx)
+            decision = self._default(result, ctx, refid)
+        if ctx.after_queue and decision.disposition is Disposition.REJECT:  # never bounce
+            decision = Decision(Disposition.DISCARD, quarantine=True,  # (frontends/smtp.py)
+                                rule=f"{decision.rule}+after_queue")
+        decision = self._with_refid(decision, refid)
         if shadow:
-            return Decision(Disposition.ACCEPT, headers=self.headers_for(result),
-                            rule=decision.rule, shadow=True, would=decision)
+            return self._with_refid(Decision(
+                Disposition.ACCEPT, headers=self.headers_for(result, refid=refid),
+                rule=decision.rule, shadow=True, would=decision), refid)
         return decision
+
+    def _with_refid(self, d: Decision, refid: str) -> Decision:
+        name = self.settings.refid_header
+        headers = d.headers
+        if name and refid and d.disposition is Disposition.ACCEPT:
+            headers = (*headers, (name, refid))  # after the verdict headers
+        return dataclasses.replace(d, refid=refid, refid_header=name, headers=headers)
 
     def direction_for(self, listener_direction: str, client_addr: str = "",
                       authenticated: bool = False) -> str:
@@ -472,7 +537,8 @@ class Policy:
             return "outbound"
         return "inbound"
 
-    def _vars(self, result: ScanResult, ctx: Context | None = None) -> _Vars:
+    def _vars(self, result: ScanResult, ctx: Context | None = None,
+              refid: str = "") -> _Vars:
         names = result.virus_names
         status_word = (f"Infected ({', '.join(names)})" if result.infected
                        else _STATUS_WORD[result.status])
@@ -486,15 +552,18 @@ class Policy:
             engine=_clean_value(", ".join(e.name for e in result.engines)),
             sender=_clean_value(ctx.sender) if ctx else "",
             frontend=ctx.frontend if ctx else "",
+            refid=_clean_value(refid),
         )
 
-    def render(self, template: str, result: ScanResult, ctx: Context | None = None) -> str:
-        return _clean_value(template.format_map(self._vars(result, ctx)))
+    def render(self, template: str, result: ScanResult, ctx: Context | None = None,
+               refid: str = "") -> str:
+        return _clean_value(template.format_map(self._vars(result, ctx, refid)))
 
-    def headers_for(self, result: ScanResult) -> tuple[tuple[str, str], ...]:
+    def headers_for(self, result: ScanResult, refid: str = "") -> tuple[tuple[str, str], ...]:
         """Verdict headers in the configured style."""
         if self.header_templates is not None:
-            return tuple((n, self.render(t, result)) for n, t in self.header_templates)
+            return tuple((n, self.render(t, result, refid=refid))
+                         for n, t in self.header_templates)
         return self._style_headers(result, self.settings.header_style)
 
     def own_header_names(self) -> frozenset[str]:
@@ -506,7 +575,8 @@ class Policy:
         a verdict in any style must come from this gateway.
         """
         names = {"x-virus-scanned", "x-virus-status", "x-qhpsi",
-                 self.settings.verdict_prefix.lower(), DEFAULT_VERDICT_PREFIX.lower()}
+                 self.settings.verdict_prefix.lower(), DEFAULT_VERDICT_PREFIX.lower(),
+                 self.settings.refid_header.lower(), DEFAULT_REFID_HEADER.lower()}
         if self.header_templates is not None:
             names.update(n.lower() for n, _ in self.header_templates)
         for rule in self.rules:
@@ -540,41 +610,61 @@ class Policy:
         return (("X-Virus-Scanned", f"avgate {__version__}"),
                 ("X-Virus-Status", v["status_word"]))
 
-    def _apply_rule(self, rule: Rule, result: ScanResult, ctx: Context) -> Decision:
+    def _apply_rule(self, rule: Rule, result: ScanResult, ctx: Context,
+                    refid: str = "") -> Decision:
         mods = rule.modifiers
         reply = ""
         if rule.disposition is Disposition.REJECT:
             reply = self.render(rule.reply or (self.settings.reject_reply if result.infected
-                                               else DEFAULT_FAILURE_REJECT_REPLY), result, ctx)
+                                               else DEFAULT_FAILURE_REJECT_REPLY),
+                                result, ctx, refid)
         elif rule.disposition is Disposition.TEMPFAIL:
             reply = self.render(rule.reply or (DEFAULT_VIRUS_TEMPFAIL_REPLY if result.infected
-                                               else self.settings.tempfail_reply), result, ctx)
+                                               else self.settings.tempfail_reply),
+                                result, ctx, refid)
         headers: tuple[tuple[str, str], ...] = ()
         if "tag" in mods:
-            headers = (tuple((n, self.render(t, result, ctx)) for n, t in rule.headers)
-                       if rule.headers is not None else self.headers_for(result))
+            headers = (tuple((n, self.render(t, result, ctx, refid)) for n, t in rule.headers)
+                       if rule.headers is not None else self.headers_for(result, refid))
+        # replace only what there is to replace: infected parts, or parts not scanned
+        replace = "replace" in mods and result.status in REPLACEABLE
+        notice = rule.notice
+        if notice is None:
+            notice = self.settings.notice if result.infected else self.settings.unscanned_notice
+        removed: tuple[str, ...] = ()
+        disposition = rule.disposition
+        if "remove_recipients" in mods:
+            removed = tuple(r for r in ctx.recipients
+                            if _glob(r.lower(), rule.remove_recipients))
+            copy_to = rule.copy_to or self.settings.copy_to
+            if removed and len(removed) == len(ctx.recipients) and not (
+                    "copy_to" in mods and copy_to):
+                # nobody left to deliver to: that is a discard (quarantine still applies)
+                return Decision(Disposition.DISCARD, quarantine="quarantine" in mods,
+                                rule=rule.name)
         return Decision(
-            disposition=rule.disposition,
+            disposition=disposition,
             reply=reply,
             headers=headers,
             quarantine="quarantine" in mods,
-            replace="replace" in mods,
-            notice=rule.notice if "replace" in mods else "",
-            subject_prefix=self.render(rule.subject_prefix, result, ctx)
+            replace=replace,
+            notice=notice if replace else "",
+            subject_prefix=self.render(rule.subject_prefix, result, ctx, refid)
             if "prefix_subject" in mods else "",
             copy_to=(rule.copy_to or self.settings.copy_to) if "copy_to" in mods else (),
             rule=rule.name,
+            remove_recipients=removed,
         )
 
-    def _default(self, result: ScanResult, ctx: Context) -> Decision:
+    def _default(self, result: ScanResult, ctx: Context, refid: str = "") -> Decision:
         """No rule fired: the shortcut actions of the settings."""
-        s, status, tag = self.settings, result.status, self.headers_for(result)
+        s, status, tag = self.settings, result.status, self.headers_for(result, refid)
         if status is ScanStatus.INFECTED:
             return self._shortcut(s.virus_action, "default:infected", result, ctx, tag,
-                                  s.reject_reply, DEFAULT_VIRUS_TEMPFAIL_REPLY)
+                                  s.reject_reply, DEFAULT_VIRUS_TEMPFAIL_REPLY, refid)
         if status is ScanStatus.ERROR:
             return self._shortcut(s.failure_action, "default:error", result, ctx, tag,
-                                  DEFAULT_FAILURE_REJECT_REPLY, s.tempfail_reply)
+                                  DEFAULT_FAILURE_REJECT_REPLY, s.tempfail_reply, refid)
         if result.limit is not None:  # skipped/unknown because a limit was hit
             kind = result.limit.value
             structural = kind == "structural"  # never passes by default
@@ -583,18 +673,19 @@ class Policy:
                 action = "reject" if ctx.frontend in MAIL_FRONTENDS else "keep"
             reply = DEFAULT_STRUCTURAL_REPLY if structural else DEFAULT_SIZE_REPLY
             return self._shortcut(action, f"default:{kind}-limit", result, ctx, tag, reply,
-                                  s.tempfail_reply)
+                                  s.tempfail_reply, refid)
         return Decision(Disposition.ACCEPT, headers=tag, rule=f"default:{status.value}")
 
     def _shortcut(self, action: str, rule: str, result: ScanResult, ctx: Context,
                   tag: tuple[tuple[str, str], ...], reject_reply: str,
-                  tempfail_reply: str) -> Decision:
+                  tempfail_reply: str, refid: str = "") -> Decision:
         """reject | tempfail | discard | quarantine | keep as a Decision."""
         if action == "reject":
-            return Decision(Disposition.REJECT, self.render(reject_reply, result, ctx), rule=rule)
-        if action == "tempfail":
-            return Decision(Disposition.TEMPFAIL, self.render(tempfail_reply, result, ctx),
+            return Decision(Disposition.REJECT, self.render(reject_reply, result, ctx, refid),
                             rule=rule)
+        if action == "tempfail":
+            return Decision(Disposition.TEMPFAIL,
+                            self.render(tempfail_reply, result, ctx, refid), rule=rule)
         if action == "discard":
             return Decision(Disposition.DISCARD, rule=rule)
         if action == "quarantine":

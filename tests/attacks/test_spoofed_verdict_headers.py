@@ -123,4 +123,5 @@ def test_qmail_clean_mail_has_only_our_verdict(qmail_env: Path) -> None:
     assert code == 0, err
     queued = (qmail_env / "out/msg").read_bytes()
     assert verdict_headers(queued) == [("x-qhpsi", "clean")]
-    assert queued.startswith(b"X-QHPSI: clean\r\nFrom: Alice")
+    assert queued.startswith(b"X-QHPSI: clean\r\nX-Avgate-RefID: ")  # then our RefID
+    assert queued.split(b"\r\n", 2)[2].startswith(b"From: Alice")

@@ -230,3 +230,53 @@ def test_edit_message_removes_before_it_adds() -> None:
                                          subject_prefix="[V] "), CLEAN, remove=OWN)
     assert out == b"X-Virus-Status: Infected (EICAR)\r\n" + STRIPPED.replace(
         b"Subject: hi", b"Subject: [V] hi")
+
+
+# -- replace on results that were not scanned (Kernun's REPLACE-AV-UNKNOWN) ------------------
+def _policy_decision(status: str, result: ScanResult, action: list[str]) -> Decision:
+    from avgate.policy import Context, Policy, PolicySettings
+
+    settings = PolicySettings.model_validate(
+        {"rules": [{"name": "r", "status": status, "action": action}]})
+    return Policy(settings).decide(result, Context("smtp"), refid="REF1")
+
+
+async def test_replace_on_unknown_replaces_the_part_not_scanned() -> None:
+    from tests.corpus import encode_base64, encrypted_zip, mail
+
+    archive = encrypted_zip("inner.exe", b"PK-secret-payload-" * 8)
+    data = mail(attachments=[("ok.txt", b"harmless words\n"), ("secret.zip", archive)])
+    result = await _scan(data)
+    assert result.status is ScanStatus.UNKNOWN and result.details
+    d = _policy_decision("unknown", result, ["accept", "replace", "tag"])
+    assert d.replace and "replace" in d.actions
+    edited = mailedit.apply_decision(data, d, result)
+    assert edited.applied == ("replace", "tag") and edited.replaced == 1
+    msg = email.message_from_bytes(edited.data, policy=email.policy.default)
+    parts = list(msg.iter_parts())
+    assert [p.get_filename() for p in parts] == [None, "ok.txt", "virus-removed.txt"]
+    notice = parts[2].get_content()
+    assert "could not be scanned" in notice and "secret.zip" in notice and "REF1" in notice
+    assert encode_base64(archive)[:60] in data and encode_base64(archive)[:60] not in edited.data
+    assert parts[1].get_content() == b"harmless words\n"
+    # what is delivered now scans clean: nothing unscanned got through
+    assert (await _scan(edited.data)).status is ScanStatus.CLEAN
+
+
+def test_replace_on_unknown_without_part_paths_replaces_the_body() -> None:
+    # an engine that only says "not scanned" (clamd over StreamMaxLength): no part paths
+    data = b"From: a@b\r\nSubject: s\r\nContent-Type: text/plain\r\n\r\nopaque data\r\n"
+    result = ScanResult(ScanStatus.SKIPPED, reason="size limit: over StreamMaxLength")
+    d = _policy_decision("skipped", result, ["accept", "replace"])
+    edited = mailedit.apply_decision(data, d, result)
+    assert edited.applied == ("replace",)
+    msg = email.message_from_bytes(edited.data, policy=email.policy.default)
+    assert msg["Subject"] == "s" and b"opaque data" not in edited.data
+    assert "over StreamMaxLength" in msg.get_content()
+
+
+def test_replace_is_not_claimed_where_there_is_nothing_to_replace() -> None:
+    d = _policy_decision("clean", CLEAN, ["accept", "replace", "tag"])
+    assert not d.replace and "replace" not in d.actions
+    edited = mailedit.apply_decision(PLAIN, d, CLEAN)
+    assert "replace" not in edited.applied and edited.data.endswith(PLAIN)

@@ -38,15 +38,15 @@ def problems(table: dict) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("status", "disp", "reply"), [
-    (S.INFECTED, D.REJECT, "550 5.7.1 Virus found: Eicar-Test-Signature"),
-    (S.ERROR, D.TEMPFAIL, "451 4.7.1 Virus scanner unavailable, try again later"),
+    (S.INFECTED, D.REJECT, "550 5.7.1 Virus found: Eicar-Test-Signature (RefID R1)"),
+    (S.ERROR, D.TEMPFAIL, "451 4.7.1 Virus scanner unavailable, try again later (RefID R1)"),
     (S.SKIPPED, D.ACCEPT, ""),
     (S.UNKNOWN, D.ACCEPT, ""),
     (S.CLEAN, D.ACCEPT, ""),
 ])
 def test_defaults(status, disp, reply):
     r = res(status, *(["Eicar-Test-Signature"] if status is S.INFECTED else []))
-    d = Policy().decide(r, SMTP)
+    d = Policy().decide(r, SMTP, refid="R1")
     assert d.disposition is disp and d.reply == reply
     assert d.rule == f"default:{status.value}"
     if disp is D.ACCEPT:
@@ -56,8 +56,8 @@ def test_defaults(status, disp, reply):
 
 
 def test_code_and_text():
-    d = Policy().decide(INFECTED, SMTP)
-    assert d.code == 550 and d.text == "5.7.1 Virus found: Eicar-Test-Signature"
+    d = Policy().decide(INFECTED, SMTP, refid="R0")
+    assert d.code == 550 and d.text == "5.7.1 Virus found: Eicar-Test-Signature (RefID R0)"
 
 
 @pytest.mark.parametrize(("shortcut", "disp", "quarantine"), [
@@ -225,9 +225,10 @@ def limited(status: ScanStatus, kind: str, reason: str) -> ScanResult:
 @pytest.mark.parametrize("frontend", ["smtp", "milter", "qmail", "icap", "http", "clamd", "cli"])
 def test_structural_limit_is_refused_everywhere(frontend):
     r = limited(S.SKIPPED, "structural", "a.zip: file count limit")
-    d = Policy().decide(r, Context(frontend))
+    d = Policy().decide(r, Context(frontend), refid="R2")
     assert d.disposition is D.REJECT
-    assert d.reply == "552 5.3.4 Message content not scannable: a.zip: file count limit"
+    assert d.reply == ("552 5.3.4 Message content not scannable: a.zip: file count limit"
+                       " (RefID R2)")
     assert d.rule == "default:structural-limit"
 
 
@@ -268,8 +269,8 @@ def test_rule_matches_limit_and_reason():
 
 
 def test_long_reason_is_shortened_in_replies():
-    d = Policy().decide(limited(S.SKIPPED, "structural", "n" * 1000), SMTP)
-    assert len(d.reply) < 300 and d.reply.endswith("...")
+    d = Policy().decide(limited(S.SKIPPED, "structural", "n" * 1000), SMTP, refid="R3")
+    assert len(d.reply) < 300 and d.reply.endswith("... (RefID R3)")
 
 
 def test_limit_keys_validated():
@@ -291,7 +292,7 @@ def test_config_show_prints_the_effective_policy():
     shown = config.defaults().to_dict()["policy"]
     assert shown["virus_action"] == "reject" and shown["failure_action"] == "tempfail"
     assert shown["structural_action"] == "reject" and shown["size_action"] == "auto"
-    assert shown["reject_reply"] == "550 5.7.1 Virus found: {virus}"
+    assert shown["reject_reply"] == "550 5.7.1 Virus found: {virus} (RefID {refid})"
     assert shown["header_style"] == "default" and shown["rules"] == []
     cfg = config.loads('[[policy.rules]]\nname = "r"\nstatus = "infected"\nsize = "1 MiB-"\n'
                        'action = ["accept", "tag"]\nheaders = { X-A = "{virus}" }\n')
@@ -352,3 +353,76 @@ def test_one_envelope_type_everywhere():
     from avgate.quarantine.store import Envelope as StoreEnvelope
 
     assert GatewayEnvelope is QuarantineEnvelope is StoreEnvelope is Envelope
+
+
+# -- RefID (Scalix): one id per message, in the header, the replies and the templates --------
+def test_refid_header_replies_and_templates():
+    p = pol(rules=[{"name": "t", "status": "clean", "action": ["accept", "tag"],
+                    "headers": {"X-Ref": "ref={refid}"}}])
+    d = p.decide(res(S.CLEAN), SMTP, refid="AAAA2222BBBB3333")
+    assert d.refid == "AAAA2222BBBB3333"
+    assert d.headers[-1] == ("X-Avgate-RefID", "AAAA2222BBBB3333")
+    assert ("X-Ref", "ref=AAAA2222BBBB3333") in d.headers
+    assert d.actions == ("accept", "tag") and d.to_dict()["refid"] == "AAAA2222BBBB3333"
+    rejected = Policy().decide(INFECTED, SMTP, refid="R9")
+    assert rejected.reply.endswith("(RefID R9)") and not rejected.headers
+    assert "x-avgate-refid" in Policy().own_header_names()  # forged copies are removed
+
+
+def test_refid_header_configurable_and_unique_without_one():
+    p = pol(refid_header="X-Scalix-RefID")
+    d = p.decide(res(S.CLEAN), SMTP)
+    assert dict(d.headers)["X-Scalix-RefID"] == d.refid
+    assert {"x-scalix-refid", "x-avgate-refid"} <= p.own_header_names()
+    none = pol(refid_header="").decide(res(S.CLEAN), SMTP)
+    assert none.refid and all(n != "" for n, _ in none.headers)
+    assert len({Policy().decide(res(S.CLEAN), SMTP).refid for _ in range(2000)}) == 2000
+    assert len(d.refid) == 16 and d.refid.isalnum() and d.refid.isupper()
+    assert "policy.refid_header" in problems({"refid_header": "Bad Name"})
+
+
+# -- replace: only what can be replaced, with the right notice ------------------------------
+def test_replace_needs_something_to_replace_and_picks_the_notice():
+    p = pol(rules=[{"status": ["clean", "unknown", "infected"],
+                    "action": ["accept", "replace"]}])
+    assert not p.decide(res(S.CLEAN), SMTP).replace
+    unknown = p.decide(res(S.UNKNOWN, reason="encrypted"), SMTP)
+    assert unknown.replace and "could not be scanned ({reason})" in unknown.notice
+    infected = p.decide(INFECTED, SMTP)
+    assert infected.replace and "contained a virus ({virus})" in infected.notice
+
+
+# -- remove_recipients (Scalix: the milter deletes recipients) ------------------------------
+MILTER = Context("milter", sender="a@example.org",
+                 recipients=("bob@example.net", "Eve@Outside.test", "carl@outside.test"))
+
+
+def test_remove_recipients_matches_envelope_recipients():
+    p = pol(rules=[{"name": "strip", "frontend": "milter", "status": "infected",
+                    "action": ["accept", "remove_recipients", "tag"],
+                    "remove_recipients": ["*@outside.test"]}])
+    d = p.decide(INFECTED, MILTER)
+    assert d.disposition is D.ACCEPT
+    assert d.remove_recipients == ("Eve@Outside.test", "carl@outside.test")
+    assert "remove_recipients" in d.actions
+    # nothing matching: nothing to remove, not claimed in the log
+    only_bob = Context("milter", recipients=("bob@example.net",))
+    d = p.decide(INFECTED, only_bob)
+    assert d.remove_recipients == () and "remove_recipients" not in d.actions
+    # removing every recipient leaves nobody to deliver to: a discard
+    d = p.decide(INFECTED, Context("milter", recipients=("x@outside.test",)))
+    assert d.disposition is D.DISCARD and d.rule == "strip"
+
+
+def test_remove_recipients_validated():
+    found = problems({"rules": [
+        {"frontend": "milter", "action": ["accept", "remove_recipients"]},
+        {"frontend": "milter", "action": "accept", "remove_recipients": ["*@x"]},
+        {"action": ["accept", "remove_recipients"], "remove_recipients": ["*@x"]},
+        {"frontend": "milter", "action": ["reject", "remove_recipients"],
+         "remove_recipients": ["*@x"]},
+    ]})
+    assert "needs remove_recipients" in found["policy.rules[0]"]
+    assert "does not list remove_recipients" in found["policy.rules[1]"]
+    assert 'frontend = "milter"' in found["policy.rules[2]"]
+    assert "reject cannot be combined with remove_recipients" in found["policy.rules[3].action"]

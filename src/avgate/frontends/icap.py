@@ -381,8 +381,13 @@ class _Conn:
             ctx = Context(frontend="icap", listener="icap", client_addr=self.client,
                           size=spool.size)
             url = _url_of(req)
-            outcome = await self.gateway.process(spool, ctx, ids={"url": url} if url else None)
-            await self._answer(req, spool, outcome, may_204, last)
+            outcome = await self.gateway.process(spool, ctx, ids={"url": url} if url else None,
+                                                 defer_log=True)
+            sent: _Sent | None = None
+            try:
+                sent = await self._answer(req, spool, outcome, may_204, last)
+            finally:
+                self._log_outcome(outcome, sent)
             return True
         finally:
             spool.close()
@@ -408,6 +413,14 @@ class _Conn:
             ScanStatus.SKIPPED, size=seen, limit=LimitKind.SIZE,
             reason=f"size limit: body over max_body_size {body.limit} bytes, not scanned")
         outcome = self._decide_unscanned(req, result)
+        sent: _Sent | None = None
+        try:
+            sent = await self._answer_too_large(req, body, outcome, in_preview, may_204, last)
+        finally:
+            self._log_outcome(outcome, sent)
+
+    async def _answer_too_large(self, req: proto.Request, body: _Body, outcome: Outcome,
+                                in_preview: bool, may_204: bool, last: bool) -> _Sent:
         accept = outcome.decision.disposition is Disposition.ACCEPT
         if in_preview:
             # answer after the preview, without 100 Continue: nothing to echo
@@ -422,12 +435,11 @@ class _Conn:
                 self.parser.skip_body()
             if accept:
                 self.writer.write(self._no_content(last))
-            else:
-                await self._answer(req, body.spool, outcome, True, last)
-            return
+                return 204, None, False
+            return await self._answer(req, body.spool, outcome, True, last)
         if accept and not may_204:
             await self._stream_back(req, body, last)
-            return
+            return 200, None, False
         ev = await self._event()
         while isinstance(ev, proto.BodyChunk):  # read and drop
             ev = await self._event()
@@ -435,8 +447,8 @@ class _Conn:
             raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
         if accept:
             self.writer.write(self._no_content(last))
-        else:
-            await self._answer(req, body.spool, outcome, may_204, last)
+            return 204, None, False
+        return await self._answer(req, body.spool, outcome, may_204, last)
 
     async def _stream_back(self, req: proto.Request, body: _Body, last: bool) -> None:
         """Echo an object passed unscanned: the kept bytes, then the rest as it arrives."""
@@ -457,7 +469,8 @@ class _Conn:
         self.writer.write(proto.LAST_CHUNK)
 
     def _decide_unscanned(self, req: proto.Request, result: ScanResult) -> Outcome:
-        """Policy and scan log for an object that was not scanned (over max_body_size)."""
+        """Policy for an object that was not scanned (over max_body_size); its scan-log
+        line is written by ``_log_outcome`` once the answer is sent."""
         from ..gateway import Outcome
 
         ctx = Context(frontend="icap", listener="icap", client_addr=self.client,
@@ -468,15 +481,30 @@ class _Conn:
             # that wants a copy must not get a delivery without one
             decision = Decision(Disposition.REJECT,
                                 "552 5.3.4 Object over max_body_size cannot be quarantined",
-                                rule=f"{decision.rule}+quarantine-impossible")
+                                rule=f"{decision.rule}+quarantine-impossible",
+                                refid=decision.refid)
         url = _url_of(req)
         record_scan("icap", result)
-        glog = self.gateway.log
-        if glog is not None:
-            glog.log(scan_event(result, frontend="icap", listener="icap",
-                                ids={"url": url} if url else None, rule=decision.rule,
-                                actions=decision.actions))
-        return Outcome(result, decision)
+        event = scan_event(result, frontend="icap", listener="icap",
+                           ids={"url": url} if url else None, rule=decision.rule,
+                           actions=decision.actions, refid=decision.refid)
+        return Outcome(result, decision, event=event)
+
+    def _log_outcome(self, outcome: Outcome, sent: _Sent | None) -> None:
+        """The scan-log line in ICAP's terms: what was done (the disposition; ICAP neither
+        tags nor rewrites here), the ICAP status, the HTTP status of a page sent instead of
+        the object, and whether that page was the virus block page. ``sent`` None: the
+        client went away before the answer was written."""
+        d = outcome.decision
+        done = [d.disposition.value]
+        if outcome.quarantine_id:
+            done.append("quarantine")
+        if d.shadow:
+            done.append("shadow")
+        icap_status, http_status, block_page = sent if sent is not None else (None, None, False)
+        self.gateway.log_outcome(outcome, actions=done, icap_status=icap_status,
+                                 http_status=http_status, block_page=block_page,
+                                 answered=sent is not None)
 
     def _log_skip(self, req: proto.Request, media: str) -> None:
         log = self.gateway.log
@@ -492,11 +520,12 @@ class _Conn:
         return proto.encode_response(204, headers)
 
     async def _answer(self, req: proto.Request, spool: Spool, outcome: Outcome,
-                      may_204: bool, last: bool) -> None:
+                      may_204: bool, last: bool) -> _Sent:
+        """Answer the decision; (ICAP status, HTTP status of the page sent or None, whether
+        it was the block page)."""
         result, decision = outcome.result, outcome.decision
         if decision.disposition is Disposition.ACCEPT:
-            await self._accept(req, spool, may_204, last)
-            return
+            return await self._accept(req, spool, may_204, last), None, False
         url = _url_of(req)
         extra: list[tuple[str, str]] = []
         if result.status is ScanStatus.INFECTED:
@@ -523,24 +552,27 @@ class _Conn:
         res_hdr = proto.encode_http_response(status, http_headers)
         self.writer.write(proto.encode_response(200, headers, res_hdr=res_hdr, body="res-body")
                           + proto.encode_body(body))
+        return 200, status, bool(extra)
 
     async def _accept(self, req: proto.Request, spool: Spool, may_204: bool,
-                      last: bool) -> None:
+                      last: bool) -> int:
+        """Pass the object: 204, or 200 echoing it; the ICAP status sent."""
         if may_204:
             self.writer.write(self._no_content(last))
-            return
+            return 204
         head = self._echo_head(req, last)
         if not req.has_body:
             self.writer.write(head)
-            return
+            return 200
         if spool.size <= SEND_CHUNK:
             self.writer.write(head + proto.encode_body(spool.getvalue()))
-            return
+            return 200
         self.writer.write(head)
         for chunk in spool.chunks(SEND_CHUNK):
             self.writer.write(proto.encode_chunk(chunk))
             await self.writer.drain()
         self.writer.write(proto.LAST_CHUNK)
+        return 200
 
 
     def _echo_head(self, req: proto.Request, last: bool) -> bytes:
@@ -551,6 +583,11 @@ class _Conn:
         if req.method == "RESPMOD":
             return proto.encode_response(200, headers, res_hdr=req.res_hdr, body=req.body)
         return proto.encode_response(200, headers, req_hdr=req.req_hdr, body=req.body)
+
+
+#: what an answer sent: ICAP status, HTTP status of a page sent instead of the object (None
+#: when the object passed), whether that page was the virus block page
+_Sent = tuple[int, int | None, bool]
 
 
 class _Body:

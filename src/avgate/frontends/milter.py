@@ -11,6 +11,11 @@ events are not sent at all; only OPTNEG and end-of-message are answered. Headers
 are rebuilt into a Spool (memory, then a temp file) as they arrive.
 
 Applying a Decision (``[milter] quarantine``): see :mod:`avgate.frontends.milter_actions`.
+The scan log line of a message is written after its responses are built, with the actions
+they carry out (``Gateway.log_outcome``), followed by one audit line per modification
+(header added/changed/removed, body replaced, recipient added/removed, held) and, per MTA
+connection, ``milter-start``/``milter-end`` lines; each audit line has its level
+(``milter_actions.AUDIT_LEVELS``), so ``[log] level`` chooses how much is written.
 
 A malformed packet, a read timeout (``[milter] timeout``) or an internal error closes the
 connection; the MTA then applies its ``milter_default_action``. The limits are listed in
@@ -41,7 +46,7 @@ from ..protocols import milter as m
 from ..settings import Group, Listen, Mode, Section, Size
 from ..spool import Spool
 from .listen import DEFAULT_BACKLOG, Address, Listener, ListenOptions, bind, parse_listen
-from .milter_actions import MessageView, responses_for
+from .milter_actions import AUDIT_LEVELS, MessageView, audit_events, responses_for
 
 if TYPE_CHECKING:
     from ..gateway import Gateway
@@ -104,7 +109,7 @@ REPLY_TOO_MANY_RECIPIENTS = "552 5.5.3 Too many recipients"
 _HEAD_FLUSH = 256 * 1024
 
 WANTED_ACTIONS = (m.SMFIF_ADDHDRS | m.SMFIF_CHGHDRS | m.SMFIF_CHGBODY | m.SMFIF_ADDRCPT
-                  | m.SMFIF_QUARANTINE)
+                  | m.SMFIF_DELRCPT | m.SMFIF_QUARANTINE)
 #: Skip the events we do not use; no reply for the ones we only record; original header
 #: spacing (HDR_LEADSPC) so the rebuilt message is the one the client sent.
 WANTED_PROTOCOL = (m.SMFIP_NODATA | m.SMFIP_NOUNKNOWN | m.SMFIP_NOEOH
@@ -157,6 +162,9 @@ class MilterSession(asyncio.Protocol):
         self._waiting = False  # over max_connections: not reading yet
         self._queued_at = 0.0
         self._packet_start: float | None = None  # first byte of a packet not complete yet
+        self._opened = self.loop.time()
+        self._messages = 0  # messages answered on this connection (for milter-end)
+        self._admitted = False
         # connection state
         self.macros: dict[bytes, dict[str, str]] = {}
         self.connect: m.Connect | None = None
@@ -202,6 +210,8 @@ class MilterSession(asyncio.Protocol):
                         "waiting: connection closed")
             transport.close()
             return
+        self._admitted = True
+        self._audit("milter-start")
         if not admitted:
             self._waiting = True
             self._queued_at = self._last
@@ -245,6 +255,9 @@ class MilterSession(asyncio.Protocol):
             self._reset_message()
         # else: a scan in progress finishes (and is logged); its reply is dropped and the
         # MTA, which gave up on us, applies its milter_default_action.
+        if self._admitted:
+            self._audit("milter-end", messages=self._messages,
+                        seconds=round(self.loop.time() - self._opened, 3))
         self.server.release(self)
 
     def _deadline(self) -> float:
@@ -451,6 +464,7 @@ class MilterSession(asyncio.Protocol):
         assert spool is not None
         try:
             replies, _hold, _outcome = await self._decide(spool)
+            self._messages += 1
             if self._closed:
                 return
             assert self.transport is not None
@@ -478,23 +492,33 @@ class MilterSession(asyncio.Protocol):
         ctx = Context("milter", envelope=envelope, direction=direction,
                       authenticated=authenticated, size=spool.size)
         ids = self._ids()
+        outcome: Outcome | None = None
+        gateway = self.gateway  # the one that scanned logs it, even across a reload
         try:
             # "mta": the MTA's hold queue is the quarantine, so our store keeps no copy —
             # but only when the MTA granted SMFIF_QUARANTINE, else nothing would hold it
             mta_holds = (self.s.quarantine == "mta"
                          and bool(self.codec.actions & m.SMFIF_QUARANTINE))
-            outcome = await self.gateway.process(spool, ctx, ids=ids,
-                                                 store_quarantine=not mta_holds)
+            outcome = await gateway.process(spool, ctx, ids=ids,
+                                            store_quarantine=not mta_holds, defer_log=True)
             view = MessageView(self.headers, self.head_len,
                                bool(self.codec.protocol & m.SMFIP_HDR_LEADSPC))
-            replies, hold = responses_for(outcome, view, spool, actions=self.codec.actions,
-                                          quarantine_mode=self.s.quarantine)
-            return replies, hold, outcome
+            applied = responses_for(outcome, view, spool, actions=self.codec.actions,
+                                    quarantine_mode=self.s.quarantine)
+            # the scan log records what the responses do, then each modification
+            gateway.log_outcome(outcome, actions=applied.actions, reply=applied.reply or None)
+            for level, fields in audit_events(applied.responses):
+                self._audit(fields.pop("action"), level=level, ids=ids,
+                            refid=outcome.refid, **fields)
+            return applied.responses, applied.hold, outcome
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # never acknowledge what we could not check
+            reply = "451 4.3.0 Temporary failure in content scanning"
             self._event("error", "error", f"processing failed: {exc!r}", ids=ids)
-            return [m.ReplyCode("451 4.3.0 Temporary failure in content scanning")], False, None
+            if outcome is not None:
+                gateway.log_outcome(outcome, actions=("tempfail",), reply=reply)
+            return [m.ReplyCode(reply)], False, None
 
     def _new_spool(self) -> Spool:
         scanner = self.gateway.scanner
@@ -505,6 +529,20 @@ class MilterSession(asyncio.Protocol):
     def _ids(self) -> dict[str, str]:
         return {k: v for k, v in (("queue_id", self.macro("i")),
                                   ("mta", self.macro("j"))) if v}
+
+    def _audit(self, action: str, level: str | None = None, **fields: Any) -> None:
+        """One audit line (``event: "audit"``) at its level (``AUDIT_LEVELS``)."""
+        glog = self.gateway.log
+        if glog is None:
+            return
+        level = level or AUDIT_LEVELS[action]
+        peer = ""
+        if self.transport is not None:
+            peer = str(self.transport.get_extra_info("peername") or "")
+        glog.log({"event": "audit", "level": level, "action": action, "frontend": "milter",
+                  "listener": self.server.name, "peer": peer,
+                  **{k: v for k, v in fields.items() if v not in (None, "", {})}},
+                 level=level)
 
     def _event(self, level: str, kind: str, message: str, **extra: Any) -> None:
         peer = ""

@@ -3,15 +3,23 @@
 Applying a Decision (``[milter] quarantine`` = "mta" | "store" | "both", default "both"):
 
 =========================  ===============================================================
-accept                     verdict headers (CHGHEADER on an existing one, else ADDHEADER),
-                           subject prefix (CHGHEADER Subject), replaced parts
-                           (REPLBODY + header changes), copy_to (ADDRCPT), then ACCEPT
+accept                     verdict headers and the RefID header (CHGHEADER on an existing
+                           one, else ADDHEADER), subject prefix (CHGHEADER Subject),
+                           replaced parts — infected, or not scanned on a skipped/unknown
+                           result — (REPLBODY + header changes), copy_to (ADDRCPT),
+                           remove_recipients (DELRCPT), then ACCEPT
 reject / tempfail          REPLYCODE with the decision's reply ("550 5.7.1 ...")
 discard                    DISCARD
 quarantine                 "mta"/"both": QUARANTINE (Postfix: hold queue) + ACCEPT instead
                            of a discard; "store"/"both": kept in our quarantine store
                            (the gateway wrote it); "mta" removes our copy again
 =========================  ===============================================================
+
+What the MTA did not grant is never pretended: ``replace`` without SMFIF_CHGBODY rejects
+(the content must not be delivered unreplaced), ``remove_recipients`` without
+SMFIF_DELRCPT tempfails (``451 4.3.5``), and :class:`Applied` lists only the actions the
+responses carry out — that is what the scan log records. :func:`audit_events` turns the
+responses into the scan log's audit lines (levels in :data:`AUDIT_LEVELS`).
 
 Used by :mod:`avgate.frontends.milter` at end of message.
 """
@@ -21,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from email.header import Header as EmailHeader
+from typing import Any
 
 from ..gateway import Outcome
+from ..mailedit import replace_parts, replace_targets
 from ..policy import Disposition
 from ..protocols import milter as m
 from ..spool import Spool
@@ -35,6 +45,64 @@ class MessageView:
     headers: list[m.Header]
     head_len: int  # bytes of the rebuilt header block including the empty line
     leadspc: bool  # header values carry their leading space (SMFIP_HDR_LEADSPC)
+
+
+#: the scan-log level of each audit event (``[log] level`` chooses which are written)
+AUDIT_LEVELS: dict[str, str] = {
+    "milter-start": "debug",  # an MTA connection opened
+    "milter-end": "debug",  # ... and closed (messages, seconds)
+    "recipient-added": "info",
+    "recipient-removed": "info",
+    "header-added": "debug",
+    "header-changed": "debug",
+    "header-removed": "debug",
+    "body-replaced": "info",
+    "quarantined": "info",  # held by the MTA (SMFIR_QUARANTINE)
+}
+
+REPLY_CANNOT_REMOVE_RECIPIENTS = (
+    "451 4.3.5 Recipients cannot be removed (the MTA did not grant SMFIF_DELRCPT)")
+
+
+@dataclasses.dataclass
+class Applied:
+    """The responses for one message, and what they do: ``actions`` (the scan log's,
+    only what was carried out), ``reply`` (the SMTP reply sent, if any), ``hold`` (the MTA
+    was asked to hold the message)."""
+
+    responses: list[m.Response]
+    actions: tuple[str, ...]
+    reply: str = ""
+    hold: bool = False
+
+
+def audit_events(responses: Iterable[m.Response]) -> list[tuple[str, dict[str, Any]]]:
+    """(level, event fields) of each modification in ``responses``, for the scan log."""
+    out: list[tuple[str, dict[str, Any]]] = []
+
+    def add(action: str, **fields: Any) -> None:
+        out.append((AUDIT_LEVELS[action], {"action": action, **fields}))
+
+    body = 0
+    for r in responses:
+        if isinstance(r, m.AddHeader):
+            add("header-added", header=r.name, value=r.value.strip())
+        elif isinstance(r, m.ChangeHeader):
+            if r.value:
+                add("header-changed", header=r.name, index=r.index, value=r.value.strip())
+            else:
+                add("header-removed", header=r.name, index=r.index)
+        elif isinstance(r, m.AddRecipient):
+            add("recipient-added", recipient=r.recipient)
+        elif isinstance(r, m.DeleteRecipient):
+            add("recipient-removed", recipient=r.recipient)
+        elif isinstance(r, m.ReplaceBody):
+            body += len(r.chunk)
+        elif isinstance(r, m.Quarantine):
+            add("quarantined", reason=r.reason)
+    if any(isinstance(r, m.ReplaceBody) for r in responses):
+        add("body-replaced", size=body)
+    return out
 
 
 def _count(headers: Iterable[m.Header], name: str) -> int:
@@ -122,40 +190,78 @@ def _replace_ops(original: bytes, head_len: int, edited: bytes, leadspc: bool
     return ops
 
 
+def _refuse(reply: str, disposition: str) -> Applied:
+    return Applied([m.ReplyCode(m.milter_reply(reply))], (disposition,), reply)
+
+
+def _angle(address: str) -> str:
+    return address if address.startswith("<") else f"<{address}>"
+
+
 def responses_for(outcome: Outcome, view: MessageView, spool: Spool, *, actions: int,
-                  quarantine_mode: str) -> tuple[list[m.Response], bool]:
-    """The milter responses that apply ``outcome``; the flag says whether the MTA was asked
-    to hold the message (SMFIR_QUARANTINE)."""
+                  quarantine_mode: str) -> Applied:
+    """The milter responses that apply ``outcome``, and what they carry out."""
     d = outcome.decision
     if d.disposition is Disposition.REJECT:
-        return [m.ReplyCode(m.milter_reply(d.reply, "550 5.7.1 Message rejected"))], False
+        reply = d.reply or "550 5.7.1 Message rejected"
+        return Applied([m.ReplyCode(m.milter_reply(reply, "550 5.7.1 Message rejected"))],
+                       ("reject",), reply)
     if d.disposition is Disposition.TEMPFAIL:
-        return [m.ReplyCode(m.milter_reply(
-            d.reply, "451 4.7.1 Message not accepted now, try again later"))], False
+        reply = d.reply or "451 4.7.1 Message not accepted now, try again later"
+        return Applied([m.ReplyCode(m.milter_reply(
+            reply, "451 4.7.1 Message not accepted now, try again later"))], ("tempfail",),
+            reply)
     hold = (d.quarantine and quarantine_mode in ("mta", "both")
             and bool(actions & m.SMFIF_QUARANTINE))
+    kept = hold or bool(outcome.quarantine_id)
     reason = f"avgate: {outcome.result.virus or outcome.result.status.value}"
+    if outcome.refid:
+        reason += f" (RefID {outcome.refid})"
     if outcome.quarantine_id:
         reason += f" (quarantine id {outcome.quarantine_id})"
     if d.disposition is Disposition.DISCARD:
+        done = ("discard", "quarantine") if kept else ("discard",)
         if hold:  # the MTA keeps it on hold instead of dropping it
-            return [m.Quarantine(reason), m.Accept()], True
-        return [m.Discard()], False
+            return Applied([m.Quarantine(reason), m.Accept()], done, hold=True)
+        return Applied([m.Discard()], done)
+    if d.remove_recipients and not actions & m.SMFIF_DELRCPT:
+        # a recipient the policy removes must not get the message
+        return _refuse(REPLY_CANNOT_REMOVE_RECIPIENTS, "tempfail")
+    done_list = ["accept"]
+    if kept:
+        done_list.append("quarantine")
     ops: list[m.Response] = []
-    if d.replace and outcome.result.findings:
+    if d.replace and replace_targets(outcome.result):
         if not actions & m.SMFIF_CHGBODY:
-            # We may not rewrite the body here: never deliver the infected part instead.
-            virus = outcome.result.virus or "unknown"
-            return [m.ReplyCode(m.milter_reply(f"550 5.7.1 Virus found: {virus}"))], False
-        from ..mailedit import replace_parts
-
+            # We may not rewrite the body here: never deliver the part unreplaced instead.
+            if outcome.result.infected:
+                return _refuse(f"550 5.7.1 Virus found: {outcome.result.virus or 'unknown'}"
+                               f" (RefID {d.refid})", "reject")
+            return _refuse(f"554 5.7.0 Message content not scannable (RefID {d.refid})",
+                           "reject")
         original = spool.getvalue()
-        edited = replace_parts(original, outcome.result, d.notice)
-        ops.extend(_replace_ops(original, view.head_len, edited, view.leadspc))
-    ops.extend(_header_ops(view, d.headers, d.subject_prefix, actions))
+        edited = replace_parts(original, outcome.result, d.notice, d.refid)
+        body_ops = _replace_ops(original, view.head_len, edited, view.leadspc)
+        if any(isinstance(op, m.ReplaceBody) for op in body_ops):
+            done_list.append("replace")
+        ops.extend(body_ops)
+    header_ops = _header_ops(view, d.headers, d.subject_prefix, actions)
+    written = {op.name.lower() for op in header_ops
+               if isinstance(op, m.AddHeader | m.ChangeHeader) and op.value}
+    if written & {n.lower() for n, _ in d.headers if n != d.refid_header}:
+        done_list.append("tag")
+    if d.subject_prefix and "subject" in written:
+        done_list.append("prefix_subject")
+    ops.extend(header_ops)
     if d.copy_to and actions & m.SMFIF_ADDRCPT:
-        ops.extend(m.AddRecipient(a if a.startswith("<") else f"<{a}>") for a in d.copy_to)
+        ops.extend(m.AddRecipient(_angle(a)) for a in d.copy_to)
+        done_list.append("copy_to")
+    if d.remove_recipients:
+        ops.extend(m.DeleteRecipient(_angle(a)) for a in d.remove_recipients)
+        done_list.append("remove_recipients")
+    if d.shadow:
+        done_list.append("shadow")
     if hold:
         ops.append(m.Quarantine(reason))
     ops.append(m.Accept())
-    return ops, hold
+    return Applied(ops, tuple(done_list), hold=hold)

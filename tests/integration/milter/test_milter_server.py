@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
 import stat
@@ -19,7 +20,7 @@ from avgate.gateway import Gateway
 from avgate.protocols import milter as m
 from avgate.quarantine import QuarantineStore
 
-from .conftest import EICAR, MilterFactory, MtaClient, make_message
+from .conftest import EICAR, POSTFIX_ACTIONS, MilterFactory, MtaClient, make_message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,9 +40,9 @@ async def test_negotiation_asks_only_for_what_it_needs(milter: MilterFactory) ->
     neg = client.negotiated
     assert neg is not None and neg.version == 6
     for flag in (m.SMFIF_ADDHDRS, m.SMFIF_CHGHDRS, m.SMFIF_CHGBODY, m.SMFIF_ADDRCPT,
-                 m.SMFIF_QUARANTINE):
+                 m.SMFIF_DELRCPT, m.SMFIF_QUARANTINE):
         assert neg.actions & flag
-    assert not neg.actions & (m.SMFIF_DELRCPT | m.SMFIF_CHGFROM)
+    assert not neg.actions & m.SMFIF_CHGFROM
     for flag in (m.SMFIP_NR_CONN, m.SMFIP_NR_HELO, m.SMFIP_NR_MAIL, m.SMFIP_NR_RCPT,
                  m.SMFIP_NR_HDR, m.SMFIP_NR_BODY, m.SMFIP_NODATA, m.SMFIP_NOEOH,
                  m.SMFIP_NOUNKNOWN):
@@ -76,8 +77,9 @@ async def test_existing_verdict_header_is_changed_not_duplicated(milter: MilterF
 async def test_eicar_rejected_with_policy_text(milter: MilterFactory) -> None:
     srv = await milter()
     res = await one(srv.port, make_message("virus", attachment=EICAR, name="eicar.com"))
-    assert res.final == m.ReplyCode(  # type: ignore[attr-defined]
-        "550 5.7.1 Virus found: Eicar-Test-Signature")
+    final = res.final  # type: ignore[attr-defined]
+    assert isinstance(final, m.ReplyCode)
+    assert final.reply.startswith("550 5.7.1 Virus found: Eicar-Test-Signature (RefID ")
     assert res.mods == []  # type: ignore[attr-defined]
 
 
@@ -360,3 +362,144 @@ async def test_clamd_finds_attachment_when_mta_strips_header_space(
     await client.close()
     assert isinstance(res.final, m.ReplyCode), res.final
     assert res.final.reply.startswith("550 5.7.1 Virus found: Eicar-Test-Signature")
+
+
+# -- what the scan log records is what the milter did; audit lines; RefID; recipients -------
+class Collect:
+    """A scan log that keeps (level, event) in memory."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    def log(self, event: dict[str, Any], level: str = "info") -> None:
+        self.lines.append((level, event))
+
+    def scans(self) -> list[dict[str, Any]]:
+        return [e for _, e in self.lines if e["event"] == "scan"]
+
+    def audit(self, action: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(lv, e) for lv, e in self.lines
+                if e["event"] == "audit" and e["action"] == action]
+
+
+async def test_replace_on_unknown_replaces_the_unscanned_part(milter: MilterFactory) -> None:
+    from tests.corpus import encrypted_zip
+
+    srv = await milter(policy={"rules": [
+        {"name": "unscanned", "status": "unknown", "action": ["accept", "replace", "tag"]}]})
+    srv.gateway.log = log = Collect()  # type: ignore[assignment]
+    archive = encrypted_zip("inner.exe", b"not scannable " * 20)
+    msg = make_message("encrypted", attachment=archive, name="secret.zip")
+    res = await one(srv.port, msg)
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+    body = res.new_body  # type: ignore[attr-defined]
+    assert body and b"could not be scanned" in body and b"secret.zip" in body
+    assert base64.b64encode(archive)[:40] not in body
+    assert b"Hello there." in body
+    (scan,) = log.scans()
+    assert scan["status"] == "unknown" and scan["actions"] == ["accept", "replace", "tag"]
+    assert scan["refid"].encode() in body  # the notice names the RefID
+    (lv, ev), = log.audit("body-replaced")
+    assert lv == "info" and ev["refid"] == scan["refid"]
+
+
+async def test_log_records_reject_when_the_mta_forbids_body_changes(
+        milter: MilterFactory) -> None:
+    srv = await milter(policy={"rules": [
+        {"name": "strip", "status": "infected", "action": ["accept", "replace", "tag"]}]})
+    srv.gateway.log = log = Collect()  # type: ignore[assignment]
+    client = await MtaClient.connect(srv.port, actions=POSTFIX_ACTIONS & ~m.SMFIF_CHGBODY)
+    await client.connect_event()
+    res = await client.message(make_message("no body change", attachment=EICAR))
+    await client.close()
+    assert isinstance(res.final, m.ReplyCode) and res.final.reply.startswith("550 5.7.1 ")
+    (scan,) = log.scans()
+    assert scan["actions"] == ["reject"] and scan["reply"].startswith("550 5.7.1 Virus found")
+
+
+async def test_refid_header_is_the_logged_refid(milter: MilterFactory) -> None:
+    srv = await milter()
+    srv.gateway.log = log = Collect()  # type: ignore[assignment]
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    r1 = await client.message(make_message("one"))
+    r2 = await client.message(make_message("two", attachment=EICAR))
+    await client.close()
+    first, second = log.scans()
+    assert r1.added_headers["X-Avgate-RefID"] == first["refid"]
+    assert second["refid"] != first["refid"] and second["refid"] in r2.final.reply
+    assert first["actions"] == ["accept", "tag"]
+    (lv, ev), = [x for x in log.audit("header-added") if x[1]["header"] == "X-Avgate-RefID"]
+    assert lv == "debug" and ev["value"] == first["refid"]
+
+
+REMOVE_OUTSIDE = {"rules": [
+    {"name": "keep-inside", "frontend": "milter", "status": "infected",
+     "action": ["accept", "remove_recipients", "copy_to", "tag"],
+     "remove_recipients": ["*@outside.test"], "copy_to": ["av@example.test"]}]}
+
+
+async def test_remove_recipients_with_audit_lines(milter: MilterFactory) -> None:
+    srv = await milter(policy=REMOVE_OUTSIDE)
+    srv.gateway.log = log = Collect()  # type: ignore[assignment]
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    res = await client.message(make_message("to some", attachment=EICAR),
+                               recipients=("bob@example.test", "eve@outside.test"))
+    await client.close()
+    assert isinstance(res.final, m.Accept)
+    assert res.of(m.DeleteRecipient) == [m.DeleteRecipient("<eve@outside.test>")]
+    assert res.of(m.AddRecipient) == [m.AddRecipient("<av@example.test>")]
+    (scan,) = log.scans()
+    assert scan["actions"] == ["accept", "tag", "copy_to", "remove_recipients"]
+    (lv, removed), = log.audit("recipient-removed")
+    (lv2, added), = log.audit("recipient-added")
+    assert (lv, removed["recipient"], lv2, added["recipient"]) == (
+        "info", "<eve@outside.test>", "info", "<av@example.test>")
+    assert removed["refid"] == scan["refid"] and removed["ids"]["queue_id"] == "4ABCDEF"
+    assert [lv for lv, _ in log.audit("milter-start")] == ["debug"]
+    for _ in range(100):  # the end line comes when the server sees the connection close
+        if log.audit("milter-end"):
+            break
+        await asyncio.sleep(0.02)
+    (lv, end), = log.audit("milter-end")
+    assert lv == "debug" and end["messages"] == 1
+
+
+async def test_remove_recipients_without_delrcpt_tempfails(milter: MilterFactory) -> None:
+    srv = await milter(policy=REMOVE_OUTSIDE)
+    srv.gateway.log = log = Collect()  # type: ignore[assignment]
+    client = await MtaClient.connect(srv.port, actions=POSTFIX_ACTIONS & ~m.SMFIF_DELRCPT)
+    await client.connect_event()
+    res = await client.message(make_message("cannot remove", attachment=EICAR),
+                               recipients=("bob@example.test", "eve@outside.test"))
+    await client.close()
+    assert isinstance(res.final, m.ReplyCode) and res.final.reply.startswith("451 4.3.5 ")
+    assert not res.mods
+    (scan,) = log.scans()
+    assert scan["actions"] == ["tempfail"] and scan["reply"].startswith("451 4.3.5 ")
+    assert not log.audit("recipient-removed")
+
+
+async def test_audit_levels_follow_the_log_level(milter: MilterFactory, tmp_path: Path) -> None:
+    """At ``[log] level = "info"`` the recipient lines are written, header and connection
+    lines (debug) are not."""
+    import json
+
+    from avgate.observability import ScanLog
+
+    srv = await milter(policy=REMOVE_OUTSIDE)
+    path = tmp_path / "scan.log"
+    srv.gateway.log = glog = ScanLog(str(path), level="info")
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    await client.message(make_message("levels", attachment=EICAR),
+                         recipients=("bob@example.test", "eve@outside.test"))
+    await client.close()
+    await asyncio.sleep(0.2)
+    glog.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    audit = sorted(e["action"] for e in lines if e["event"] == "audit")
+    assert audit == ["recipient-added", "recipient-removed"]
+    assert all(e["level"] == "info" for e in lines if e["event"] == "audit")
+    assert [e["event"] for e in lines].count("scan") == 1

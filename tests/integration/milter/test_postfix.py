@@ -180,3 +180,25 @@ async def test_too_many_headers_refused_552_through_postfix(env: Env,
     assert code == 250, text
     await delivered(env, b"pf few headers")
     assert not any(b"pf many headers" in d for _, _, d in env.sink.messages)
+
+
+async def test_recipient_removed_and_refid_through_postfix(env: Env,
+                                                           milter: MilterFactory) -> None:
+    """remove_recipients: Postfix applies DELRCPT; the others (and copy_to) still get it,
+    with the RefID header."""
+    await start_milter(milter, env, policy={"rules": [
+        {"name": "inside-only", "frontend": "milter", "status": "infected",
+         "action": ["accept", "replace", "remove_recipients", "copy_to", "tag"],
+         "remove_recipients": ["*@outside.test"], "copy_to": ["av@example.test"]}]})
+    code, text = await asyncio.to_thread(
+        env.postfix.send, make_message("pf remove rcpt", attachment=EICAR),
+        to=("bob@example.test", "eve@outside.test"))
+    assert code == 250, text
+    await delivered(env, b"pf remove rcpt")
+    await asyncio.sleep(1)  # Postfix may deliver the recipients in several transactions
+    rcpts = sorted(r for _, tos, data in env.sink.messages if b"pf remove rcpt" in data
+                   for r in tos)
+    assert rcpts == ["av@example.test", "bob@example.test"], env.postfix.log(100)[-2000:]
+    data = await delivered(env, b"pf remove rcpt")
+    refid = message_from_bytes(data)["X-Avgate-RefID"]
+    assert refid and len(refid) == 16 and EICAR not in data
