@@ -22,6 +22,12 @@ a final ``\\0``. This wrapper reads both, scans the message through the Gateway,
   (:class:`QmailSettings`).
 * a discard decision (e.g. ``virus_action = "quarantine"``) exits 0 without queueing.
 
+Install it one way only (docs/recipes/indimail-qmail.md): ``QMAILQUEUE`` for qmail-smtpd (needs
+the netqmail patch) with ``real_queue`` the unmoved ``/var/qmail/bin/qmail-queue``. ``real_queue``
+must be an absolute path (qmail-smtpd's working directory is not yours), and a ``real_queue``
+that runs ``avgate qmail-queue`` again (the wrapper itself) is refused with exit 81 instead of
+scanning and re-executing itself forever (``AVGATE_QMAIL_QUEUE`` marks the exec'd process).
+
 Exit codes are qmail-queue(8)'s: 0 queued, 11 address too long, 31 permanently rejected,
 53 write error, 54 cannot read message or envelope, 71 temporarily rejected, 81 internal
 bug (config error, real queue not executable), 91 envelope format error.
@@ -34,7 +40,9 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
+
+from pydantic import AfterValidator
 
 from ..context import Envelope
 from ..decision import Decision, Disposition
@@ -57,6 +65,16 @@ EXIT_INTERNAL = 81
 EXIT_ENVELOPE_FORMAT = 91
 
 MAX_ADDRESS = 1000  # qmail's own envelope addresses are far shorter; a sanity bound
+#: set in the environment of the real qmail-queue we exec: seeing it on entry means that
+#: real_queue leads back to this wrapper (a loop), not to qmail's qmail-queue
+LOOP_ENV = "AVGATE_QMAIL_QUEUE"
+
+
+def _absolute(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"real_queue must be an absolute path, got {path!r} "
+                         "(qmail-smtpd's working directory is not yours)")
+    return path
 
 
 class QmailSettings(Section):
@@ -68,7 +86,7 @@ class QmailSettings(Section):
     says so): the policy decides (``[policy] failure_action``)
     """
 
-    real_queue: str = "/var/qmail/bin/qmail-queue-real"
+    real_queue: Annotated[str, AfterValidator(_absolute)] = "/var/qmail/bin/qmail-queue-real"
     reject_virus: bool = False
     reject_on_error: bool = True
 
@@ -196,6 +214,10 @@ def _temp_fd(data: bytes) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run as qmail-queue: fd 0 message, fd 1 envelope. Returns an exit code or execs."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if os.environ.get(LOOP_ENV):
+        _say("real_queue runs avgate qmail-queue again (a loop): point it at qmail's own "
+             "qmail-queue")
+        return EXIT_INTERNAL
     config_path = None
     if len(args) >= 2 and args[0] in ("--config", "-c"):
         config_path = args[1]
@@ -243,6 +265,7 @@ def _exec_real_queue(real: str, data: bytes, raw_env: bytes) -> int:
         _say(f"cannot write temp file: {exc.strerror}")
         return EXIT_WRITE_ERROR
     sys.stdout.flush()  # before fd 1 becomes the envelope: nothing buffered may land there
+    os.environ[LOOP_ENV] = "1"  # inherited by real_queue: a loop back to us is refused
     os.dup2(msg_fd, 0)
     os.dup2(env_fd, 1)
     os.close(msg_fd)

@@ -26,22 +26,27 @@ import os
 import re
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Protocol
+
+from pydantic import AfterValidator
 
 from ..context import Envelope as Envelope  # the transaction a record keeps (re-exported)
 from ..errors import NotFound, QuarantineError
 from ..result import ScanResult
-from ..settings import Section
+from ..settings import Mode, Section
 from ..spool import Spool
 from .addresses import parse_addresses
+from .maildir import MaildirDelivery, UnsafeRecipient, check_template
 
 if TYPE_CHECKING:
+    from ..config import Config
     from ..policy import Decision
 
 _CHUNK = 1 << 16
@@ -66,7 +71,8 @@ CREATE TABLE IF NOT EXISTS records (
     rule        TEXT NOT NULL,
     actions     TEXT NOT NULL,      -- JSON array
     released    REAL,               -- time of the last release, NULL if never
-    released_to TEXT                -- JSON array of the recipients of the last release
+    released_to TEXT,               -- JSON array of the recipients of the last release
+    source      TEXT NOT NULL DEFAULT ''  -- on-demand: the scanned path (PATH:N in an mbox)
 );
 CREATE INDEX IF NOT EXISTS records_created ON records(created);
 """
@@ -74,12 +80,30 @@ CREATE INDEX IF NOT EXISTS records_created ON records(created);
 
 
 class QuarantineSettings(Section):
-    """``[quarantine]``: where held objects live, and where releases and reports go."""
+    """``[quarantine]``: where held objects live, and where releases and reports go.
+
+    report_to: where false-positive / false-negative reports go (``avgate quarantine
+    report``, ``avgate report``); report_fp_to / report_fn_to: false positives / false
+    negatives instead ("" = report_to).
+    deliver_to_maildir: a Maildir folder template (``{recipient}``, ``{local}``,
+    ``{domain}``; absolute): every held message is also written into that folder of each
+    recipient whose Maildir exists, beside the record ("" = off, see :mod:`.maildir`);
+    maildir_mode: the permissions of those copies.
+    """
 
     path: str = "./var/quarantine"  # relative to the config file's directory
-    next_hop: str = "127.0.0.1:10026"  # SMTP next hop for releases (host:port)
-    report_to: str = ""  # FP/FN reports of quarantined records go here ("" = not set)
+    next_hop: str = "127.0.0.1:10026"  # SMTP next hop for releases and reports (host:port)
+    report_to: str = ""  # FP/FN reports go here ("" = not set)
+    report_fp_to: str = ""  # false-positive reports ("" = report_to)
+    report_fn_to: str = ""  # false-negative reports ("" = report_to)
     report_from: str = "avgate@localhost"
+    deliver_to_maildir: Annotated[str, AfterValidator(check_template)] = ""
+    maildir_mode: Mode = 0o600
+
+    def report_address(self, kind: str) -> str:
+        """The address of a ``false-positive`` / ``false-negative`` report ("" = none)."""
+        specific = self.report_fp_to if kind == "false-positive" else self.report_fn_to
+        return specific or self.report_to
 
 
 class EnvelopeLike(Protocol):
@@ -114,6 +138,7 @@ class Record:
     actions: tuple[str, ...]
     released: float | None = None
     released_to: tuple[str, ...] = field(default=())
+    source: str = ""  # on-demand records: the scanned path (PATH:N for an mbox message)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON output."""
@@ -125,6 +150,7 @@ class Record:
             "client_addr": self.envelope.client_addr,
             "helo": self.envelope.helo,
             "listener": self.envelope.listener,
+            "source": self.source,
             "frontend": self.frontend,
             "sha256": self.sha256,
             "size": self.size,
@@ -212,8 +238,10 @@ def _pid_alive(pid: int) -> bool:
 class QuarantineStore:
     """SQLite-indexed quarantine directory. One instance per process is enough."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *,
+                 maildir: MaildirDelivery | None = None) -> None:
         self._thread_lock = threading.RLock()
+        self.maildir = maildir  # deliver_to_maildir: copies beside each record
         self.path = Path(path)
         self.objects = self.path / "objects"
         try:
@@ -231,10 +259,34 @@ class QuarantineStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            self._migrate()
             self._db.create_function("avgate_glob", 2, _glob, deterministic=True)
         except (OSError, sqlite3.Error) as exc:
             raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
         self.cleanup()
+
+    def _migrate(self) -> None:
+        """Bring a store made by an older avgate up to ``_SCHEMA``: add ``source``, and move
+        the scanned path that on-demand records used to keep in ``listener`` there."""
+        def columns() -> set[str]:
+            return {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+
+        if "source" in columns():
+            return
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")  # one process migrates, the others then see it
+            if "source" not in columns():
+                self._db.execute("ALTER TABLE records ADD COLUMN source TEXT NOT NULL DEFAULT ''")
+                self._db.execute("UPDATE records SET source = listener, listener = ''"
+                                 " WHERE frontend = 'ondemand'")
+
+    @classmethod
+    def from_config(cls, config: Config) -> QuarantineStore:
+        """The store ``[quarantine]`` describes (path, Maildir copies)."""
+        q = config.quarantine
+        maildir = (MaildirDelivery(q.deliver_to_maildir, q.maildir_mode)
+                   if q.deliver_to_maildir else None)
+        return cls(config.quarantine_path, maildir=maildir)
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
@@ -285,11 +337,13 @@ class QuarantineStore:
     # -- writing --------------------------------------------------------------------------
     def put(self, content: Spool | bytes, envelope: EnvelopeLike, result: ScanResult,
             decision: Decision | None = None, frontend: str = "", listener: str = "",
-            *, rule: str | None = None, actions: Sequence[str] | None = None) -> str:
+            *, rule: str | None = None, actions: Sequence[str] | None = None,
+            source: str = "") -> str:
         """Store ``content`` byte-for-byte with its metadata; return the new id.
 
         ``rule``/``actions`` override what is derived from ``decision`` (e.g. on-demand scans
-        have no decision). Raises QuarantineError (disk full included: front-ends tempfail).
+        have no decision); ``source``: where an on-demand scan found the object. Raises
+        QuarantineError (disk full included: front-ends tempfail).
         """
         record_id = new_id()
         d_rule, d_actions = decision_actions(decision)
@@ -309,7 +363,7 @@ class QuarantineStore:
         row = (record_id, time.time(), envelope.sender, json.dumps(list(envelope.recipients)),
                envelope.client_addr, envelope.helo, envelope.listener, frontend, sha, size,
                result.status.value, json.dumps(list(result.virus_names)),
-               json.dumps(result.to_dict()), rule, json.dumps(list(actions)))
+               json.dumps(result.to_dict()), rule, json.dumps(list(actions)), source)
         try:
             with self._locked():
                 os.replace(tmp, final)
@@ -320,7 +374,8 @@ class QuarantineStore:
                         self._db.execute(
                             "INSERT INTO records (id, created, sender, recipients, client_addr,"
                             " helo, listener, frontend, sha256, size, status, viruses, result,"
-                            " rule, actions) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+                            " rule, actions, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                            row)
                 except sqlite3.Error:
                     with contextlib.suppress(OSError):
                         os.unlink(final)
@@ -332,7 +387,37 @@ class QuarantineStore:
                    else str(exc))
             raise QuarantineError(f"cannot store quarantine record: {why}") from exc
         self._update_metrics()
+        if self.maildir is not None:
+            self.deliver_to_maildirs(record_id, envelope.recipients)
         return record_id
+
+    def deliver_to_maildirs(self, record_id: str, recipients: Sequence[str]
+                            ) -> builtins.list[Path]:
+        """Copy a record into each recipient's ``deliver_to_maildir`` folder; the copies.
+
+        A copy is a convenience beside the record, never instead of it: a recipient without
+        a mailbox here is skipped, and one that cannot get its copy (an address unfit for a
+        path, a write error, a symlinked folder) costs only that copy, said on stderr.
+        """
+        delivered: builtins.list[Path] = []
+        if self.maildir is None:
+            return delivered
+        source = self.objects / self._check_id(record_id)
+        seen: set[Path] = set()
+        for rcpt in recipients:
+            try:
+                folder = self.maildir.folder_for(rcpt)
+                if folder in seen:
+                    continue
+                seen.add(folder)
+                copy = self.maildir.deliver_to(folder, source, record_id)
+            except (OSError, UnsafeRecipient) as exc:
+                print(f"avgate: quarantine {record_id}: cannot deliver to the Maildir of "
+                      f"{rcpt!r}: {exc}", file=sys.stderr)
+                continue
+            if copy is not None:
+                delivered.append(copy)
+        return delivered
 
     def _write_temp(self, tmp: Path, content: Spool | bytes) -> tuple[int, str]:
         import hashlib
@@ -422,14 +507,14 @@ class QuarantineStore:
     @staticmethod
     def _record(row: tuple[Any, ...]) -> Record:
         (rid, created, sender, rcpts, client, helo, listener, frontend, sha, size, status,
-         viruses, result, rule, actions, released, released_to) = row
+         viruses, result, rule, actions, released, released_to, source) = row
         return Record(
             id=rid, created=created,
             envelope=Envelope(sender, tuple(json.loads(rcpts)), client, helo, listener),
             frontend=frontend, sha256=sha, size=size, status=status,
             viruses=tuple(json.loads(viruses)), result=json.loads(result), rule=rule,
             actions=tuple(json.loads(actions)), released=released,
-            released_to=tuple(json.loads(released_to)) if released_to else ())
+            released_to=tuple(json.loads(released_to)) if released_to else (), source=source)
 
     # -- changing -------------------------------------------------------------------------
     def mark_released(self, record_id: str, recipients: Sequence[str],

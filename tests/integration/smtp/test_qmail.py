@@ -59,7 +59,9 @@ def test_clean_message_tagged_and_queued(qmail_env: Path) -> None:
     msg = make_message("qq clean")
     code, err = run_qq(qmail_env, write_config(qmail_env), msg)
     assert code == 0, err
-    assert (qmail_env / "out/msg").read_bytes() == b"X-QHPSI: clean\r\n" + msg
+    verdict, refid, rest = (qmail_env / "out/msg").read_bytes().split(b"\r\n", 2)
+    assert (verdict, refid[:16], len(refid), rest) == (
+        b"X-QHPSI: clean", b"X-Avgate-RefID: ", 32, msg)  # the RefID header follows the verdict
     assert (qmail_env / "out/env").read_bytes() == ENVELOPE
 
 
@@ -130,3 +132,23 @@ def test_the_decision_sets_the_exit_code(disposition: Disposition, status: ScanS
                                          reject_virus: bool, code: int | None) -> None:
     outcome = Outcome(ScanResult(status), Decision(disposition, "550 5.7.1 x"), None)
     assert decision_of(outcome, reject_virus) == code
+
+
+def test_real_queue_looping_back_to_avgate_is_refused(qmail_env: Path) -> None:
+    """A real_queue that runs the wrapper again (the wrapper installed as qmail-queue and
+    real_queue pointing at it) exits 81 at once instead of re-scanning forever."""
+    cfg = write_config(qmail_env)
+    loop = qmail_env / "qmail-queue-real"
+    loop.write_text(f"#!/bin/sh\nexec {sys.executable} -m avgate.frontends.qmail "
+                    f"--config {cfg}\n")
+    code, err = run_qq(qmail_env, cfg, make_message("loop"))
+    assert code == 81 and "loop" in err
+    assert not (qmail_env / "out/msg").exists()
+
+
+def test_relative_real_queue_refused_by_config(tmp_path: Path) -> None:
+    from avgate import config as config_mod
+    from avgate.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="absolute"):
+        config_mod.from_dict({"qmail": {"real_queue": "bin/qmail-queue"}})
