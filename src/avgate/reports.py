@@ -24,11 +24,13 @@ import re
 import secrets
 import sys
 import time
-from email.utils import formatdate, make_msgid
+from email.utils import formatdate
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+from .quarantine.release import report_message
 
 if TYPE_CHECKING:
     from .config import Config
@@ -79,9 +81,6 @@ def build_file_report(name: str, data: bytes, result: ScanResult, kind: str,
         raise ValueError(f"unknown report kind {kind!r}")
     label = kind.replace("-", " ")
     inner = data if looks_like_message(data) else wrap_file(name, data, report_from)
-    boundary = "avgate-report-" + secrets.token_hex(12)
-    while boundary.encode() in inner:
-        boundary = "avgate-report-" + secrets.token_hex(12)
     findings = ", ".join(f"{f.name} ({f.engine})" for f in result.findings) or "-"
     engines = ", ".join(f"{e.name} {e.version}" for e in result.engines) or "-"
     shown = name.encode("ascii", "backslashreplace").decode()
@@ -99,31 +98,9 @@ def build_file_report(name: str, data: bytes, result: ScanResult, kind: str,
         f"Size:          {len(data)}",
         "",
     ])
-    subject = result.virus if result.findings else result.status.value
-    head = "\r\n".join([
-        f"From: {report_from}",
-        f"To: {report_to}",
-        f"Subject: [avgate] {label}: {subject} ({result.sha256[:16]})",
-        f"Date: {formatdate(time.time(), localtime=False)}",
-        f"Message-ID: {make_msgid('avgate-report')}",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/mixed; boundary="{boundary}"',
-        "",
-        "This is a MIME-formatted message.",
-        f"--{boundary}",
-        "Content-Type: text/plain; charset=utf-8",
-        "Content-Transfer-Encoding: 8bit",
-        "",
-        summary,
-        f"--{boundary}",
-        "Content-Type: message/rfc822",
-        "Content-Transfer-Encoding: 8bit",
-        'Content-Disposition: attachment; filename="reported.eml"',
-        "",
-        "",
-    ]).encode("utf-8")
-    tail = b"" if inner.endswith(b"\n") else b"\r\n"
-    return head + inner + tail + f"--{boundary}--\r\n".encode()
+    what = result.virus if result.findings else result.status.value
+    subject = f"[avgate] {label}: {what} ({result.sha256[:16]})"
+    return report_message(report_from, report_to, subject, summary, inner, "reported.eml")
 
 
 async def send_report(cfg: Config, name: str, data: bytes, kind: str,

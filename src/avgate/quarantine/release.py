@@ -68,17 +68,47 @@ async def release(store: QuarantineStore, record_id: str, next_hop: str,
     return store.get(record_id)
 
 
-def build_report(record: Record, raw: bytes, kind: str, report_from: str,
-                 report_to: str) -> bytes:
-    """A multipart/mixed report with the original attached as message/rfc822, verbatim.
+def report_message(report_from: str, report_to: str, subject: str, summary: str,
+                   attachment: bytes, filename: str) -> bytes:
+    """A multipart/mixed report: ``summary`` as text, then ``attachment`` (a message) as
+    message/rfc822, verbatim.
 
     The attachment is written by hand, not through the email package, so the original bytes
     are not re-encoded (message/rfc822 must not be base64-encoded, RFC 2046 5.2.1).
     """
-    label = "false positive" if kind == "false-positive" else "false negative"
     boundary = "avgate-report-" + secrets.token_hex(12)
-    while boundary.encode() in raw:  # practically never; cheap to guarantee
+    while boundary.encode() in attachment:  # practically never; cheap to guarantee
         boundary = "avgate-report-" + secrets.token_hex(12)
+    head = "\r\n".join([
+        f"From: {report_from}",
+        f"To: {report_to}",
+        f"Subject: {subject}",
+        f"Date: {formatdate(time.time(), localtime=False)}",
+        f"Message-ID: {make_msgid('avgate-report')}",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/mixed; boundary="{boundary}"',
+        "",
+        "This is a MIME-formatted message.",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        summary,
+        f"--{boundary}",
+        "Content-Type: message/rfc822",
+        "Content-Transfer-Encoding: 8bit",
+        f'Content-Disposition: attachment; filename="{filename}"',
+        "",
+        "",
+    ]).encode("utf-8")
+    tail = b"" if attachment.endswith(b"\n") else b"\r\n"
+    return head + attachment + tail + f"--{boundary}--\r\n".encode()
+
+
+def build_report(record: Record, raw: bytes, kind: str, report_from: str,
+                 report_to: str) -> bytes:
+    """A report about a quarantined record, the original attached (:func:`report_message`)."""
+    label = "false positive" if kind == "false-positive" else "false negative"
     summary = "\r\n".join([
         f"avgate {label} report",
         "",
@@ -94,31 +124,8 @@ def build_report(record: Record, raw: bytes, kind: str, report_from: str,
         f"Size:          {record.size}",
         "",
     ])
-    head = "\r\n".join([
-        f"From: {report_from}",
-        f"To: {report_to}",
-        f"Subject: [avgate] {label}: {', '.join(record.viruses) or record.status} "
-        f"({record.id})",
-        f"Date: {formatdate(time.time(), localtime=False)}",
-        f"Message-ID: {make_msgid('avgate-report')}",
-        "MIME-Version: 1.0",
-        f'Content-Type: multipart/mixed; boundary="{boundary}"',
-        "",
-        "This is a MIME-formatted message.",
-        f"--{boundary}",
-        "Content-Type: text/plain; charset=utf-8",
-        "Content-Transfer-Encoding: 8bit",
-        "",
-        summary,
-        f"--{boundary}",
-        "Content-Type: message/rfc822",
-        "Content-Transfer-Encoding: 8bit",
-        f'Content-Disposition: attachment; filename="{record.id}.eml"',
-        "",
-        "",
-    ]).encode("utf-8")
-    tail = b"" if raw.endswith(b"\n") else b"\r\n"
-    return head + raw + tail + f"--{boundary}--\r\n".encode()
+    subject = f"[avgate] {label}: {', '.join(record.viruses) or record.status} ({record.id})"
+    return report_message(report_from, report_to, subject, summary, raw, f"{record.id}.eml")
 
 
 async def report(store: QuarantineStore, record_id: str, kind: str, next_hop: str,
