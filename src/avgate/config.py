@@ -58,8 +58,6 @@ SECTIONS: dict[str, str] = {
     "clamd_listener": "avgate.frontends.clamd:ClamdListenerSettings",
 }
 SMTP_LISTENER = "avgate.frontends.smtp:SmtpListenerSettings"
-#: front-ends enabled by their section (all of them when there is no config file)
-FRONTEND_SECTIONS = ("smtp", "milter", "icap", "http", "clamd_listener")
 _SINGLE_FRONTENDS = ("milter", "icap", "http", "clamd_listener")
 
 

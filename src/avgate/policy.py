@@ -572,8 +572,12 @@ class Policy:
         Front-ends remove incoming copies of these before adding their own, so a sender's
         forged ``X-Virus-Status: Clean`` never reaches the recipient beside (or instead of)
         the real verdict. Every style's names are included, not only the configured one:
-        a verdict in any style must come from this gateway.
+        a verdict in any style must come from this gateway. Computed once per Policy (a
+        Policy is built per config), not per message.
         """
+        cached: frozenset[str] | None = getattr(self, "_own_header_names", None)
+        if cached is not None:
+            return cached
         names = {"x-virus-scanned", "x-virus-status", "x-qhpsi",
                  self.settings.verdict_prefix.lower(), DEFAULT_VERDICT_PREFIX.lower(),
                  self.settings.refid_header.lower(), DEFAULT_REFID_HEADER.lower()}
@@ -583,7 +587,8 @@ class Policy:
             if rule.headers is not None:
                 names.update(n.lower() for n, _ in rule.headers)
         names.discard("")
-        return frozenset(names)
+        self._own_header_names = frozenset(names)
+        return self._own_header_names
 
     def _style_headers(self, result: ScanResult, style: str) -> tuple[tuple[str, str], ...]:
         v = self._vars(result)

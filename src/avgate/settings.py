@@ -73,8 +73,6 @@ def _str_tuple(value: Any) -> Any:
 
 #: a byte size: an integer, or a string such as "25 MiB", "10M", "512KB"
 Size = Annotated[int, BeforeValidator(_size), AfterValidator(_positive)]
-#: a size that may be 0
-SizeOrZero = Annotated[int, BeforeValidator(_size)]
 #: a listen address (see avgate.frontends.listen); shown as its text
 Listen = Annotated[Address, BeforeValidator(_listen), PlainSerializer(str, return_type=str)]
 #: a unix permission mode given as an octal string ("0660")

@@ -43,7 +43,6 @@ class Spool:
         self._hash = hashlib.sha256()
         self._size = 0
         self._sha256: str | None = None
-        self._owned_path = True
         #: a snapshot that stopped at max_size + 1 bytes: the object is larger than that
         self.truncated = False
 
@@ -204,7 +203,7 @@ class Spool:
                 with contextlib.suppress(OSError):
                     f.close()
         finally:
-            if self._path is not None and self._owned_path:
+            if self._path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self._path)
             self._path = None
@@ -217,7 +216,7 @@ class Spool:
         self.close()
 
     def __del__(self) -> None:
-        if self._owned_path and self._path is not None:
+        if self._path is not None:
             try:
                 os.unlink(self._path)
             except OSError:

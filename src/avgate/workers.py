@@ -299,6 +299,7 @@ class WorkerPool:
         self._all: set[_Worker] = set()
         self._closed = False
         self._replacing: set[asyncio.Task[None]] = set()
+        self._request: bytes | None = None
         self._started = 0
         self._killed = 0
         self._tasks = 0
@@ -322,8 +323,10 @@ class WorkerPool:
             raise WorkerError(f"{self.name} workers failed to start: {failed[0]}")
 
     async def _spawn(self) -> _Worker:
-        request = pickle.dumps((self.initializer, self.initargs, self.memory_limit),
-                               protocol=pickle.HIGHEST_PROTOCOL)
+        if self._request is None:  # the same for every worker: pickled once
+            self._request = pickle.dumps((self.initializer, self.initargs, self.memory_limit),
+                                         protocol=pickle.HIGHEST_PROTOCOL)
+        request = self._request
         try:
             pid, sock = await asyncio.to_thread(_Zygote.fork, request)
         except (OSError, EOFError) as exc:

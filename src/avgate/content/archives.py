@@ -56,7 +56,7 @@ def _safe_text(text: str, limit: int = 120) -> str:
 
 
 def _corrupt(path: str, exc: BaseException | str) -> Problem:
-    text = exc if isinstance(exc, str) else (str(exc).splitlines() or [type(exc).__name__])[0]
+    text = exc if isinstance(exc, str) else _error_text(exc)
     return Problem(path, ScanStatus.UNKNOWN, f"corrupt archive: {_safe_text(text)}")
 
 

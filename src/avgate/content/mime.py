@@ -415,7 +415,7 @@ def obsolete_header_view(data: bytes) -> bytes | None:
     Every such line is rewritten, body lines included: this view is scanned *besides* the
     message as sent, so a body line changed here can only add to what is scanned.
     """
-    if _OBS_HEADER.search(data) is None:
+    if (b" :" not in data and b"\t:" not in data) or _OBS_HEADER.search(data) is None:
         return None
     return _OBS_HEADER.sub(rb"\1:", data)
 
@@ -485,7 +485,7 @@ def mail_parts(part: Part, budget: Budget) -> Children:
     # only nest the same reading down to the recursion limit.
     # Identical parts within this reading are all kept: replacing infected parts needs
     # every path.
-    seen: set[bytes] = {hashlib.blake2b(part.data, digest_size=16).digest()}
+    seen: set[bytes] = set()
     for item in _walk(message, part.path, part.depth, max_depth):
         if isinstance(item, Part):
             if item.data == part.data:

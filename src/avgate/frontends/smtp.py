@@ -404,9 +404,10 @@ def _wire_pieces(spool: Spool, decision: Any, result: Any,
     otherwise). Subject prefixes and part replacement edit the message in memory
     (:func:`~avgate.mailedit.edit_message`).
     """
-    from ..mailedit import HeaderFilter, add_headers, edit_message
+    from ..mailedit import HeaderFilter, add_headers, edit_message, replace_targets
 
-    if decision.subject_prefix or decision.replace:
+    # a replace with nothing to replace (clean, error) keeps the streaming path
+    if decision.subject_prefix or (decision.replace and replace_targets(result)):
         yield encode_data(edit_message(spool.getvalue(), decision, result, remove))
         return
     encoder = DataEncoder()

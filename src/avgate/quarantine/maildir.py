@@ -90,11 +90,6 @@ class MaildirDelivery:
         return Path(self.template.format(recipient=f"{local}@{domain}" if domain else local,
                                          local=local, domain=domain))
 
-    def deliver(self, source: Path, recipient: str, record_id: str) -> Path | None:
-        """Copy ``source`` into the recipient's folder; its path in ``new/``, or None when
-        the recipient has no mailbox here. Raises OSError / UnsafeRecipient."""
-        return self.deliver_to(self.folder_for(recipient), source, record_id)
-
     def deliver_to(self, folder: Path, source: Path, record_id: str) -> Path | None:
         """Copy ``source`` into ``folder`` (a :meth:`folder_for` result); None when the
         folder's parent (the mailbox) does not exist. Raises OSError.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import socket
 import sys
 import time
@@ -44,20 +43,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return json_response({"error": exc.detail}, exc.status_code, exc.headers)
 
 
-def _is_loopback(address: Address) -> bool:
-    if address.is_loopback:
-        return True
-    try:
-        ip = ipaddress.ip_address(address.host)
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-    return mapped is not None and mapped.is_loopback
-
-
 def exposure_warnings(settings: HttpSettings, listen: Address) -> list[str]:
     """What is wrong with listening on ``listen`` with these settings, if anything."""
-    if _is_loopback(listen):
+    if listen.is_loopback:
         return []
     if not settings.tokens:
         return [f"the HTTP API listens on {listen}, which is not a loopback address, and "
