@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .quarantine.store import QuarantineSettings
     from .scan import ScanSettings
     from .serve import ServeSettings
+    from .settings import Section
 
 ENV_VAR = "AVGATE_CONFIG"
 
@@ -56,9 +57,17 @@ SECTIONS: dict[str, str] = {
     "icap": "avgate.frontends.icap:IcapSettings",
     "http": "avgate.frontends.http:HttpSettings",
     "clamd_listener": "avgate.frontends.clamd:ClamdListenerSettings",
+    "http_proxy": "avgate.frontends.http_proxy:HttpProxySettings",
+    "pop3_proxy": "avgate.frontends.pop3:Pop3ProxySettings",
+    "imap_proxy": "avgate.frontends.imap:ImapProxySettings",
+    "ftp_proxy": "avgate.frontends.ftp:FtpProxySettings",
 }
 SMTP_LISTENER = "avgate.frontends.smtp:SmtpListenerSettings"
-_SINGLE_FRONTENDS = ("milter", "icap", "http", "clamd_listener")
+#: front-ends configured by one table each; ``None`` in :class:`Config` when disabled
+SINGLE_FRONTENDS = ("milter", "icap", "http", "clamd_listener", "http_proxy", "pop3_proxy",
+                    "imap_proxy", "ftp_proxy")
+#: the front-ends that run without a config file (the proxies need an upstream server)
+DEFAULT_FRONTENDS = ("milter", "icap", "http", "clamd_listener")
 
 
 def section_class(name: str) -> type[BaseModel]:
@@ -90,6 +99,10 @@ class Config:
     icap: IcapSettings | None = None
     http: HttpSettings | None = None
     clamd_listener: ClamdListenerSettings | None = None
+    http_proxy: Section | None = None
+    pop3_proxy: Section | None = None
+    imap_proxy: Section | None = None
+    ftp_proxy: Section | None = None
     source: str | None = None  # path of the file, None for built-in defaults
     base_dir: str = "."
 
@@ -110,7 +123,7 @@ class Config:
                   for name in ("policy", "quarantine", "log", "serve", "qmail")})
         if self.smtp_listeners:
             d["smtp"] = {"listeners": [dump(x) for x in self.smtp_listeners]}
-        for name in _SINGLE_FRONTENDS:
+        for name in SINGLE_FRONTENDS:
             value = getattr(self, name)
             if value is not None:
                 d[name] = dump(value)
@@ -206,7 +219,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
 def defaults() -> Config:
     """Built-in defaults: embedded engine, every front-end on its default loopback listener."""
-    frontends: dict[str, Any] = {name: section_class(name)() for name in _SINGLE_FRONTENDS}
+    frontends: dict[str, Any] = {name: section_class(name)() for name in DEFAULT_FRONTENDS}
     smtp: Any = section_class("smtp.listeners")()
     return Config(smtp_listeners=(smtp,), **frontends)
 

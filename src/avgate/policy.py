@@ -96,7 +96,8 @@ _REASON_MAX = 200  # characters of the reason in replies and headers
 _REPLY_RE = re.compile(r"^([245])\d\d(?:[ -].*)?$", re.DOTALL)
 _HEADER_NAME_RE = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")  # RFC 5322 field-name
 
-Frontend = Literal["smtp", "milter", "icap", "http", "clamd", "qmail", "cli"]
+Frontend = Literal["smtp", "milter", "icap", "http", "clamd", "qmail", "cli", "http_proxy",
+                   "pop3_proxy", "imap_proxy", "ftp_proxy"]
 Status = Literal["clean", "infected", "skipped", "unknown", "error"]
 LimitName = Literal["structural", "size", "none"]
 Direction = Literal["inbound", "outbound"]

@@ -74,6 +74,10 @@ FRONTENDS: dict[str, str] = {
     "icap": "avgate.frontends.icap:start",
     "http": "avgate.frontends.http:start",
     "clamd_listener": "avgate.frontends.clamd:start",
+    "http_proxy": "avgate.frontends.http_proxy:start",
+    "pop3_proxy": "avgate.frontends.pop3:start",
+    "imap_proxy": "avgate.frontends.imap:start",
+    "ftp_proxy": "avgate.frontends.ftp:start",
 }
 
 
@@ -206,7 +210,7 @@ def _listen_layout(config: Config) -> dict[str, Any]:
 
     return {"smtp": [(x.name, str(x.listen)) for x in config.smtp_listeners],
             **{name: where(getattr(config, name))
-               for name in ("milter", "icap", "http", "clamd_listener")}}
+               for name in config_mod.SINGLE_FRONTENDS}}
 
 
 def _open_log(config: Config) -> Any:
@@ -251,9 +255,9 @@ class Server:
             _warn(line)
             self._event({"event": "warning", "warning": line.partition("WARNING: ")[2]})
         cfg = self.config
-        enabled = {"smtp": bool(cfg.smtp_listeners), "milter": cfg.milter is not None,
-                   "icap": cfg.icap is not None, "http": cfg.http is not None,
-                   "clamd_listener": cfg.clamd_listener is not None}
+        enabled = {"smtp": bool(cfg.smtp_listeners),
+                   **{name: getattr(cfg, name) is not None
+                      for name in config_mod.SINGLE_FRONTENDS}}
         for name, target in FRONTENDS.items():
             if not enabled[name]:
                 continue
