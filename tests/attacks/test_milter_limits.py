@@ -41,6 +41,8 @@ class Events:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
+    debug_enabled = False  # what front-ends test before a debug line
+
     def log(self, event: dict[str, Any], level: str = "info") -> None:
         self.events.append(event)
 

@@ -119,6 +119,7 @@ async def test_icap_log_line_has_icap_outcome(tmp_path):
     events: list[dict] = []
 
     class Log:
+        debug_enabled = False  # what front-ends test before a debug line
         def log(self, event, level="info"):
             events.append(event)
 

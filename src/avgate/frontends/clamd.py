@@ -54,7 +54,7 @@ from ..settings import Group, Listen, Mode, Section, Size, StrTuple
 from ..spool import Spool
 from . import clamd_accounting as accounting
 from .clamd_accounting import Conn
-from .clamd_scan import FileScanner, as_clamd_verdict, clean_text, verdict_lines
+from .clamd_scan import FileScanner, as_clamd_verdict, clean_text, verdict_lines, verdict_text
 from .listen import Address, Listener, ListenOptions, bind
 
 __all__ = ["ClamdListener", "ClamdListenerSettings", "as_clamd_verdict", "start",
@@ -328,15 +328,22 @@ class ClamdListener:
             self._slots.release()
 
     async def _reply(self, conn: Conn, command: proto.Command, lines: list[str]) -> None:
+        glog = self.gateway.log
+        if glog is not None and glog.debug_enabled:
+            glog.debug({"event": "clamd_command", "frontend": "clamd", "listener": self.name,
+                        "client": conn.peer, "command": command.name, "lines": len(lines),
+                        "reply": lines[0][:200] if lines else ""})
         await self._send(conn, b"".join(command.reply(line) for line in lines))
 
     async def _process(self, spool: Spool, peer: str) -> ScanResult:
         spool.finish()
         ctx = Context(frontend="clamd", listener=self.name, client_addr=peer,
                       size=spool.size)
-        outcome = await self.gateway.process(spool, ctx)
+        outcome = await self.gateway.process(spool, ctx, defer_log=True)
         self.served += 1
-        return as_clamd_verdict(outcome.result, outcome.decision)
+        verdict = as_clamd_verdict(outcome.result, outcome.decision)
+        self.gateway.log_outcome(outcome, clamd_reply=verdict_text(verdict))
+        return verdict
 
     def _files(self, conn: Conn) -> FileScanner:
         return FileScanner(self.gateway.config, conn.settings.allowed_paths, self._process)

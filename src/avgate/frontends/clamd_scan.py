@@ -90,6 +90,12 @@ def verdict_lines(result: ScanResult, path: str, *, all_matches: bool = False) -
     return [proto.ok_reply(path)]
 
 
+def verdict_text(result: ScanResult) -> str:
+    """The verdict as a clamd reply gives it, without the path (``NAME FOUND``, ``OK``,
+    ``REASON ERROR``): what the scan log records as this front-end's answer."""
+    return verdict_lines(result, "-")[0].split(": ", 1)[1]
+
+
 def _snapshot(fd: int, max_size: int, memory_limit: int, directory: str | None) -> Spool:
     """Read the file behind ``fd`` once into a new spool (hashed while read), with ``pread``
     from offset 0 as clamd does (see :meth:`Spool.from_fd`)."""

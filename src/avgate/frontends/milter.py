@@ -305,11 +305,15 @@ class MilterSession(asyncio.Protocol):
         """Handle every complete event; replies go out in one write."""
         out: list[bytes] = []
         codec = self.codec
+        glog = self.gateway.log
+        trace = glog is not None and glog.debug_enabled
         try:
             while not self._busy and not self._closed:
                 event = codec.next_event()
                 if event is None:
                     break
+                if trace:
+                    self._trace(event)
                 self._packet_start = None  # a whole packet: the next one has its own clock
                 # most frequent first: one packet per header, one per 64 KiB of body
                 if isinstance(event, m.Header):
@@ -359,7 +363,30 @@ class MilterSession(asyncio.Protocol):
             return
         self._flush(out)
 
+    def _trace(self, event: object) -> None:
+        """A debug line for one milter command: its name and sizes, never header values,
+        body bytes or macro values (they may carry authentication names)."""
+        fields: dict[str, Any] = {}
+        if isinstance(event, m.Header):
+            fields["header"] = event.name.decode("utf-8", "replace")[:100]
+        elif isinstance(event, m.Body):
+            fields["size"] = len(event.chunk)
+        elif isinstance(event, m.Macro):
+            fields["macros"] = len(event.macros)
+        self._debug("milter_command", command=type(event).__name__, **fields)
+
+    def _debug(self, kind: str, **fields: Any) -> None:
+        glog = self.gateway.log
+        if glog is not None and glog.debug_enabled:
+            glog.debug({"event": kind, "frontend": "milter", "listener": self.server.name,
+                        **fields})
+
     def _flush(self, out: list[bytes]) -> None:
+        glog = self.gateway.log
+        if out and glog is not None and glog.debug_enabled:
+            # each packet: 4 bytes of length, then the response code letter
+            self._debug("milter_reply", replies="".join(chr(p[4]) for p in out[:64]
+                                                        if len(p) > 4))
         if out and self.transport is not None and not self._closed:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
@@ -468,6 +495,9 @@ class MilterSession(asyncio.Protocol):
             if self._closed:
                 return
             assert self.transport is not None
+            glog = self.gateway.log
+            if glog is not None and glog.debug_enabled:
+                self._debug("milter_reply", replies=[type(r).__name__ for r in replies[:64]])
             self.transport.write(m.encode_all(replies))
         finally:
             self._reset_message()
@@ -504,7 +534,8 @@ class MilterSession(asyncio.Protocol):
             view = MessageView(self.headers, self.head_len,
                                bool(self.codec.protocol & m.SMFIP_HDR_LEADSPC))
             applied = responses_for(outcome, view, spool, actions=self.codec.actions,
-                                    quarantine_mode=self.s.quarantine)
+                                    quarantine_mode=self.s.quarantine,
+                                    own_headers=gateway.policy.own_header_names())
             # the scan log records what the responses do, then each modification
             gateway.log_outcome(outcome, actions=applied.actions, reply=applied.reply or None)
             for level, fields in audit_events(applied.responses):

@@ -111,11 +111,27 @@ def _count(headers: Iterable[m.Header], name: str) -> int:
 
 
 def _header_ops(view: MessageView, decision_headers: tuple[tuple[str, str], ...],
-                subject_prefix: str, actions: int) -> list[m.Response]:
+                subject_prefix: str, actions: int, own: frozenset[str] = frozenset()
+                ) -> list[m.Response]:
+    """Header edits: our verdict headers (replacing incoming copies), the Subject prefix,
+    and the deletion of incoming copies of every other header avgate may write (``own``,
+    :meth:`Policy.own_header_names`), as the SMTP and qmail front-ends do: a forged
+    ``X-Virus-Status: Clean`` must not reach the recipient when this message gets no tag."""
     ops: list[m.Response] = []
     lead = " " if view.leadspc else ""
     can_add = bool(actions & m.SMFIF_ADDHDRS)
     can_change = bool(actions & m.SMFIF_CHGHDRS)
+    if can_change and own:
+        ours = {name.lower() for name, _ in decision_headers}
+        forged: dict[str, str] = {}  # lower-cased name → the name as it came in
+        for h in view.headers:
+            name = h.name.decode("utf-8", "surrogateescape")
+            if name.lower() in own and name.lower() not in ours:
+                forged.setdefault(name.lower(), name)
+        for name in forged.values():
+            # highest index first, so the remaining indexes stay valid
+            ops.extend(m.ChangeHeader(i, name, "")
+                       for i in range(_count(view.headers, name), 0, -1))
     for name, value in decision_headers:
         n = _count(view.headers, name) if can_change else 0
         if n:
@@ -199,7 +215,7 @@ def _angle(address: str) -> str:
 
 
 def responses_for(outcome: Outcome, view: MessageView, spool: Spool, *, actions: int,
-                  quarantine_mode: str) -> Applied:
+                  quarantine_mode: str, own_headers: frozenset[str] = frozenset()) -> Applied:
     """The milter responses that apply ``outcome``, and what they carry out."""
     d = outcome.decision
     if d.disposition is Disposition.REJECT:
@@ -245,7 +261,7 @@ def responses_for(outcome: Outcome, view: MessageView, spool: Spool, *, actions:
         if any(isinstance(op, m.ReplaceBody) for op in body_ops):
             done_list.append("replace")
         ops.extend(body_ops)
-    header_ops = _header_ops(view, d.headers, d.subject_prefix, actions)
+    header_ops = _header_ops(view, d.headers, d.subject_prefix, actions, own_headers)
     written = {op.name.lower() for op in header_ops
                if isinstance(op, m.AddHeader | m.ChangeHeader) and op.value}
     if written & {n.lower() for n, _ in d.headers if n != d.refid_header}:

@@ -26,6 +26,7 @@ from ..errors import SpoolError
 from ..protocols.smtp import XCLIENT_ATTRS, DataReceiver, parse_xattrs
 
 if TYPE_CHECKING:
+    from ..observability import ScanLog
     from .smtp import FilterHandler, SMTPListener
 
 log = logging.getLogger("avgate.smtp")
@@ -63,6 +64,19 @@ def peer_addr(session: _AioSession | None) -> str:
     return str(peer[0]) if isinstance(peer, tuple) and peer else ""
 
 
+TRACE_TEXT = 200  # characters of a command argument or reply in a debug line
+
+
+def trace_arg(verb: str, arg: str | None) -> str | None:
+    """A command's argument as a debug line shows it: AUTH keeps only its mechanism (the
+    rest is a credential), everything else is cut to TRACE_TEXT characters."""
+    if arg is None:
+        return None
+    if verb == "AUTH":
+        return arg.split(" ", 1)[0][:TRACE_TEXT]
+    return arg[:TRACE_TEXT]
+
+
 class AiosmtpdAdapter(_AioSMTP):
     """aiosmtpd's SMTP with the overrides of its internals that avgate needs, in one place.
 
@@ -90,6 +104,36 @@ class AiosmtpdAdapter(_AioSMTP):
         self.in_data = False  # receiving DATA: received bytes are activity
         self.command_size_limits = collections.defaultdict(lambda: _AioSMTP.command_size_limit)
         super().__init__(handler, **kw)
+        # every command through one wrapper: a debug line per command when level = debug
+        self._smtp_methods = {verb: self._traced(verb, method)
+                              for verb, method in self._smtp_methods.items()}
+
+    # debug trace ([log] level = "debug"): commands and replies, never AUTH data or DATA -------
+    def trace_log(self) -> ScanLog | None:
+        """Where debug lines go (the gateway's scan log); None: no tracing."""
+        return None
+
+    def trace_fields(self) -> dict[str, Any]:
+        """What identifies this session in a debug line."""
+        return {"frontend": "smtp", "client": peer_addr(self.session)}
+
+    def _traced(self, verb: str, method: Callable[[str], Awaitable[None]]
+                ) -> Callable[[str], Awaitable[None]]:
+        async def traced(arg: str) -> None:
+            log = self.trace_log()
+            if log is not None and log.debug_enabled:
+                log.debug({"event": "smtp_command", **self.trace_fields(), "command": verb,
+                           "arg": trace_arg(verb, arg)})
+            await method(arg)
+        return traced
+
+    async def push(self, status: AnyStr) -> None:
+        log = self.trace_log()
+        if log is not None and log.debug_enabled:
+            text = status if isinstance(status, str) else status.decode("utf-8", "replace")
+            log.debug({"event": "smtp_reply", **self.trace_fields(),
+                       "reply": text[:TRACE_TEXT]})
+        await super().push(status)
 
     # hooks and helpers for subclasses --------------------------------------------------------
     async def admit(self) -> bool:
@@ -204,6 +248,13 @@ class FilterSMTP(AiosmtpdAdapter):
         self._count_errors = True
         self._warned = False
         super().__init__(handler, **kw)
+
+    def trace_log(self) -> ScanLog | None:
+        return self.listener.gateway.log
+
+    def trace_fields(self) -> dict[str, Any]:
+        return {"frontend": "smtp", "listener": self.listener.name,
+                "session": self.filter.session_id, "client": peer_addr(self.session)}
 
     # connection ------------------------------------------------------------------------------
     async def admit(self) -> bool:

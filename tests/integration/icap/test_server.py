@@ -268,6 +268,7 @@ async def test_block_page_file_and_reload(tmp_path: Path) -> None:
     events: list[dict[str, object]] = []
 
     class Log:
+        debug_enabled = False  # what front-ends test before a debug line
         def log(self, event: dict[str, object], level: str = "info") -> None:
             events.append(event)
 

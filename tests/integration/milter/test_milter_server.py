@@ -74,6 +74,21 @@ async def test_existing_verdict_header_is_changed_not_duplicated(milter: MilterF
     assert "X-Virus-Status" not in res.added_headers  # type: ignore[attr-defined]
 
 
+async def test_forged_headers_of_other_styles_are_deleted(milter: MilterFactory) -> None:
+    """Incoming copies of every header avgate may write are removed, not only of those this
+    decision writes (as the SMTP and qmail front-ends do): a forged qmail-style X-QHPSI or a
+    Sun-style verdict must not reach the recipient beside the real verdict."""
+    srv = await milter()
+    forged = make_message("forged", extra_headers=b"X-QHPSI: clean\r\nVirus-Test: clean\r\n"
+                          b"virus-test: clean again\r\nX-Other: kept\r\n")
+    res = await one(srv.port, forged)
+    assert isinstance(res.final, m.Accept)  # type: ignore[attr-defined]
+    deleted = sorted((c.name.lower(), c.index) for c in res.of(m.ChangeHeader)  # type: ignore[attr-defined]
+                     if not c.value.strip())
+    assert deleted == [("virus-test", 1), ("virus-test", 2), ("x-qhpsi", 1)]
+    assert res.added_headers["X-Virus-Status"] == "Clean"  # type: ignore[attr-defined]
+
+
 async def test_eicar_rejected_with_policy_text(milter: MilterFactory) -> None:
     srv = await milter()
     res = await one(srv.port, make_message("virus", attachment=EICAR, name="eicar.com"))
@@ -204,6 +219,7 @@ async def test_queue_id_is_logged(milter: MilterFactory, tmp_path: Path) -> None
     events: list[dict[str, object]] = []
 
     class Log:
+        debug_enabled = False  # what front-ends test before a debug line
         def log(self, event: dict[str, object], level: str = "info") -> None:
             events.append(event)
 
@@ -370,6 +386,8 @@ class Collect:
 
     def __init__(self) -> None:
         self.lines: list[tuple[str, dict[str, Any]]] = []
+
+    debug_enabled = False  # what front-ends test before a debug line
 
     def log(self, event: dict[str, Any], level: str = "info") -> None:
         self.lines.append((level, event))

@@ -184,9 +184,15 @@ class ScanApi(Api):
                     finally:
                         spool.close()
 
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(PART_SCANS, len(parts))):
-                group.create_task(worker())
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(PART_SCANS, len(parts))):
+                    group.create_task(worker())
+        except BaseException:
+            for o in outcomes:  # no answer will be sent: the lines are written without one
+                if o is not None:
+                    self.gateway.log_outcome(o)
+            raise
         return [o for o in outcomes if o is not None]
 
     @staticmethod
@@ -194,9 +200,9 @@ class ScanApi(Api):
         return error(413, f"upload larger than max_upload_size ({limit} bytes)",
                      max_upload_size=limit, size=total)
 
-    @staticmethod
-    def _answer(results: list[dict[str, Any]], outcomes: list[Outcome], enforce: bool,
+    def _answer(self, results: list[dict[str, Any]], outcomes: list[Outcome], enforce: bool,
                 multipart: bool) -> Response:
+        """The response, and each outcome's scan-log line with the HTTP status sent."""
         code = 200
         if enforce:
             blocked = failed = False
@@ -217,6 +223,8 @@ class ScanApi(Api):
                     r["error"] = SCAN_ERROR
                     failed = True
             code = 403 if blocked else 503 if failed else 200
+        for o in outcomes:
+            self.gateway.log_outcome(o, http_status=code)
         return json_response(results if multipart else results[0], code)
 
     async def _process(self, spool: Spool, field: str, filename: str, request: Request,
@@ -226,7 +234,8 @@ class ScanApi(Api):
         ctx = Context(frontend="http", listener="http", client_addr=client,
                       authenticated=authorized, size=spool.size)
         ids = {k: v for k, v in (("field", field), ("filename", filename)) if v} or None
-        return await self.gateway.process(spool, ctx, ids=ids)
+        # the line is written by _answer, with the HTTP status the client got
+        return await self.gateway.process(spool, ctx, ids=ids, defer_log=True)
 
     @staticmethod
     def _result_dict(outcome: Outcome, part: Part | None) -> dict[str, Any]:

@@ -20,8 +20,10 @@ from pathlib import Path
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ...gateway import Gateway
@@ -35,7 +37,41 @@ from .settings import HttpSettings
 def build_app(gateway: Gateway) -> Starlette:
     """The whole API (every route of the OpenAPI document) over ``gateway``."""
     return Starlette(routes=[*ScanApi(gateway).routes(), *QuarantineApi(gateway).routes()],
-                     exception_handlers={HTTPException: _http_error})
+                     exception_handlers={HTTPException: _http_error},
+                     middleware=[Middleware(TraceRequests, gateway=gateway)])
+
+
+class TraceRequests:
+    """A debug line per request (``[log] level = "debug"``): method, path, status, time.
+    Headers, query strings and bodies are left out (tokens, content); nothing at all is done
+    at other levels."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        glog = self.gateway.log
+        if scope["type"] != "http" or glog is None or not glog.debug_enabled:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 0
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            client = scope.get("client") or ("",)
+            glog.debug({"event": "http_request", "frontend": "http", "client": client[0],
+                        "method": scope["method"], "path": scope["path"][:200],
+                        "status": status,
+                        "ms": round((time.perf_counter() - started) * 1000, 3)})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
