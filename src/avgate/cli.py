@@ -348,11 +348,15 @@ def config_check(ctx: typer.Context,
         _out("no config file given: the built-in defaults are valid")
         raise typer.Exit(0)
     try:
-        config_mod.load(path)
+        cfg = config_mod.load(path)
     except ConfigError as exc:
         for line in exc.problems:
             _out(line)
         raise typer.Exit(1) from None
+    from .serve import exposure_warnings, mode_warnings
+
+    for line in exposure_warnings(cfg) + mode_warnings(cfg):
+        _out(line.removeprefix("avgate: "))
     _out(f"{path}: OK")
 
 

@@ -130,6 +130,24 @@ def exposure_warnings(config: Config) -> list[str]:
             for name, listen in found if not listen.is_loopback]
 
 
+def mode_warnings(config: Config) -> list[str]:
+    """One line per SMTP listener from a config file whose ``mode`` was not written.
+
+    The default stays ``before_queue`` (the contract's proxy semantics: the client gets the
+    policy's reply), but behind Postfix's ``content_filter`` a reject there makes Postfix
+    bounce the virus to the (forged) sender. The listener cannot tell where it sits, so the
+    admin must say: an unset mode is warned about at start and by ``config check``.
+    """
+    if config.source is None:
+        return []
+    return [f"avgate: WARNING: smtp listener {x.name!r} has no `mode`: assuming "
+            "\"before_queue\" (rejects reach the client). Behind Postfix content_filter set "
+            "mode = \"after_queue\" (a reject there bounces the virus to a forged sender); "
+            "set mode = \"before_queue\" to silence this"
+            for x in config.smtp_listeners if "mode" not in x.model_fields_set
+            and x.next_hop != "discard"]
+
+
 class GatewayRef:
     """The current Gateway, swappable at run time; what front-ends receive from ``serve``.
 
@@ -251,7 +269,7 @@ class Server:
             + (f"; {e.describe_workers()}" if hasattr(e, "describe_workers") else "") + ")"
             for e in gateway.scanner.engines)
         _say(f"avgate: engines ready: {engines}")
-        for line in exposure_warnings(self.config):
+        for line in exposure_warnings(self.config) + mode_warnings(self.config):
             _warn(line)
             self._event({"event": "warning", "warning": line.partition("WARNING: ")[2]})
         cfg = self.config

@@ -121,6 +121,11 @@ def test_config_check_and_show(tmp_path):
     assert "[http]" not in text(p)
     p = run("config", "show", env={"AVGATE_CONFIG": str(good)})
     assert 'listen = "127.0.0.1:11344"' in text(p)
+    unplaced = tmp_path / "unplaced.toml"
+    unplaced.write_text('[[smtp.listeners]]\nlisten = "127.0.0.1:10025"\n')
+    p = run("config", "check", str(unplaced))
+    assert p.returncode == 0 and "WARNING: smtp listener 'smtp' has no `mode`" in text(p)
+    assert "OK" in text(p)
 
 
 @pytest.mark.parametrize("args", [["scan", "x"], ["selftest"], ["config", "show"]])

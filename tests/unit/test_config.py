@@ -270,3 +270,20 @@ def test_exposure_warnings_name_every_non_loopback_listener():
     assert "smtp listens on 0.0.0.0:25" in lines[0]
     assert "clamd_listener listens on 192.0.2.1:3310" in lines[1]
     assert exposure_warnings(config.defaults()) == []
+
+
+def test_smtp_listener_without_mode_is_warned_about():
+    """Behind content_filter a before_queue reject bounces the virus to a forged sender: a
+    config file's SMTP listener must say where it sits, or start-up and `config check` warn."""
+    from avgate.serve import mode_warnings
+
+    unset = config.loads('[[smtp.listeners]]\nlisten = "127.0.0.1:10025"\n', "/x/avgate.toml")
+    (line,) = mode_warnings(unset)
+    assert "'smtp'" in line and 'mode = "after_queue"' in line
+    assert unset.smtp_listeners[0].mode == "before_queue"  # the contract's default stays
+    for mode in ("before_queue", "after_queue", "verdict"):
+        explicit = config.loads(f'[[smtp.listeners]]\nmode = "{mode}"\n', "/x/avgate.toml")
+        assert mode_warnings(explicit) == []
+    verdict = config.loads('[[smtp.listeners]]\nnext_hop = "discard"\n', "/x/avgate.toml")
+    assert mode_warnings(verdict) == []
+    assert mode_warnings(config.defaults()) == []  # no file: nothing the admin wrote
