@@ -50,8 +50,10 @@ from typing import Any
 
 #: modules the forkserver imports once, so every worker starts with them loaded
 PRELOAD = ["avgate.workers", "avgate.engines.embedded", "avgate.content",
-           "avgate.content.mime", "avgate.content.archives",
-           "avgate.content.sevenzip"]
+           "avgate.content.mime", "avgate.content.archives", "avgate.content.sevenzip",
+           "avgate.content.arj", "avgate.content.libarchive", "avgate.content.office",
+           "avgate.content.pdf", "avgate.content.html", "avgate.content.tnef",
+           "avgate.content.typeid", "avgate.banned"]
 
 _HEADER = struct.Struct("!i")
 _BIG = struct.Struct("!Q")
@@ -139,7 +141,8 @@ def _zygote_main(fd: int) -> None:
     _die_with_parent()
     control = socket.socket(fileno=fd)
     for module in PRELOAD:
-        importlib.import_module(module)
+        with contextlib.suppress(ImportError):  # a reader missing here fails where it is used
+            importlib.import_module(module)
     control.sendall(b"R")
     with control:
         while True:

@@ -29,6 +29,7 @@ class Part:
     path: str  # e.g. "message/2/archive.zip/evil.exe"
     data: bytes
     depth: int
+    content_type: str = ""  # a MIME part's declared type ("application/pdf"); "" elsewhere
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +122,12 @@ _Decomposer = Callable[[Part, Budget], Children]
 
 def _decomposers() -> dict[Kind, _Decomposer]:
     # Imported here: the decomposer modules use Part/Problem/Budget from this module.
-    from . import archives, mime, sevenzip
+    from . import archives, html, libarchive, mime, office, pdf, sevenzip, tnef
 
     return {
+        **libarchive.decomposers(),  # RAR, CAB, ISO 9660, cpio, LHA; ARJ/UDF: no reader
+        Kind.OLE: office.ole_parts,
+        Kind.RTF: office.rtf_parts,
         Kind.ZIP: archives.zip_members,
         Kind.TAR: archives.tar_members,
         Kind.GZIP: archives.gzip_members,
@@ -131,6 +135,9 @@ def _decomposers() -> dict[Kind, _Decomposer]:
         Kind.XZ: archives.xz_members,
         Kind.SEVENZIP: sevenzip.sevenzip_members,
         Kind.MAIL: mime.mail_parts,
+        Kind.TNEF: tnef.tnef_parts,
+        Kind.PDF: pdf.pdf_parts,
+        Kind.HTML: html.html_parts,
         Kind.OTHER: mime.uuencoded_parts,
     }
 

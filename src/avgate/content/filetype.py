@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
+import zlib
 
 
 class Kind(enum.Enum):
@@ -24,6 +25,21 @@ class Kind(enum.Enum):
     SEVENZIP = "7z"
     TAR = "tar"
     MAIL = "mail"
+    # through libarchive (content/libarchive.py); ARJ and UDF have no reader: unknown
+    RAR = "rar"
+    CAB = "cab"
+    ISO9660 = "iso9660"
+    UDF = "udf"
+    CPIO = "cpio"
+    LHA = "lha"
+    ARJ = "arj"
+    # Office (content/office.py)
+    OLE = "ole2"
+    RTF = "rtf"
+    # documents (content/tnef.py, pdf.py, html.py)
+    TNEF = "tnef"
+    PDF = "pdf"
+    HTML = "html"
     OTHER = "other"  # a leaf: scanned as is (uuencoded blocks inside are still looked for)
 
 
@@ -83,14 +99,22 @@ def detect(data: bytes) -> Kind:
         return Kind.XZ
     if head.startswith(_SEVENZIP_MAGIC):
         return Kind.SEVENZIP
+    if head.startswith(_TNEF_MAGIC):
+        return Kind.TNEF
     if head.startswith(b"BZh") and _BZIP2_RE.match(data, 0, 10):
         return Kind.BZIP2
     if data[_TAR_MAGIC_OFFSET:_TAR_MAGIC_OFFSET + 5] == b"ustar":
         return Kind.TAR
+    if (more := _more_kinds(data)) is not None:
+        return more
     if looks_like_mail(data):
         return Kind.MAIL
+    if b"%PDF-" in data[:PDF_PROBE]:  # after mail: "%PDF-" in a header is no PDF
+        return Kind.PDF
     if zip_at_end(data):
         return Kind.ZIP
+    if looks_like_html(data):
+        return Kind.HTML
     return Kind.OTHER
 
 
@@ -151,3 +175,87 @@ def zip_at_end(data: bytes) -> bool:
     if disk != cd_disk or entries == 0 or cd_size > pos or cd_offset > pos - cd_size:
         return False
     return data[pos - cd_size:pos - cd_size + 4] == _CENTRAL_DIR
+
+
+# -- more archives and Office (issue 20): libarchive.py and office.py read these ------------
+_RAR_MAGICS = (b"Rar!\x1a\x07\x00", b"Rar!\x1a\x07\x01\x00")  # RAR 1.5-4.x, RAR 5
+_OLE_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_CAB_MAGIC = b"MSCF\x00\x00\x00\x00"
+_ISO_OFFSETS = (0x8001, 0x8801, 0x9001)  # volume descriptors 16, 17, 18: "CD001" / UDF "BEA01"
+_CPIO_ASCII = re.compile(rb"070707[0-7]{70}|07070[12][0-9A-Fa-f]{104}")
+_LHA_METHOD = re.compile(rb"-(?:lh[0-7d]|lzs|lz[45])-")
+
+
+def _more_kinds(data: bytes) -> Kind | None:
+    """RAR, CAB, ISO 9660/UDF, cpio, LHA, ARJ, OLE2 and RTF by their magic numbers."""
+    head = data[:8]
+    if head.startswith(_RAR_MAGICS):
+        return Kind.RAR
+    if head == _OLE_MAGIC:
+        return Kind.OLE
+    if head.startswith(b"{\\rt"):  # "{\\rtf1", and "{\\rt" that Word also opens
+        return Kind.RTF
+    if head == _CAB_MAGIC and data[24:26] == b"\x03\x01":  # CFHEADER version 1.3
+        return Kind.CAB
+    if _CPIO_ASCII.match(data, 0, 110) or _cpio_binary(data):
+        return Kind.CPIO
+    if _LHA_METHOD.match(data, 2, 7) and len(data) > 21 and data[20] <= 3:
+        return Kind.LHA
+    if head.startswith(b"\x60\xea") and _arj_header(data):
+        return Kind.ARJ
+    for offset in _ISO_OFFSETS:
+        magic = data[offset:offset + 5]
+        if magic == b"CD001":
+            return Kind.ISO9660
+        if magic in (b"BEA01", b"NSR02", b"NSR03"):
+            return _iso_after_udf(data) or Kind.UDF
+    return None
+
+
+def _iso_after_udf(data: bytes) -> Kind | None:
+    """A UDF bridge disc (UDF and ISO 9660 volume descriptors) is read as ISO 9660."""
+    found = any(data[o:o + 5] == b"CD001" for o in range(0x8001, min(len(data), 0x10001), 0x800))
+    return Kind.ISO9660 if found else None
+
+
+def _cpio_binary(data: bytes) -> bool:
+    """Old binary cpio (magic 0o070707 in either byte order) with a sane first header."""
+    if len(data) < 28 or data[:2] not in (b"\xc7\x71", b"\x71\xc7"):
+        return False
+    order = "<" if data[:2] == b"\xc7\x71" else ">"
+    mode, namesize = struct.unpack_from(order + "H", data, 6)[0], struct.unpack_from(
+        order + "H", data, 20)[0]
+    return 0 < namesize <= 4096 and mode & 0o170000 != 0 and data[26 + namesize - 1:
+                                                                   26 + namesize] == b"\x00"
+
+
+def _arj_header(data: bytes) -> bool:
+    """An ARJ main header: 0x60 0xEA, its size (up to 2600) and a matching CRC-32."""
+    if len(data) < 8:
+        return False
+    size = int.from_bytes(data[2:4], "little")
+    end = 4 + size
+    if not 0 < size <= 2600 or len(data) < end + 4:
+        return False
+    return zlib.crc32(data[4:end]) == int.from_bytes(data[end:end + 4], "little")
+
+
+# -- documents (issue 20): tnef.py, pdf.py and html.py read these ---------------------------
+_TNEF_MAGIC = b"\x78\x9f\x3e\x22"  # 0x223E9F78, little-endian
+PDF_PROBE = 1024  # readers accept junk before "%PDF-" up to about here
+_HTML_PROBE = 1024
+_UTF16_BOMS = ((b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+# The tags browsers sniff HTML by (WHATWG MIME Sniffing) and those smuggling pages start
+# with, anywhere in the first KiB; a tag name ends at a blank, ">" or "/".
+_HTML_TAG = re.compile(
+    rb"<(?:!doctype[ \t\r\n\x0c]+html|html|head|body|script|iframe|h1|div|font|table|a|style"
+    rb"|title|b|br|p|svg|img|object|embed|meta|form|!--)(?=[ \t\r\n\x0c>/])", re.IGNORECASE)
+
+
+def looks_like_html(data: bytes) -> bool:
+    """An HTML tag within the first KiB (UTF-16 by its BOM): a browser renders it as a page."""
+    for bom, encoding in _UTF16_BOMS:
+        if data.startswith(bom):
+            head = data[2:2 + 2 * _HTML_PROBE].decode(encoding, "replace").encode()
+            return _HTML_TAG.search(head) is not None
+    return _HTML_TAG.search(data, 0, _HTML_PROBE) is not None

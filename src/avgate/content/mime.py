@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import binascii
 import hashlib
+import itertools
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from email.header import decode_header
 from email.message import Message
 from email.parser import BytesParser
 from email.policy import compat32
+from email.utils import collapse_rfc2231_value
 
 from ..result import LimitKind, ScanStatus
 from . import (
@@ -209,6 +212,9 @@ def _leaves(entity: Message, payload: str, path: str, depth: int,
     # The parser decoded the bytes as ASCII + surrogateescape, which this reverses; a
     # payload it altered (e.g. replacement characters) still encodes, as UTF-8.
     raw = payload.encode("utf-8", "surrogateescape")
+    declared = entity.get_content_type() if "content-type" in entity else ""
+    if declared == PARTIAL_TYPE:  # our renaming (partial_view): the type as sent
+        declared = "message/partial"
     seen: list[bytes] = []
     for n, cte in enumerate(_transfer_encodings(entity), 1):
         for data in _decode(raw, cte):
@@ -216,10 +222,11 @@ def _leaves(entity: Message, payload: str, path: str, depth: int,
                 continue
             suffix = "" if not seen else (f"~cte{n}" if n > 1 else "~b64")
             seen.append(data)
-            yield Part(path + suffix, data, depth)
+            yield Part(path + suffix, data, depth, declared)
 
 
-def _walk(message: Message, path: str, depth: int, max_depth: int) -> Iterator[Part | Problem]:
+def _walk(message: Message, path: str, depth: int, max_depth: int,
+          fragments: list[Fragment] | None = None) -> Iterator[Part | Problem]:
     # Explicit stack: a hostile message can nest multiparts far deeper than Python recurses.
     # A str on the stack is a preamble or epilogue, due after the parts before it.
     stack: list[tuple[Message | str, str, int, bool]] = [(message, path, depth, True)]
@@ -237,6 +244,9 @@ def _walk(message: Message, path: str, depth: int, max_depth: int) -> Iterator[P
                 # the stdlib catches only LookupError for a bad charset; a charset with a
                 # NUL in it ("charset=\0us-ascii") raises ValueError: keep the bytes as sent
                 pass
+        opaque = _opaque_type(entity)
+        if opaque is not None:  # message/partial or /external-body: what there is is read on
+            yield from _opaque(entity, opaque, payload, path, fragments)
         if isinstance(payload, list):
             if entity.get_content_maintype() == "message":
                 # message/rfc822: the enclosed message takes this part's place in the tree.
@@ -267,6 +277,114 @@ def _text_around(entity: Message) -> tuple[str | None, str | None]:
     for text in (entity.preamble, entity.epilogue):
         found.append(text if isinstance(text, str) and text.strip() else None)
     return found[0], found[1]
+
+
+# -- message/partial and message/external-body (RFC 2046 5.2.2, 5.2.3) ---------------------
+# Both parsers read the body of any message/* entity as an enclosed message, which loses the
+# raw text a fragment is (the next fragment goes on in the middle of a line or a part). When
+# the message may hold fragments, it is read with their type renamed, so the body stays the
+# text as sent; the fragments of one id, all present, are put back together in order and
+# scanned as the message they were cut from. A fragment alone is unknown: the rest of the
+# content is not here to scan. So is an external body (only where to fetch it is here).
+PARTIAL_TYPE = "application/x-avgate-message-partial"
+_PARTIAL_HINT = re.compile(rb"/[Pp][Aa][Rr][Tt][Ii][Aa][Ll]")  # "/" is a literal prefix: fast
+_PARTIAL_FIELD = re.compile(
+    rb"(?im)^(content-type[ \t]*:[ \t]*(?:\r?\n[ \t]+)?)message/partial(?![!#$%&'*+.^_`|~\w-])")
+_OPAQUE_TYPES = frozenset({"message/partial", "message/external-body", PARTIAL_TYPE})
+REASON_PARTIAL = "message/partial fragment (content not present)"
+REASON_EXTERNAL = "message/external-body (content not present)"
+_MAX_NUMBER = 1_000_000
+
+
+def partial_view(data: bytes) -> bytes | None:
+    """``data`` with each ``message/partial`` Content-Type renamed :data:`PARTIAL_TYPE`, or
+    None when it has none (the usual case: one search for "/partial" tells)."""
+    if _PARTIAL_HINT.search(data) is None:
+        return None
+    view, count = _PARTIAL_FIELD.subn(rb"\1" + PARTIAL_TYPE.encode(), data)
+    return view if count else None
+
+
+@dataclass(slots=True)
+class Fragment:
+    """One message/partial entity: its parameters and, when read as text, its body."""
+
+    path: str
+    ident: str
+    number: int | None
+    total: int | None
+    body: bytes | None  # None: the parser read it as an enclosed message (no raw text)
+
+
+def _opaque_type(entity: Message) -> str | None:
+    value = entity.get("content-type")
+    if not isinstance(value, str):
+        return None
+    low = value.lower()
+    if "partial" not in low and "external" not in low:
+        return None  # the usual case, without parsing the field
+    ctype = entity.get_content_type()
+    return ctype if ctype in _OPAQUE_TYPES else None
+
+
+def _content_param(entity: Message, name: str) -> str | None:
+    try:
+        return mimeparse.param(entity, "content-type", name)
+    except mimeparse.Unsupported:
+        value = entity.get_param(name)
+        return None if value is None else collapse_rfc2231_value(value)
+
+
+def _number(entity: Message, name: str) -> int | None:
+    value = (_content_param(entity, name) or "").strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 7):
+        return None
+    return int(value) if 0 < int(value) <= _MAX_NUMBER else None
+
+
+def _opaque(entity: Message, ctype: str, payload: object, path: str,
+            fragments: list[Fragment] | None) -> Iterator[Problem]:
+    if ctype == "message/external-body":
+        yield Problem(path, ScanStatus.UNKNOWN, REASON_EXTERNAL)
+        return
+    body = payload.encode("utf-8", "surrogateescape") if isinstance(payload, str) else None
+    fragment = Fragment(path, _content_param(entity, "id") or "", _number(entity, "number"),
+                        _number(entity, "total"), body)
+    if fragments is None:
+        yield Problem(path, ScanStatus.UNKNOWN, REASON_PARTIAL)
+    else:
+        fragments.append(fragment)
+
+
+def reassembled(fragments: list[Fragment], path: str, depth: int) -> Iterator[Part | Problem]:
+    """For each fragment id: the whole message when every fragment is here, else a Problem
+    per fragment. A number present twice with different bodies is undecidable."""
+    groups: dict[str, list[Fragment]] = {}
+    for fragment in fragments:
+        groups.setdefault(fragment.ident, []).append(fragment)
+    for index, (ident, group) in enumerate(groups.items(), 1):
+        whole = _whole(group) if ident else None
+        if whole is not None:
+            yield Part(join_path(path, f"partial{index}"), whole, depth + 1)
+            continue
+        for fragment in group:
+            yield Problem(fragment.path, ScanStatus.UNKNOWN, REASON_PARTIAL)
+
+
+def _whole(group: list[Fragment]) -> bytes | None:
+    totals = {f.total for f in group if f.total is not None}
+    if len(totals) != 1:
+        return None
+    total = totals.pop()
+    bodies: dict[int, bytes] = {}
+    for fragment in group:
+        if fragment.number is None or fragment.body is None or fragment.number > total:
+            return None
+        if bodies.setdefault(fragment.number, fragment.body) != fragment.body:
+            return None
+    if len(bodies) != total:
+        return None
+    return b"".join(bodies[n] for n in range(1, total + 1))
 
 
 # -- part count ---------------------------------------------------------------------------------
@@ -469,8 +587,9 @@ def mail_parts(part: Part, budget: Budget) -> Children:
         yield refused
         return
     header_lines = header_line_budget(max_files)
+    source = partial_view(part.data) or part.data
     try:
-        message = _parse(part.data, max_files, header_lines)
+        message = _parse(source, max_files, header_lines)
     except mimeparse.MimeLimit as exc:
         yield _limit_problem(part.path, exc, max_files)
         return
@@ -478,21 +597,23 @@ def mail_parts(part: Part, budget: Budget) -> Children:
         yield Problem(part.path, ScanStatus.UNKNOWN, f"unparseable message: {type(exc).__name__}")
         return
     alternatives = [(suffix, view) for suffix, view in (
-        ("~boundary2", last_boundary_view(part.data)),
-        ("~obsheader", obsolete_header_view(part.data))) if view is not None]
+        ("~boundary2", last_boundary_view(source)),
+        ("~obsheader", obsolete_header_view(source))) if view is not None]
     # A "body" that is the whole message again (a parser that gave up on the header block
     # at its first line) was scanned already, as the message: decomposing it once more would
     # only nest the same reading down to the recursion limit.
     # Identical parts within this reading are all kept: replacing infected parts needs
     # every path.
     seen: set[bytes] = set()
-    for item in _walk(message, part.path, part.depth, max_depth):
+    fragments: list[Fragment] = []
+    for item in _walk(message, part.path, part.depth, max_depth, fragments):
         if isinstance(item, Part):
-            if item.data == part.data:
+            if item.data == part.data or item.data == source:
                 continue
             if alternatives:
                 seen.add(hashlib.blake2b(item.data, digest_size=16).digest())
         yield item
+    yield from reassembled(fragments, part.path, part.depth)
     if not alternatives:
         return
     # Only what another reading adds: parts the readings share are not scanned twice.
@@ -503,7 +624,10 @@ def mail_parts(part: Part, budget: Budget) -> Children:
         except mimeparse.MimeLimit as exc:
             yield _limit_problem(path, exc, max_files)
             return
-        for item in _walk(message, path, part.depth, max_depth):
+        fragments = []
+        # reassembled() runs once the walk has found the fragments (chain is lazy)
+        for item in itertools.chain(_walk(message, path, part.depth, max_depth, fragments),
+                                    reassembled(fragments, path, part.depth)):
             if isinstance(item, Part):
                 digest = hashlib.blake2b(item.data, digest_size=16).digest()
                 if digest in seen:

@@ -61,7 +61,9 @@ def test_corpus_sample(s: Sample) -> None:
     elif s.virus == MARKER_NAME:
         assert any(MARKER in p.data for p in found)
     else:
-        assert not any(EICAR in p.data or MARKER in p.data for p in found)
+        # nothing decoded out of it carries a signature (the object itself may hold the
+        # bytes in the clear: a hand-built "encrypted" RAR, an ARJ method we cannot read)
+        assert not any(EICAR in p.data or MARKER in p.data for p in found if p is not root)
     statuses = {p.status for p in problems(items)}
     if s.expected in (ScanStatus.SKIPPED, ScanStatus.UNKNOWN):
         assert s.expected in statuses
@@ -231,7 +233,9 @@ def test_deep_multipart_nesting_is_a_recursion_problem() -> None:
 
 # -- corrupt and odd archives ---------------------------------------------------------------
 def test_truncated_zip_is_corrupt_but_still_scanned_raw() -> None:
-    data = make_zip([("a.txt", b"hello world" * 100)])[:60]
+    # cut inside the member's deflate stream (at [:60] the whole member is there and is
+    # read from its local header: no longer a problem, see test_lenient_zip.py)
+    data = make_zip([("a.txt", b"hello world" * 100)])[:45]
     items = run(data)
     assert items[0] == Part("m", data, 0)
     (problem,) = problems(items)

@@ -487,7 +487,8 @@ def test_every_problem_says_which_limit() -> None:
             b"\r\n--o\r\nContent-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--o--\r\n")
     assert _kinds(deep, Limits(max_recursion=1)) == {(ScanStatus.UNKNOWN, STRUCTURAL)}
     assert _kinds(encrypted_zip("a", EICAR)) == {(ScanStatus.UNKNOWN, None)}
-    assert _kinds(make_zip([("a", b"x" * 100)])[:60]) == {(ScanStatus.UNKNOWN, None)}
+    # cut inside the deflate stream ([:60] holds the whole member: it is read)
+    assert _kinds(make_zip([("a", bytes(range(100)))])[:60]) == {(ScanStatus.UNKNOWN, None)}
     zeros = make_7z([("z", bytes(2 * RATIO_FLOOR))])
     assert _kinds(zeros, Limits(max_ratio=2)) == {(ScanStatus.SKIPPED, STRUCTURAL)}
     noise = make_7z([("n", random.Random(7).randbytes(300_000))])
