@@ -8,8 +8,10 @@ Supported formats (one signature a line; blank lines and ``#`` comments are skip
           (unknown size): such a hash is computed for every part.
 ``.ndb``  ``name:target:offset:hexsig[:min_flevel[:max_flevel]]``
 
-Hash signatures stay hashes (:class:`HashSignatures`, dicts keyed by ``(size, digest)``); each
-digest is computed only for parts whose size some signature of that kind has.
+Hash signatures stay hashes (:class:`HashSignatures`: per hash kind one sorted blob of
+fixed-width ``digest | size | name index`` records, bisected; millions of signatures are a few
+bytes objects, not millions of Python objects); each digest is computed only for parts whose
+size some signature of that kind has.
 
 Body (``.ndb``) signatures become one YARA-X rule each, named ``r<N>`` (ClamAV names such as
 ``Win.Trojan.X-1`` are not identifiers); :class:`SignatureSet` keeps the index → name table so
@@ -33,8 +35,11 @@ alternatives, odd-length hex, and anything else YARA-X cannot compile.
 
 Offsets: ``*`` (anywhere); ``n`` → ``$a at n``; ``n,m`` → ``$a in (n..n+m)``;
 ``EOF-n`` → ``$a at filesize-n``; ``EOF-n,m`` → ``$a in (filesize-n..filesize-n+m)``.
-Offsets relative to the entry point or sections (``EP+n``, ``Sx+n``, ``SL+n``, ``SEx``, ...)
-are rejected: they need a PE/ELF parser we do not run.
+With target 1 (PE), through YARA-X's ``pe`` module: ``EP+n``/``EP-n`` → ``$a at
+pe.entry_point + n`` (a file offset, as ClamAV's), ``Sx+n`` → section ``x``'s raw data offset
++ n, ``SL+n`` → the last section's, ``SEx`` → anywhere inside section ``x``; with target 6
+(ELF) ``EP±n`` uses ``elf.entry_point``. Rules using them need ``import "pe"``/``"elf"`` in
+their source. Other targets with these offsets, and ``VI``/macro offsets, are rejected.
 
 Target types: 0 (any) matches any part. 1 (PE), 2 (OLE2), 6 (ELF) and 9 (Mach-O) are applied
 as a check of the file magic at offset 0 (``MZ``, ``D0 CF 11 E0``, ``7F 45 4C 46``, the Mach-O
@@ -48,11 +53,15 @@ match the raw bytes, so such signatures should be written in lower case to hit l
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
+import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import SignatureError
 
@@ -168,24 +177,50 @@ def translate_hexsig(hexsig: str) -> str:
     return " ".join(out)
 
 
-def translate_offset(offset: str) -> str:
-    """Translate a ClamAV offset to a YARA-X condition on ``$a``."""
-    m = re.fullmatch(r"(\d+)(?:,(\d+))?", offset)
+# Where the entry point and sections are, from YARA-X's own pe/elf modules (file offsets).
+_EP = {1: "pe.entry_point", 6: "elf.entry_point"}
+_SECTION = "pe.sections[{0}].raw_data_offset"
+_LAST_SECTION = "pe.sections[pe.number_of_sections - 1].raw_data_offset"
+
+
+def _place(var: str, start: str, span: str | None) -> str:
+    if span is None:
+        return f"{var} at {start}"
+    end = str(int(start) + int(span)) if start.isdigit() else f"{start} + {int(span)}"
+    return f"{var} in ({start}..{end})"
+
+
+def translate_offset(offset: str, target: int = 0, var: str = "$a") -> str:
+    """Translate a ClamAV offset to a YARA-X condition on ``var``.
+
+    ``EP+n``/``EP-n`` need target 1 (PE) or 6 (ELF); ``Sx+n``, ``SL+n`` and ``SEx`` need
+    target 1: they use YARA-X's ``pe``/``elf`` modules (the rule source must import them).
+    """
     if offset == "*":
-        return "$a"
+        return var
+    m = re.fullmatch(r"(\d+)(?:,(\d+))?", offset)
     if m:
-        start = int(m.group(1))
-        if m.group(2) is None:
-            return f"$a at {start}"
-        return f"$a in ({start}..{start + int(m.group(2))})"
+        return _place(var, m.group(1), m.group(2))
     m = re.fullmatch(r"EOF-(\d+)(?:,(\d+))?", offset)
     if m:
-        back = int(m.group(1))
-        if m.group(2) is None:
-            return f"$a at filesize - {back}"
-        return f"$a in (filesize - {back}..filesize - {back} + {int(m.group(2))})"
-    if re.match(r"(EP|S\d+|SL|SE\d+|VI|\$)", offset):
-        raise TranslationError(f"offset {offset!r} (entry point/section/macro) is not supported")
+        return _place(var, f"filesize - {int(m.group(1))}", m.group(2))
+    m = re.fullmatch(r"EP([+-])(\d+)(?:,(\d+))?", offset)
+    if m and target in _EP:
+        return _place(var, f"{_EP[target]} {m.group(1)} {int(m.group(2))}", m.group(3))
+    m = re.fullmatch(r"(S(\d+)|SL)\+(\d+)(?:,(\d+))?", offset)
+    if m and target == 1:
+        base = _SECTION.format(int(m.group(2))) if m.group(2) else _LAST_SECTION
+        return _place(var, f"{base} + {int(m.group(3))}", m.group(4))
+    m = re.fullmatch(r"SE(\d+)", offset)
+    if m and target == 1:
+        index = int(m.group(1))
+        return (f"{var} in ({_SECTION.format(index)}..{_SECTION.format(index)} + "
+                f"pe.sections[{index}].raw_data_size)")
+    if re.match(r"(EP|S\d+|SL|SE\d+)", offset):
+        raise TranslationError(f"offset {offset!r} (entry point/section) needs target type 1 "
+                               "(PE; 6 for EP) — not supported for this target")
+    if re.match(r"(VI|\$)", offset):
+        raise TranslationError(f"offset {offset!r} (version info/macro) is not supported")
     raise TranslationError(f"bad offset {offset!r}")
 
 
@@ -214,7 +249,7 @@ class BodySignature:
         """The YARA-X source of this signature as a rule named ``ident``."""
         try:
             hexstr = translate_hexsig(self.hexsig)
-            condition = translate_offset(self.offset)
+            condition = translate_offset(self.offset, self.target)
         except TranslationError as exc:
             raise SignatureError(f"{self.where()}: {exc}") from None
         extra = target_condition(self.target)
@@ -223,40 +258,194 @@ class BodySignature:
         return f"rule {ident} {{ strings: $a = {{ {hexstr} }} condition: {condition} }}"
 
 
-@dataclass(slots=True)
-class HashSignatures:
-    """Hash signatures keyed by ``(size, digest)``; digests computed only when needed."""
+_DIGEST_BYTES = {"md5": 16, "sha1": 20, "sha256": 32}
+_SIZE = struct.Struct(">Q")
+_NAME = struct.Struct(">I")
+#: the size of a ``*`` (any size) hash signature in the sorted key
+_ANY_SIZE = (1 << 64) - 1
+#: sizes below this are kept in a bitmap (2 MiB a table, made only when used)
+_SMALL = 1 << 24
 
-    by_size: dict[str, dict[tuple[int, str], str]] = field(
-        default_factory=lambda: {k: {} for k in _HASH_KINDS.values()})
-    any_size: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {k: {} for k in _HASH_KINDS.values()})
-    sizes: dict[str, set[int]] = field(
-        default_factory=lambda: {k: set() for k in _HASH_KINDS.values()})
 
-    def add(self, kind: str, size: int | None, digest: str, name: str) -> None:
-        """Add one signature (``size`` None: unknown). The first name for a hash wins."""
-        if size is None:
-            self.any_size[kind].setdefault(digest, name)
-        else:
-            self.by_size[kind].setdefault((size, digest), name)
-            self.sizes[kind].add(size)
+class _Table:
+    """One hash kind: fixed-width records ``digest | size (8, big-endian) | name index (4)``
+    in one bytes blob, sorted, with a 256-entry index on the first digest byte; and the
+    sizes signatures have — a bitmap for sizes under 16 MiB (2 MiB, made on first use), a
+    sorted ``array('Q')`` above — so that a part whose size no signature has costs no
+    digest. Millions of signatures are a few blobs, not millions of Python objects."""
+
+    __slots__ = (
+        "_pending_sizes",
+        "blob",
+        "index",
+        "key_width",
+        "kind",
+        "pending",
+        "sizes",
+        "small_sizes",
+        "width",
+        "wild",
+    )
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.key_width = _DIGEST_BYTES[kind] + _SIZE.size
+        self.width = self.key_width + _NAME.size
+        self.pending = bytearray()
+        self._pending_sizes: set[int] = set()
+        self.blob = b""
+        self.index = array("Q", [0] * 257)
+        self.sizes = array("Q")  # sizes >= _SMALL
+        self.small_sizes = bytearray()  # bitmap of sizes < _SMALL (empty: none yet)
+        self.wild = False
 
     def __len__(self) -> int:
-        return sum(map(len, self.by_size.values())) + sum(map(len, self.any_size.values()))
+        return (len(self.blob) + len(self.pending)) // self.width
 
-    def lookup(self, data: bytes) -> list[str]:
-        """Names of the hash signatures matching ``data``."""
-        size = len(data)
+    def add(self, digest: bytes, size: int | None, name_index: int) -> None:
+        if size is None:
+            self.wild = True
+            size = _ANY_SIZE
+        else:
+            if size < _SMALL:
+                if not self.small_sizes:
+                    self.small_sizes = bytearray(_SMALL // 8)
+                self.small_sizes[size >> 3] |= 1 << (size & 7)
+            else:
+                self._pending_sizes.add(size)
+        self.pending += digest + _SIZE.pack(size) + _NAME.pack(name_index)
+
+    def freeze(self) -> None:
+        """Merge what was added into the sorted blob (bucket by first digest byte, so the
+        transient list of records is 1/256 of the table)."""
+        if not self.pending:
+            return
+        w = self.width
+        buckets: list[bytearray] = [bytearray() for _ in range(256)]
+        for src in (self.blob, self.pending):
+            view = memoryview(src)
+            for i in range(0, len(src), w):
+                buckets[src[i]] += view[i:i + w]
+        out = bytearray()
+        for i, bucket in enumerate(buckets):
+            self.index[i] = len(out) // w
+            records = sorted(bytes(bucket[j:j + w]) for j in range(0, len(bucket), w))
+            out += b"".join(records)
+        self.index[256] = len(out) // w
+        self.blob = bytes(out)
+        sizes = set(self.sizes)
+        sizes.update(self._pending_sizes)
+        self.sizes = array("Q", sorted(sizes))
+        self.pending = bytearray()
+        self._pending_sizes = set()
+
+    def has_size(self, size: int) -> bool:
+        if size < _SMALL:
+            return bool(self.small_sizes) and bool(self.small_sizes[size >> 3] & (1 << (size & 7)))
+        i = bisect.bisect_left(self.sizes, size)
+        return i < len(self.sizes) and self.sizes[i] == size
+
+    def find(self, digest: bytes, size: int) -> int | None:
+        """The name index of the first signature added for (digest, size), or None."""
+        key = digest + _SIZE.pack(size)
+        w, k, blob = self.width, self.key_width, self.blob
+        lo, hi = self.index[digest[0]], self.index[digest[0] + 1]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if blob[mid * w:mid * w + k] < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < self.index[256] and blob[lo * w:lo * w + k] == key:
+            (name,) = _NAME.unpack_from(blob, lo * w + k)
+            return int(name)
+        return None
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        self.freeze()
+        return (self.kind, self.blob, self.index, self.sizes, bytes(self.small_sizes),
+                self.wild)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        kind, blob, index, sizes, small, wild = state
+        _Table.__init__(self, kind)
+        self.blob, self.index, self.sizes, self.wild = blob, index, sizes, wild
+        self.small_sizes = bytearray(small)
+
+
+class NameTable:
+    """Signature names in one blob, with an array of end offsets, looked up by index."""
+
+    __slots__ = ("_last", "blob", "ends")
+
+    def __init__(self) -> None:
+        self.blob = bytearray()
+        self.ends = array("Q")
+        self._last = ""
+
+    def add(self, name: str) -> int:
+        if self.ends and name == self._last:
+            return len(self.ends) - 1  # consecutive repeats (one name, many hashes) share
+        self.blob += name.encode("latin-1", "replace")
+        self.ends.append(len(self.blob))
+        self._last = name
+        return len(self.ends) - 1
+
+    def __getitem__(self, index: int) -> str:
+        start = self.ends[index - 1] if index else 0
+        return self.blob[start:self.ends[index]].decode("latin-1")
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getstate__(self) -> tuple[bytes, array[int]]:
+        return bytes(self.blob), self.ends
+
+    def __setstate__(self, state: tuple[bytes, array[int]]) -> None:
+        blob, self.ends = state
+        self.blob = bytearray(blob)
+        self._last = ""
+
+
+class HashSignatures:
+    """Hash signatures keyed by ``(size, digest)`` in compact sorted tables (one per hash
+    kind); a digest is computed only for parts whose size some signature of that kind has
+    (or when a ``*``-size signature of that kind exists). The first name added for a
+    hash wins."""
+
+    __slots__ = ("names", "tables")
+
+    def __init__(self, names: NameTable | None = None) -> None:
+        self.names = names if names is not None else NameTable()
+        self.tables = {kind: _Table(kind) for kind in _DIGEST_BYTES}
+
+    def add(self, kind: str, size: int | None, digest: str, name: str) -> None:
+        """Add one signature (``size`` None: unknown); ``digest`` in hex."""
+        self.tables[kind].add(bytes.fromhex(digest), size, self.names.add(name))
+
+    def freeze(self) -> None:
+        for table in self.tables.values():
+            table.freeze()
+
+    def __len__(self) -> int:
+        return sum(map(len, self.tables.values()))
+
+    def lookup(self, data: bytes | memoryview, size: int | None = None) -> list[str]:
+        """Names of the hash signatures matching ``data`` (``size``: its size as the
+        signatures count it, when that is not ``len(data)``)."""
+        size = len(data) if size is None else size
         names = []
-        for kind, table in self.by_size.items():
-            wildcard = self.any_size[kind]
-            if size not in self.sizes[kind] and not wildcard:
+        for kind, table in self.tables.items():
+            if table.pending:
+                table.freeze()
+            if not table.wild and not table.has_size(size):
                 continue  # the common case: no signature of this kind has this size
-            digest = hashlib.new(kind, data, usedforsecurity=False).hexdigest()
-            name = table.get((size, digest)) or wildcard.get(digest)
-            if name:
-                names.append(name)
+            digest = hashlib.new(kind, data, usedforsecurity=False).digest()
+            found = table.find(digest, size)
+            if found is None and table.wild:
+                found = table.find(digest, _ANY_SIZE)
+            if found is not None:
+                names.append(self.names[found])
         return names
 
 

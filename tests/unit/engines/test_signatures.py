@@ -131,7 +131,7 @@ def test_ndb_line_rejection_names_file_line_and_signature() -> None:
     assert "/db/x.ndb:7: Bad.Sig-1" in str(exc.value)
     assert "negated" in str(exc.value)
     with pytest.raises(SignatureError, match=r"x.ndb:3: Ep.Sig: .*entry point"):
-        parse_ndb_line("Ep.Sig:1:EP+0:41424344", "x.ndb", 3)
+        parse_ndb_line("Ep.Sig:0:EP+0:41424344", "x.ndb", 3)
     with pytest.raises(SignatureError, match=r"x.ndb:4: Short: expected name:target"):
         parse_ndb_line("Short:0:41424344", "x.ndb", 4)
     with pytest.raises(SignatureError, match="bad target type"):
