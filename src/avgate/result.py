@@ -62,6 +62,10 @@ def worst(statuses: Iterable[ScanStatus]) -> ScanStatus:
     return max(statuses, key=_SEVERITY.__getitem__, default=ScanStatus.CLEAN)
 
 
+#: the ``engine`` of the banned-type check's findings, named ``Banned.<rule>`` (avgate.banned)
+BANNED_ENGINE = "banned"
+
+
 @dataclass(frozen=True, slots=True)
 class Finding:
     """One detection: signature name, the engine that found it, where inside the content."""
@@ -69,6 +73,11 @@ class Finding:
     name: str
     engine: str
     part: str = ""  # e.g. "message/2/archive.zip/evil.exe"; "" for the object itself
+
+    @property
+    def banned(self) -> bool:
+        """A banned file type (a ``[[banned.rules]]`` rule), not a virus."""
+        return self.engine == BANNED_ENGINE
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "engine": self.engine, "part": self.part}
@@ -108,6 +117,11 @@ class ScanResult:
     def virus(self) -> str:
         """Name of the first finding, or "" when there is none."""
         return self.findings[0].name if self.findings else ""
+
+    @property
+    def banned_only(self) -> bool:
+        """Infected, and every finding is a banned file type (no virus): ``banned_action``."""
+        return self.infected and bool(self.findings) and all(f.banned for f in self.findings)
 
     @property
     def virus_names(self) -> tuple[str, ...]:
