@@ -1,4 +1,4 @@
-"""``avgate quarantine ...``: list, show, export, release, delete, purge, report.
+"""``avgate quarantine ...``: list, show, export, release, delete, purge, report, migrate, copy.
 
 Exit codes: 0 ok, 1 not found or refused (e.g. a second release without ``--force``),
 2 error (bad config, store or SMTP failure, an invalid ``--to`` address).
@@ -23,7 +23,7 @@ import typer
 
 from . import config as config_mod
 from .errors import AvgateError, ConfigError, NotFound
-from .quarantine import AlreadyReleased, QuarantineStore, RecordFilter, iso_utc, release, report
+from .quarantine import AlreadyReleased, RecordFilter, Store, iso_utc, open_store, release, report
 
 quarantine_app = typer.Typer(no_args_is_help=True,
                              help="Inspect, release and purge the quarantine.")
@@ -83,10 +83,11 @@ def _group(config: ConfigOpt = None) -> None:
 
 
 @contextmanager
-def _store(cfg: config_mod.Config) -> Iterator[QuarantineStore]:
-    """Open the store; translate the error tree into exit codes in one place."""
+def _store(cfg: config_mod.Config) -> Iterator[Store]:
+    """Open the configured store (``[quarantine] backend``); translate the error tree into
+    exit codes in one place."""
     try:
-        store = QuarantineStore(cfg.quarantine_path)
+        store = open_store(cfg, maildir=False)
     except AvgateError as exc:
         _echo(f"avgate: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
@@ -121,7 +122,10 @@ def list_(ctx: typer.Context, config: ConfigOpt = None,
           status: Annotated[str | None, _only(
               "--status", "with this scan status (infected, skipped...)")] = None,
           frontend: Annotated[str | None, _only(
-              "--frontend", "from this front-end (smtp, milter, http...)")] = None) -> None:
+              "--frontend", "from this front-end (smtp, milter, http...)")] = None,
+          refid: Annotated[str | None, _only(
+              "--refid", "of the message with this RefID (X-Avgate-RefID, reply text)")
+                           ] = None) -> None:
     """List quarantined objects, oldest first."""
     from .ondemand import parse_since
 
@@ -132,7 +136,7 @@ def list_(ctx: typer.Context, config: ConfigOpt = None,
         _echo(f"avgate: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
     where = RecordFilter(virus=virus, sender=sender, recipient=recipient, status=status,
-                         frontend=frontend, since=since_ts)
+                         frontend=frontend, since=since_ts, refid=refid)
     with _store(cfg) as store:
         records = store.list(where)
         for rec in records:
@@ -142,7 +146,8 @@ def list_(ctx: typer.Context, config: ConfigOpt = None,
                 typer.echo(json.dumps(d))
             else:
                 released = " released" if rec.released is not None else ""
-                _echo(f"{rec.id}  {iso_utc(rec.created)[:19]}Z  {rec.size:>9}  "
+                _echo(f"{rec.id}  {rec.refid or '-':<16}  {iso_utc(rec.created)[:19]}Z  "
+                      f"{rec.size:>9}  "
                       f"{rec.status:<8} {','.join(rec.viruses) or '-'}  "
                       f"{rec.envelope.sender or '<>'} -> "
                       f"{','.join(rec.envelope.recipients) or '-'}{released}")
@@ -162,8 +167,8 @@ def show(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None,
             typer.echo(json.dumps({**rec.to_dict(), "parts": parts}))
             return
         d = rec.to_dict()
-        for key in ("id", "created", "frontend", "listener", "source", "client_addr", "helo",
-                    "sender"):
+        for key in ("id", "refid", "created", "frontend", "listener", "source", "client_addr",
+                    "helo", "sender"):
             _echo(f"{key + ':':<13} {d[key] or '-'}")
         _echo(f"{'recipients:':<13} {', '.join(rec.envelope.recipients) or '-'}")
         _echo(f"{'status:':<13} {rec.status}")
@@ -270,6 +275,66 @@ def report_(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None,
         asyncio.run(report(store, record_id, kind, settings.next_hop, settings.report_from,
                            report_to))
         _echo(f"{record_id}: {kind} report sent to {report_to}")
+
+
+@quarantine_app.command()
+def migrate(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """Create or update the store's schema (PostgreSQL: run once, before the gateways)."""
+    cfg = load_config(config, ctx)
+    settings = cfg.quarantine
+    try:
+        if settings.backend == "postgresql":
+            from .quarantine.postgres import SCHEMA_VERSION
+            from .quarantine.postgres import migrate as pg_migrate
+
+            applied = pg_migrate(settings.dsn)
+            done = (f"applied schema version(s) {', '.join(map(str, applied))}" if applied
+                    else "schema is current")
+            _echo(f"quarantine database: {done} (version {SCHEMA_VERSION})")
+        else:
+            open_store(cfg, maildir=False).close()  # the file store migrates when opened
+            _echo(f"quarantine {cfg.quarantine_path}: schema is current")
+    except AvgateError as exc:
+        _echo(f"avgate: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+
+
+@quarantine_app.command()
+def copy(ctx: typer.Context, config: ConfigOpt = None,
+         source: Annotated[str | None, typer.Option(
+             "--from", help="File store directory (default: [quarantine] path).")] = None,
+         target: Annotated[str | None, typer.Option(
+             "--to", help="PostgreSQL DSN (default: [quarantine] dsn).")] = None) -> None:
+    """Copy every record of a file store into PostgreSQL (ids, times and release state
+    kept; records already there are skipped, so a second run resumes the first)."""
+    from pathlib import Path
+
+    from .quarantine import QuarantineStore
+    from .quarantine.postgres import PostgresStore
+    from .quarantine.postgres import migrate as pg_migrate
+
+    cfg = load_config(config, ctx)
+    src_path = str(Path(source).absolute()) if source else cfg.quarantine_path
+    dsn = target or cfg.quarantine.dsn
+    if not dsn:
+        _echo("avgate: give --to DSN (or set [quarantine] dsn)", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    if not Path(src_path, "index.sqlite3").is_file():
+        _echo(f"avgate: {src_path} is not a quarantine file store", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    copied = skipped = 0
+    try:
+        pg_migrate(dsn)
+        with QuarantineStore(src_path) as src, PostgresStore(dsn, pool_size=2) as dst:
+            for rid in src.ids():
+                if dst.adopt(src.get(rid), src.iter_raw(rid)):
+                    copied += 1
+                else:
+                    skipped += 1
+    except AvgateError as exc:
+        _echo(f"avgate: {exc} (after {copied} copied)", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    _echo(f"copied {copied} record(s), {skipped} already there")
 
 
 __all__ = ["ConfigOpt", "config_path", "load_config", "quarantine_app", "safe"]

@@ -56,7 +56,7 @@ from .scan import ScanService
 from .spool import Spool
 
 if TYPE_CHECKING:
-    from .quarantine.store import Envelope, QuarantineStore
+    from .quarantine.store import Envelope, Store
 
 ACTIONS = ("report", "delete", "quarantine")
 MAILDIR_SUBDIRS = frozenset({"cur", "new", "tmp"})
@@ -214,6 +214,21 @@ def unquote_mboxrd(data: bytes) -> bytes:
     return _MBOXRD_QUOTED.sub(rb"\1", data)
 
 
+def _body(body: bytes) -> bytes:
+    # the blank line before the next From_ line separates messages: not content
+    if body.endswith(b"\r\n\r\n"):
+        body = body[:-2]
+    elif body.endswith(b"\n\n"):
+        body = body[:-1]
+    return unquote_mboxrd(body)
+
+
+def mbox_body(span: bytes) -> bytes:
+    """A message's content from its raw mbox span (the From_ line to the next one), as
+    :func:`iter_mbox` yields it."""
+    return _body(span.partition(b"\n")[2])
+
+
 def iter_mbox(path: str) -> Iterator[tuple[MboxMessage, bytes]]:
     """Each message of an mbox: its position and its content (unquoted, no From_ line)."""
     with open(path, "rb") as f:
@@ -224,14 +239,8 @@ def iter_mbox(path: str) -> Iterator[tuple[MboxMessage, bytes]]:
         span = hashlib.sha256()
 
         def emit() -> tuple[MboxMessage, bytes]:
-            body = b"".join(lines[1:])
-            # the blank line before the next From_ line separates messages: not content
-            if body.endswith(b"\r\n\r\n"):
-                body = body[:-2]
-            elif body.endswith(b"\n\n"):
-                body = body[:-1]
             return (MboxMessage(path, index, start, offset, span.hexdigest()),
-                    unquote_mboxrd(body))
+                    _body(b"".join(lines[1:])))
 
         for line in f:
             if line.startswith(b"From ") and lines:
@@ -368,7 +377,7 @@ class ActionOutcome:
 class Actions:
     """Applies ``--action`` to infected objects; mbox rewrites wait for ``finish``."""
 
-    def __init__(self, action: str, store: QuarantineStore | None = None) -> None:
+    def __init__(self, action: str, store: Store | None = None) -> None:
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r} (use {', '.join(ACTIONS)})")
         if action == "quarantine" and store is None:

@@ -30,9 +30,11 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
+from typing import BinaryIO
 
 _CHUNK = 1 << 16
 #: placeholders a template may use
@@ -90,9 +92,11 @@ class MaildirDelivery:
         return Path(self.template.format(recipient=f"{local}@{domain}" if domain else local,
                                          local=local, domain=domain))
 
-    def deliver_to(self, folder: Path, source: Path, record_id: str) -> Path | None:
-        """Copy ``source`` into ``folder`` (a :meth:`folder_for` result); None when the
-        folder's parent (the mailbox) does not exist. Raises OSError.
+    def deliver_to(self, folder: Path, source: Path | Callable[[], BinaryIO],
+                   record_id: str) -> Path | None:
+        """Copy ``source`` (a file, or a function opening the content) into ``folder`` (a
+        :meth:`folder_for` result); None when the folder's parent (the mailbox) does not
+        exist. Raises OSError.
 
         Everything below the mailbox is opened through directory descriptors with
         ``O_NOFOLLOW``: a folder, ``tmp`` or ``new`` swapped for a symlink (even between
@@ -123,12 +127,14 @@ class MaildirDelivery:
             os.close(folder_fd)
         return folder / "new" / name
 
-    def _write(self, dir_fd: int, name: str, source: Path, record_id: str) -> None:
+    def _write(self, dir_fd: int, name: str, source: Path | Callable[[], BinaryIO],
+               record_id: str) -> None:
         """``X-Avgate-Quarantine-ID`` and the message into a new file ``name`` (fsynced)."""
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, self.mode,
                      dir_fd=dir_fd)
         try:
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+            opened = open(source, "rb") if isinstance(source, Path) else source()
+            with os.fdopen(fd, "wb") as out, opened as src:
                 first = src.read(_CHUNK)
                 eol = b"\r\n" if first.split(b"\n", 1)[0].endswith(b"\r") else b"\n"
                 out.write(b"X-Avgate-Quarantine-ID: " + record_id.encode("ascii") + eol)

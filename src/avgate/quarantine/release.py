@@ -7,6 +7,7 @@ re-injection port, which does not scan again).
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Sequence
@@ -16,13 +17,11 @@ from ..errors import QuarantineError
 from ..smtpclient import NextHopError, describe_refused, parse_next_hop
 from ..smtpclient import send as smtp_send
 from .addresses import parse_addresses, parse_sender
-from .store import QuarantineStore, Record, iso_utc
+from .base import AlreadyReleased, Record, Store, iso_utc
+
+__all__ = ["AlreadyReleased", "build_report", "release", "report", "send"]
 
 SMTP_TIMEOUT = 60.0
-
-
-class AlreadyReleased(QuarantineError):
-    """A second release without ``force`` (the CLI answers it with exit code 1)."""
 
 
 def parse_hostport(value: str, default_port: int = 25) -> tuple[str, int]:
@@ -46,26 +45,31 @@ async def send(next_hop: str, sender: str, recipients: Sequence[str], data: byte
         raise QuarantineError("recipients refused: " + describe_refused(refused))
 
 
-async def release(store: QuarantineStore, record_id: str, next_hop: str,
+async def release(store: Store, record_id: str, next_hop: str,
                   to: Sequence[str] | None = None, force: bool = False) -> Record:
     """Send a record with its original envelope (or to ``to``); refuse a second release.
 
-    Raises NotFound, QuarantineError (already released without ``force``, SMTP failure),
-    InvalidAddress (a ``to`` address, or a stored sender or recipient, that is not a plausible
-    mailbox: nothing is sent).
+    Exactly once, across gateways sharing a store: the release is claimed first
+    (:meth:`~.base.Store.claim_release`, one conditional update), sent, then recorded; a
+    failed send drops the claim. Raises NotFound, AlreadyReleased (released before without
+    ``force``, or being released right now), QuarantineError (SMTP failure), InvalidAddress
+    (a ``to`` address, or a stored sender or recipient, that is not a plausible mailbox:
+    nothing is sent).
     """
-    record = store.get(record_id)
-    if record.released is not None and not force:
-        raise AlreadyReleased(
-            f"{record_id} was already released at {iso_utc(record.released)} "
-            f"(use --force to release it again)")
-    # every address is checked here, whoever asks (CLI, HTTP): a CR/LF or other junk never
-    # reaches the SMTP client nor the store, whatever the SMTP library does with it
-    recipients = parse_addresses(to if to else record.envelope.recipients)
-    sender = parse_sender(record.envelope.sender)
-    await send(next_hop, sender, recipients, store.read_raw(record_id))
-    store.mark_released(record_id, recipients)
-    return store.get(record_id)
+    claim = await asyncio.to_thread(store.claim_release, record_id, force)
+    try:
+        record = claim.record
+        # every address is checked here, whoever asks (CLI, HTTP): a CR/LF or other junk
+        # never reaches the SMTP client nor the store, whatever the SMTP library does with it
+        recipients = parse_addresses(to if to else record.envelope.recipients)
+        sender = parse_sender(record.envelope.sender)
+        data = await asyncio.to_thread(store.read_raw, record_id)
+        await send(next_hop, sender, recipients, data)
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(store.abort_release, claim))
+        raise
+    await asyncio.to_thread(store.finish_release, claim, recipients)
+    return await asyncio.to_thread(store.get, record_id)
 
 
 def report_message(report_from: str, report_to: str, subject: str, summary: str,
@@ -128,7 +132,7 @@ def build_report(record: Record, raw: bytes, kind: str, report_from: str,
     return report_message(report_from, report_to, subject, summary, raw, f"{record.id}.eml")
 
 
-async def report(store: QuarantineStore, record_id: str, kind: str, next_hop: str,
+async def report(store: Store, record_id: str, kind: str, next_hop: str,
                  report_from: str, report_to: str) -> bytes:
     """Send a false-positive/false-negative report about a record; return what was sent."""
     if kind not in ("false-positive", "false-negative"):

@@ -1,4 +1,6 @@
-"""The quarantine store: an SQLite index plus one content file per record.
+"""The file quarantine store (``[quarantine] backend = "file"``, the default): an SQLite index
+plus one content file per record. ``[quarantine]`` settings and :func:`open_store` (which
+backend the config names) live here too; the interface is :class:`~.base.Store`.
 
 Layout under the configured directory (mode 0o700)::
 
@@ -23,34 +25,40 @@ import fcntl
 import fnmatch
 import json
 import os
-import re
-import secrets
 import sqlite3
-import sys
 import threading
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO, Literal
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field, model_validator
 
 from ..context import Envelope as Envelope  # the transaction a record keeps (re-exported)
 from ..errors import NotFound, QuarantineError
-from ..result import ScanResult
-from ..settings import Mode, Section
-from ..spool import Spool
-from .addresses import parse_addresses
-from .maildir import MaildirDelivery, UnsafeRecipient, check_template
+from ..settings import Mode, SecretUrl, Section
+from .base import (
+    AlreadyReleased,
+    EnvelopeLike,
+    Hashing,
+    Record,
+    RecordFilter,
+    ReleaseClaim,
+    Store,
+    check_id,
+    decision_actions,
+    iso_utc,
+    new_id,
+    with_size,
+)
+from .maildir import MaildirDelivery, check_template
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..policy import Decision
 
-_CHUNK = 1 << 16
-_ID_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{16}$")
+__all__ = ["AlreadyReleased", "Envelope", "EnvelopeLike", "QuarantineSettings",
+           "QuarantineStore", "Record", "RecordFilter", "ReleaseClaim", "Store",
+           "decision_actions", "iso_utc", "new_id", "open_store"]
+
 _TMP_PREFIX = ".tmp-"
 
 _SCHEMA = """
@@ -72,16 +80,28 @@ CREATE TABLE IF NOT EXISTS records (
     actions     TEXT NOT NULL,      -- JSON array
     released    REAL,               -- time of the last release, NULL if never
     released_to TEXT,               -- JSON array of the recipients of the last release
-    source      TEXT NOT NULL DEFAULT ''  -- on-demand: the scanned path (PATH:N in an mbox)
+    source      TEXT NOT NULL DEFAULT '',  -- on-demand: the scanned path (PATH:N in an mbox)
+    refid       TEXT NOT NULL DEFAULT '',  -- the message's RefID
+    releasing   TEXT,               -- token of the release in flight, NULL if none
+    releasing_since REAL            -- when that release was claimed
 );
 CREATE INDEX IF NOT EXISTS records_created ON records(created);
 """
-
+#: columns added after the first release, in order: (name, SQL type and default)
+_ADDED_COLUMNS = (("source", "TEXT NOT NULL DEFAULT ''"), ("refid", "TEXT NOT NULL DEFAULT ''"),
+                  ("releasing", "TEXT"), ("releasing_since", "REAL"))
+_COLUMNS = ("id, created, sender, recipients, client_addr, helo, listener, frontend, sha256,"
+            " size, status, viruses, result, rule, actions, released, released_to, source,"
+            " refid")
 
 
 class QuarantineSettings(Section):
     """``[quarantine]``: where held objects live, and where releases and reports go.
 
+    backend: ``"file"`` (SQLite index + files under ``path``, one machine) or
+    ``"postgresql"`` (records and content in the database at ``dsn``, shared by every
+    gateway; create its schema with ``avgate quarantine migrate``); pool_size: connections
+    each process keeps to it at most; db_timeout: seconds to connect or get a connection.
     report_to: where false-positive / false-negative reports go (``avgate quarantine
     report``, ``avgate report``); report_fp_to / report_fn_to: false positives / false
     negatives instead ("" = report_to).
@@ -91,7 +111,13 @@ class QuarantineSettings(Section):
     maildir_mode: the permissions of those copies.
     """
 
-    path: str = "./var/quarantine"  # relative to the config file's directory
+    backend: Literal["file", "postgresql"] = "file"
+    path: str = "./var/quarantine"  # relative to the config file's directory (backend "file")
+    dsn: SecretUrl = ""  # "postgresql://user@host:5432/db" (password: .pgpass); shown without it
+    pool_size: int = Field(10, ge=1, le=1000)
+    # seconds to reach PostgreSQL or wait for a pooled connection: a database that is down
+    # costs each quarantined message at most this, then a tempfail
+    db_timeout: float = Field(5.0, gt=0, le=300)
     next_hop: str = "127.0.0.1:10026"  # SMTP next hop for releases and reports (host:port)
     report_to: str = ""  # FP/FN reports go here ("" = not set)
     report_fp_to: str = ""  # false-positive reports ("" = report_to)
@@ -100,83 +126,30 @@ class QuarantineSettings(Section):
     deliver_to_maildir: Annotated[str, AfterValidator(check_template)] = ""
     maildir_mode: Mode = 0o600
 
+    @model_validator(mode="after")
+    def _dsn_for_postgresql(self) -> QuarantineSettings:
+        if self.backend == "postgresql" and not self.dsn:
+            raise ValueError('backend = "postgresql" needs dsn = "postgresql://..."')
+        return self
+
     def report_address(self, kind: str) -> str:
         """The address of a ``false-positive`` / ``false-negative`` report ("" = none)."""
         specific = self.report_fp_to if kind == "false-positive" else self.report_fn_to
         return specific or self.report_to
 
 
-class EnvelopeLike(Protocol):
-    """Anything with an envelope's fields (front-ends may keep their own envelope type)."""
+def open_store(config: Config, *, maildir: bool = True) -> Store:
+    """The store ``[quarantine]`` describes (backend, path or dsn; with ``maildir``, the
+    Maildir copies). Raises QuarantineError."""
+    q = config.quarantine
+    delivery = (MaildirDelivery(q.deliver_to_maildir, q.maildir_mode)
+                if maildir and q.deliver_to_maildir else None)
+    if q.backend == "postgresql":
+        from .postgres import PostgresStore
 
-    @property
-    def sender(self) -> str: ...
-    @property
-    def recipients(self) -> Sequence[str]: ...
-    @property
-    def client_addr(self) -> str: ...
-    @property
-    def helo(self) -> str: ...
-    @property
-    def listener(self) -> str: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One quarantined object's metadata (the content is read with ``open_raw``)."""
-
-    id: str
-    created: float
-    envelope: Envelope
-    frontend: str
-    sha256: str
-    size: int
-    status: str
-    viruses: tuple[str, ...]
-    result: dict[str, Any]
-    rule: str
-    actions: tuple[str, ...]
-    released: float | None = None
-    released_to: tuple[str, ...] = field(default=())
-    source: str = ""  # on-demand records: the scanned path (PATH:N for an mbox message)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON output."""
-        return {
-            "id": self.id,
-            "created": iso_utc(self.created),
-            "sender": self.envelope.sender,
-            "recipients": list(self.envelope.recipients),
-            "client_addr": self.envelope.client_addr,
-            "helo": self.envelope.helo,
-            "listener": self.envelope.listener,
-            "source": self.source,
-            "frontend": self.frontend,
-            "sha256": self.sha256,
-            "size": self.size,
-            "status": self.status,
-            "viruses": list(self.viruses),
-            "rule": self.rule,
-            "actions": list(self.actions),
-            "released": iso_utc(self.released) if self.released is not None else None,
-            "released_to": list(self.released_to),
-            "result": self.result,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class RecordFilter:
-    """Which records :meth:`QuarantineStore.list` returns (None: any; all given must match).
-
-    Globs are fnmatch patterns (``*``, ``?``, ``[...]``), compared case-insensitively.
-    """
-
-    virus: str | None = None  # glob on any finding name
-    sender: str | None = None  # glob on the envelope sender
-    recipient: str | None = None  # glob on any envelope recipient
-    status: str | None = None  # exact scan status (infected, skipped...)
-    frontend: str | None = None  # exact front-end name (smtp, http...)
-    since: float | None = None  # created at or after this epoch time
+        return PostgresStore(q.dsn, pool_size=q.pool_size, timeout=q.db_timeout,
+                             maildir=delivery)
+    return QuarantineStore(config.quarantine_path, maildir=delivery)
 
 
 _SQL_INT_MAX = (1 << 63) - 1
@@ -196,6 +169,7 @@ def _where(where: RecordFilter | None) -> tuple[str, list[Any]]:
         ("created >= ?", where.since),
         ("status = ?", where.status),
         ("frontend = ?", where.frontend),
+        ("refid = ?", where.refid.upper() if where.refid is not None else None),
         ("avgate_glob(sender, ?)", where.sender),
         ("EXISTS (SELECT 1 FROM json_each(recipients) WHERE avgate_glob(value, ?))",
          where.recipient),
@@ -204,25 +178,6 @@ def _where(where: RecordFilter | None) -> tuple[str, list[Any]]:
     if not given:
         return "", []
     return " WHERE " + " AND ".join(t for t, _ in given), [v for _, v in given]
-
-
-def iso_utc(ts: float) -> str:
-    """An epoch time as ISO 8601 UTC with a trailing Z."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def new_id(now: float | None = None) -> str:
-    """A sortable, unguessable id: UTC time to the microsecond, then 64 random bits."""
-    now = time.time() if now is None else now
-    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%S%f")
-    return f"{stamp}Z-{secrets.token_hex(8)}"
-
-
-def decision_actions(decision: Decision | None) -> tuple[str, tuple[str, ...]]:
-    """(rule, actions) of a policy decision; an on-demand quarantine has no decision."""
-    if decision is None:
-        return "", ("quarantine",)
-    return decision.rule, tuple(decision.actions)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -235,8 +190,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class QuarantineStore:
-    """SQLite-indexed quarantine directory. One instance per process is enough."""
+class QuarantineStore(Store):
+    """SQLite-indexed quarantine directory (``backend = "file"``). One per process is enough."""
+
+    backend = "file"
 
     def __init__(self, path: str | os.PathLike[str], *,
                  maildir: MaildirDelivery | None = None) -> None:
@@ -260,29 +217,38 @@ class QuarantineStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
             self._migrate()
+            # after the migration: an older store gets the column first
+            self._db.execute("CREATE INDEX IF NOT EXISTS records_refid ON records(refid)")
             self._db.create_function("avgate_glob", 2, _glob, deterministic=True)
         except (OSError, sqlite3.Error) as exc:
             raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
         self.cleanup()
 
     def _migrate(self) -> None:
-        """Bring a store made by an older avgate up to ``_SCHEMA``: add ``source``, and move
-        the scanned path that on-demand records used to keep in ``listener`` there."""
+        """Bring a store made by an older avgate up to ``_SCHEMA``: add the columns it lacks
+        (``_ADDED_COLUMNS``); with ``source``, move the scanned path that on-demand records
+        used to keep in ``listener`` there."""
         def columns() -> set[str]:
             return {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
 
-        if "source" in columns():
+        if {name for name, _ in _ADDED_COLUMNS} <= columns():
             return
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")  # one process migrates, the others then see it
-            if "source" not in columns():
-                self._db.execute("ALTER TABLE records ADD COLUMN source TEXT NOT NULL DEFAULT ''")
-                self._db.execute("UPDATE records SET source = listener, listener = ''"
-                                 " WHERE frontend = 'ondemand'")
+            have = columns()
+            for name, decl in _ADDED_COLUMNS:
+                if name in have:
+                    continue
+                # both names are constants of this module
+                self._db.execute(f"ALTER TABLE records ADD COLUMN {name} {decl}")
+                if name == "source":
+                    self._db.execute("UPDATE records SET source = listener, listener = ''"
+                                     " WHERE frontend = 'ondemand'")
 
     @classmethod
     def from_config(cls, config: Config) -> QuarantineStore:
-        """The store ``[quarantine]`` describes (path, Maildir copies)."""
+        """The file store ``[quarantine]`` describes (path, Maildir copies), whatever its
+        ``backend`` (see :func:`open_store` for the configured one)."""
         q = config.quarantine
         maildir = (MaildirDelivery(q.deliver_to_maildir, q.maildir_mode)
                    if q.deliver_to_maildir else None)
@@ -299,9 +265,6 @@ class QuarantineStore:
     def __enter__(self) -> QuarantineStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         # flock excludes other processes; the RLock excludes other threads of this one
@@ -313,9 +276,9 @@ class QuarantineStore:
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def cleanup(self) -> list[str]:
+    def cleanup(self) -> builtins.list[str]:
         """Remove leftovers of crashed writers; return the names removed."""
-        removed: list[str] = []
+        removed: builtins.list[str] = []
         with self._locked():
             known = {row[0] for row in self._db.execute("SELECT id FROM records")}
             for entry in os.scandir(self.objects):
@@ -335,35 +298,26 @@ class QuarantineStore:
         return removed
 
     # -- writing --------------------------------------------------------------------------
-    def put(self, content: Spool | bytes, envelope: EnvelopeLike, result: ScanResult,
-            decision: Decision | None = None, frontend: str = "", listener: str = "",
-            *, rule: str | None = None, actions: Sequence[str] | None = None,
-            source: str = "") -> str:
-        """Store ``content`` byte-for-byte with its metadata; return the new id.
-
-        ``rule``/``actions`` override what is derived from ``decision`` (e.g. on-demand scans
-        have no decision); ``source``: where an on-demand scan found the object. Raises
-        QuarantineError (disk full included: front-ends tempfail).
-        """
-        record_id = new_id()
-        d_rule, d_actions = decision_actions(decision)
-        rule = d_rule if rule is None else rule
-        actions = d_actions if actions is None else tuple(actions)
-        envelope = Envelope(envelope.sender, tuple(envelope.recipients), envelope.client_addr,
-                            envelope.helo, listener or envelope.listener)
+    def _insert(self, record: Record, chunks: Iterable[bytes],
+                expect: tuple[int, str] | None = None) -> None:
+        """Stream into a temp file, fsync, rename, fsync the directory, insert the row (see
+        the module doc for why in this order)."""
+        record_id = check_id(record.id)
         tmp = self.objects / f"{_TMP_PREFIX}{os.getpid()}-{record_id}"
         final = self.objects / record_id
         try:
-            size, sha = self._write_temp(tmp, content)
+            size, sha = self._write_temp(tmp, chunks)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             raise QuarantineError(f"cannot write quarantine file: {why}") from exc
-        row = (record_id, time.time(), envelope.sender, json.dumps(list(envelope.recipients)),
-               envelope.client_addr, envelope.helo, envelope.listener, frontend, sha, size,
-               result.status.value, json.dumps(list(result.virus_names)),
-               json.dumps(result.to_dict()), rule, json.dumps(list(actions)), source)
+        if expect is not None and expect != (size, sha):
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise QuarantineError(f"{record_id}: content does not match its record "
+                                  f"({size} bytes, sha256 {sha})")
+        record = with_size(record, size, sha)
         try:
             with self._locked():
                 os.replace(tmp, final)
@@ -372,10 +326,8 @@ class QuarantineStore:
                     with self._db:
                         self._db.execute("BEGIN IMMEDIATE")
                         self._db.execute(
-                            "INSERT INTO records (id, created, sender, recipients, client_addr,"
-                            " helo, listener, frontend, sha256, size, status, viruses, result,"
-                            " rule, actions, source) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                            row)
+                            f"INSERT INTO records ({_COLUMNS})"  # noqa: S608
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _row(record))
                 except sqlite3.Error:
                     with contextlib.suppress(OSError):
                         os.unlink(final)
@@ -386,56 +338,16 @@ class QuarantineStore:
             why = ("disk full" if isinstance(exc, OSError) and exc.errno == errno.ENOSPC
                    else str(exc))
             raise QuarantineError(f"cannot store quarantine record: {why}") from exc
-        self._update_metrics()
-        if self.maildir is not None:
-            self.deliver_to_maildirs(record_id, envelope.recipients)
-        return record_id
 
-    def deliver_to_maildirs(self, record_id: str, recipients: Sequence[str]
-                            ) -> builtins.list[Path]:
-        """Copy a record into each recipient's ``deliver_to_maildir`` folder; the copies.
-
-        A copy is a convenience beside the record, never instead of it: a recipient without
-        a mailbox here is skipped, and one that cannot get its copy (an address unfit for a
-        path, a write error, a symlinked folder) costs only that copy, said on stderr.
-        """
-        delivered: builtins.list[Path] = []
-        if self.maildir is None:
-            return delivered
-        source = self.objects / self._check_id(record_id)
-        seen: set[Path] = set()
-        for rcpt in recipients:
-            try:
-                folder = self.maildir.folder_for(rcpt)
-                if folder in seen:
-                    continue
-                seen.add(folder)
-                copy = self.maildir.deliver_to(folder, source, record_id)
-            except (OSError, UnsafeRecipient) as exc:
-                print(f"avgate: quarantine {record_id}: cannot deliver to the Maildir of "
-                      f"{rcpt!r}: {exc}", file=sys.stderr)
-                continue
-            if copy is not None:
-                delivered.append(copy)
-        return delivered
-
-    def _write_temp(self, tmp: Path, content: Spool | bytes) -> tuple[int, str]:
-        import hashlib
-
-        h = hashlib.sha256()
-        size = 0
+    def _write_temp(self, tmp: Path, chunks: Iterable[bytes]) -> tuple[int, str]:
+        hashing = Hashing(chunks)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
-            chunks: Iterator[bytes] | Sequence[bytes]
-            # a Spool may be a large file: copy it in chunks, never as one bytes object
-            chunks = content.chunks(_CHUNK) if isinstance(content, Spool) else (content,)
-            for chunk in chunks:
+            for chunk in hashing:
                 out.write(chunk)
-                h.update(chunk)
-                size += len(chunk)
             out.flush()
             os.fsync(out.fileno())
-        return size, h.hexdigest()
+        return hashing.size, hashing.sha256
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.objects, os.O_RDONLY)
@@ -445,16 +357,11 @@ class QuarantineStore:
             os.close(fd)
 
     # -- reading --------------------------------------------------------------------------
-    def _check_id(self, record_id: str) -> str:
-        # ids become file names: refuse anything that is not exactly our format
-        if not _ID_RE.match(record_id):
-            raise NotFound(f"no quarantine record {record_id!r}")
-        return record_id
-
     def get(self, record_id: str) -> Record:
         """The record's metadata; NotFound if there is none."""
-        self._check_id(record_id)
-        row = self._db.execute("SELECT * FROM records WHERE id = ?", (record_id,)).fetchone()
+        check_id(record_id)
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE id = ?",  # noqa: S608
+                               (record_id,)).fetchone()
         if row is None:
             raise NotFound(f"no quarantine record {record_id!r}")
         return self._record(row)
@@ -472,11 +379,6 @@ class QuarantineStore:
         except OSError as exc:
             raise QuarantineError(f"cannot read {path}: {exc.strerror}") from exc
 
-    def read_raw(self, record_id: str) -> bytes:
-        """The whole content as bytes (for release and report, which send it in one piece)."""
-        with self.open_raw(record_id) as f:
-            return f.read()
-
     def list(self, where: RecordFilter | None = None, limit: int | None = None,
              offset: int = 0) -> builtins.list[Record]:
         """Records matching ``where``, oldest first; at most ``limit`` after skipping ``offset``.
@@ -489,7 +391,8 @@ class QuarantineStore:
         args += [-1 if limit is None else min(limit, _SQL_INT_MAX),
                  min(max(offset, 0), _SQL_INT_MAX)]
         rows = self._db.execute(
-            f"SELECT * FROM records{sql} ORDER BY id LIMIT ? OFFSET ?", args)  # noqa: S608
+            f"SELECT {_COLUMNS} FROM records{sql} ORDER BY id LIMIT ? OFFSET ?",  # noqa: S608
+            args)
         return [self._record(row) for row in rows]
 
     def count(self, where: RecordFilter | None = None) -> int:
@@ -507,29 +410,41 @@ class QuarantineStore:
     @staticmethod
     def _record(row: tuple[Any, ...]) -> Record:
         (rid, created, sender, rcpts, client, helo, listener, frontend, sha, size, status,
-         viruses, result, rule, actions, released, released_to, source) = row
+         viruses, result, rule, actions, released, released_to, source, refid) = row
         return Record(
             id=rid, created=created,
             envelope=Envelope(sender, tuple(json.loads(rcpts)), client, helo, listener),
             frontend=frontend, sha256=sha, size=size, status=status,
             viruses=tuple(json.loads(viruses)), result=json.loads(result), rule=rule,
             actions=tuple(json.loads(actions)), released=released,
-            released_to=tuple(json.loads(released_to)) if released_to else (), source=source)
+            released_to=tuple(json.loads(released_to)) if released_to else (), source=source,
+            refid=refid)
 
     # -- changing -------------------------------------------------------------------------
-    def mark_released(self, record_id: str, recipients: Sequence[str],
-                      when: float | None = None) -> None:
-        """Record that the object was released to ``recipients``.
+    def _claim(self, record_id: str, token: str, now: float, stale_before: float,
+               force: bool) -> bool:
+        # one UPDATE: SQLite runs it under its write lock, across processes too; the thread
+        # lock keeps it out of another thread's transaction on the shared connection
+        with self._thread_lock, self._db:
+            cur = self._db.execute(
+                "UPDATE records SET releasing = ?, releasing_since = ? WHERE id = ?"
+                " AND (? OR released IS NULL)"
+                " AND (releasing IS NULL OR releasing_since < ?)",
+                (token, now, record_id, force, stale_before))
+        return cur.rowcount == 1
 
-        Each address goes through :func:`~.addresses.parse_addresses` first (InvalidAddress):
-        ``released_to`` never holds a CR/LF or other junk, whoever calls this.
-        """
-        recipients = parse_addresses(recipients)
-        self.get(record_id)
-        with self._db:
-            self._db.execute("UPDATE records SET released = ?, released_to = ? WHERE id = ?",
-                             (time.time() if when is None else when,
-                              json.dumps(list(recipients)), record_id))
+    def _finish(self, record_id: str, token: str | None, recipients: Sequence[str],
+                when: float) -> None:
+        with self._thread_lock, self._db:
+            self._db.execute(
+                "UPDATE records SET released = ?, released_to = ?, releasing = NULL,"
+                " releasing_since = NULL WHERE id = ? AND (? IS NULL OR releasing = ?)",
+                (when, json.dumps(list(recipients)), record_id, token, token))
+
+    def abort_release(self, claim: ReleaseClaim) -> None:
+        with self._thread_lock, self._db:
+            self._db.execute("UPDATE records SET releasing = NULL, releasing_since = NULL"
+                             " WHERE id = ? AND releasing = ?", (claim.record.id, claim.token))
 
     def delete(self, record_id: str) -> None:
         """Remove a record and its content; NotFound if there is none."""
@@ -543,16 +458,22 @@ class QuarantineStore:
                 os.unlink(self.objects / record_id)
         self._update_metrics()
 
-    def purge(self, older_than_days: float, now: float | None = None) -> builtins.list[str]:
-        """Delete every record created more than ``older_than_days`` ago; return their ids."""
-        cutoff = (time.time() if now is None else now) - older_than_days * 86400
-        ids = [r[0] for r in self._db.execute(
+    def _ids_before(self, cutoff: float) -> builtins.list[str]:
+        return [r[0] for r in self._db.execute(
             "SELECT id FROM records WHERE created < ? ORDER BY id", (cutoff,))]
-        for rid in ids:
-            self.delete(rid)
-        return ids
 
-    def _update_metrics(self) -> None:
-        from ..observability import set_quarantine_size
+    def _ids_after(self, last: str, limit: int) -> builtins.list[str]:
+        return [r[0] for r in self._db.execute(
+            "SELECT id FROM records WHERE id > ? ORDER BY id LIMIT ?", (last, limit))]
 
-        set_quarantine_size(*self.stats())
+
+def _row(record: Record) -> tuple[Any, ...]:
+    """The values of ``_COLUMNS`` for ``record``."""
+    env = record.envelope
+    return (record.id, record.created, env.sender, json.dumps(list(env.recipients)),
+            env.client_addr, env.helo, env.listener, record.frontend, record.sha256,
+            record.size, record.status, json.dumps(list(record.viruses)),
+            json.dumps(record.result), record.rule, json.dumps(list(record.actions)),
+            record.released,
+            json.dumps(list(record.released_to)) if record.released is not None else None,
+            record.source, record.refid)

@@ -1,10 +1,10 @@
 """The quarantine API, behind bearer tokens with roles.
 
 - ``GET /v1/quarantine`` (role ``read``): records oldest first, filtered by ``virus``,
-  ``sender``, ``recipient`` (globs), ``status``, ``frontend`` and ``since`` (the time grammar
-  of ``avgate quarantine list --since``, see :func:`avgate.ondemand.parse_since`; a naive ISO
-  time is UTC here), paged with ``limit``/``offset``. The filter runs in the store
-  (:meth:`~avgate.quarantine.QuarantineStore.list`), as for the CLI.
+  ``sender``, ``recipient`` (globs), ``status``, ``frontend``, ``refid`` and ``since`` (the
+  time grammar of ``avgate quarantine list --since``, see :func:`avgate.ondemand.parse_since`;
+  a naive ISO time is UTC here), paged with ``limit``/``offset``. The filter runs in the store
+  (:meth:`~avgate.quarantine.Store.list`, either backend), as for the CLI.
 - ``GET /v1/quarantine/{id}`` (``read``), ``GET /v1/quarantine/{id}/raw`` (``admin``).
 - ``POST /v1/quarantine/{id}/release`` (``admin``; JSON body ``{"to": [...], "force":
   false}``, optional; every address must be a plausible mailbox, else 400), through
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -68,10 +69,14 @@ class QuarantineApi(Api):
                               "age such as 3d")
         where = RecordFilter(virus=q.get("virus"), sender=q.get("sender"),
                              recipient=q.get("recipient"), status=q.get("status"),
-                             frontend=q.get("frontend"), since=since)
-        store = self.gateway.store
-        total = store.count(where)
-        page = store.list(where, limit=limit, offset=offset)
+                             frontend=q.get("frontend"), since=since, refid=q.get("refid"))
+        # the store may be a database away (backend "postgresql"): off the event loop
+        try:
+            store = await asyncio.to_thread(lambda: self.gateway.store)
+            total = await asyncio.to_thread(store.count, where)
+            page = await asyncio.to_thread(store.list, where, limit, offset)
+        except QuarantineError as exc:  # the database is down: say so, not a bare 500
+            return error(503, f"quarantine unavailable: {exc}")
         nxt = offset + limit if offset + limit < total else None
         return json_response({"items": [r.to_dict() for r in page], "total": total,
                               "offset": offset, "limit": limit, "next_offset": nxt})
@@ -82,16 +87,20 @@ class QuarantineApi(Api):
         if (refused := self.require(request, "read")) is not None:
             return refused
         try:
-            return json_response(self.gateway.store.get(request.path_params["id"]).to_dict())
+            record = await asyncio.to_thread(lambda: self.gateway.store.get(
+                request.path_params["id"]))
         except NotFound as exc:
             return error(404, str(exc))
+        except QuarantineError as exc:
+            return error(503, f"quarantine unavailable: {exc}")
+        return json_response(record.to_dict())
 
     async def raw(self, request: Request) -> Response:
         if (refused := self.require(request, "admin")) is not None:
             return refused
         rid = request.path_params["id"]
         try:
-            handle = self.gateway.store.open_raw(rid)
+            handle = await asyncio.to_thread(lambda: self.gateway.store.open_raw(rid))
         except NotFound as exc:
             return error(404, str(exc))
         except QuarantineError as exc:
@@ -99,7 +108,7 @@ class QuarantineApi(Api):
 
         async def body() -> AsyncIterator[bytes]:
             with handle:
-                while chunk := handle.read(1 << 16):
+                while chunk := await asyncio.to_thread(handle.read, 1 << 20):
                     yield chunk
 
         return StreamingResponse(body(), media_type="application/octet-stream", headers={
@@ -120,10 +129,13 @@ class QuarantineApi(Api):
             return error(400, str(exc))
         next_hop = self.gateway.config.quarantine.next_hop
         try:
-            record = await release(self.gateway.store, rid, next_hop, to=to, force=force)
+            store = await asyncio.to_thread(lambda: self.gateway.store)
+            record = await release(store, rid, next_hop, to=to, force=force)
         except NotFound as exc:
             return error(404, str(exc))
-        except AlreadyReleased:
+        except AlreadyReleased as exc:
+            if exc.in_flight:  # another gateway is sending it right now
+                return error(409, str(exc))
             return error(409, f"{rid} was already released (send \"force\": true to release "
                               "it again)")
         except InvalidAddress as exc:  # the stored envelope holds a bad address: nothing sent
@@ -137,7 +149,7 @@ class QuarantineApi(Api):
             return refused
         rid = request.path_params["id"]
         try:
-            self.gateway.store.delete(rid)
+            await asyncio.to_thread(lambda: self.gateway.store.delete(rid))
         except NotFound as exc:
             return error(404, str(exc))
         return json_response({"deleted": rid})
