@@ -254,3 +254,27 @@ def test_an_older_store_is_migrated(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["quarantine", "--config", str(cfg), "list", "--json"])
     assert [json.loads(line)["source"] for line in r.stdout.splitlines()] == [
         "/srv/mail/inbox:2", ""]
+
+
+def test_notify_digest_tells_each_recipient_what_was_held(setup: tuple[Path, Path, Sink]
+                                                          ) -> None:
+    cfg, md, sink = setup
+    port = cfg.read_text().split('next_hop = "127.0.0.1:')[1].split('"')[0]
+    with cfg.open("a") as f:
+        f.write(f'[notify]\nadmin = ["postmaster@example.org"]\n'
+                f'next_hop = "127.0.0.1:{port}"\n')
+    CliRunner().invoke(app, ["scan", "--no-progress", "-c", str(cfg), "--action",
+                             "quarantine", str(md)])
+    (rec,) = [json.loads(x) for x in q("list", "--json", "-c", str(cfg)).stdout.splitlines()]
+    dry = CliRunner().invoke(app, ["notify", "digest", "--dry-run", "-c", str(cfg)])
+    assert dry.exit_code == 0, dry.output
+    assert "To: bob@example.net" in dry.stdout and f"id {rec['id']}" in dry.stdout
+    assert "1 digest(s), none sent" in dry.stdout and sink.received == []
+    sent = CliRunner().invoke(app, ["notify", "digest", "-c", str(cfg), "--hours", "1"])
+    assert sent.exit_code == 0, sent.output
+    ((sender, rcpts, data),) = sink.received
+    assert (sender, rcpts) == ("<>", ["bob@example.net"])
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    assert msg["Subject"] == "Messages held for you: 1"
+    assert rec["id"] in msg.get_content() and "postmaster@example.org" in msg.get_content()
+    assert EICAR not in data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import smtplib
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.avgate_proc import AvgateServe
+from tests.integration.avgate_proc import AvgateServe, free_port
 
 EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 TOKEN = "test-token-5f1d"  # noqa: S105 - a test token with every role
@@ -121,3 +122,53 @@ def make_http(tmp_path: Path) -> Iterator[Callable[..., HttpEnv]]:
     yield make
     for env in started:
         env.serve.stop()
+
+
+# -- the web console ([http] console = true) --------------------------------------------------
+HTML_ATTACK = b"<script>alert('pwned')</script><img src=http://evil.example/x.png>"
+
+
+def held_message(subject: str) -> bytes:
+    return (b"From: <eve@example.test>\r\nTo: <bob@example.test>\r\nSubject: " +
+            subject.encode() + b'\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; '
+            b'boundary="B"\r\n\r\n--B\r\nContent-Type: text/html\r\n\r\n' + HTML_ATTACK +
+            b"\r\n--B\r\nContent-Type: application/octet-stream\r\n"
+            b'Content-Disposition: attachment; filename="eicar.com"\r\n\r\n' + EICAR +
+            b"\r\n--B--\r\n")
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory, smtp_sink: SmtpSink
+            ) -> Iterator[tuple[HttpEnv, int]]:
+    root = tmp_path_factory.mktemp("console")
+    smtp_port = free_port()
+    env = start_http(root, http=f'{TOKENS}\nconsole = true\nconsole_idle_timeout = 600',
+                     quarantine=f'next_hop = "127.0.0.1:{smtp_sink.port}"\n'
+                                'report_to = "lab@example.test"', extra=f"""
+[[smtp.listeners]]
+mode = "verdict"
+listen = "127.0.0.1:{smtp_port}"
+[[policy.rules]]
+name = "hold-infected"
+status = "infected"
+action = ["reject", "quarantine"]
+""")
+    try:
+        for subject in ("first held", "second held"):
+            send(smtp_port, held_message(subject))
+        yield env, smtp_port
+    finally:
+        env.serve.stop()
+
+
+TOKENS = (f'tokens = [{{ token = "{TOKEN}", roles = ["scan", "read", "admin"], '
+          f'name = "alice-admin" }}, {{ token = "{READ_TOKEN}", roles = ["read"] }}, '
+          f'"{SCAN_TOKEN}"]')
+
+
+def send(port: int, msg: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        try:
+            s.sendmail("eve@example.test", ["bob@example.test"], msg)
+        except smtplib.SMTPDataError as exc:
+            assert exc.smtp_code == 550  # refused and held

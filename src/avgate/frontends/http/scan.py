@@ -208,7 +208,11 @@ class ScanApi(Api):
             blocked = failed = False
             for r, o in zip(results, outcomes, strict=True):
                 disposition = o.decision.disposition
-                if r["status"] == ScanStatus.INFECTED.value:
+                if o.result.banned_only:  # banned file types (avgate.banned), no virus
+                    names = ", ".join(o.result.virus_names)
+                    r["error"] = f"{BLOCKED_ERROR}: banned content ({names})"
+                    blocked = True
+                elif r["status"] == ScanStatus.INFECTED.value:
                     r["error"] = INFECTED_ERROR
                     blocked = True
                 elif r["status"] == ScanStatus.ERROR.value:
@@ -256,15 +260,24 @@ class ScanApi(Api):
                              200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
-        self._publish_quarantine_size()
+        await self._publish_quarantine_size()
         return Response(generate_latest(observability.registry),
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _publish_quarantine_size(self) -> None:
-        # do not create the quarantine just to count it
-        if Path(self.gateway.config.quarantine_path).is_dir():
-            with contextlib.suppress(Exception):
-                observability.set_quarantine_size(*self.gateway.store.stats())
+    async def _publish_quarantine_size(self) -> None:
+        cfg = self.gateway.config
+
+        def stats() -> tuple[int, int] | None:
+            # do not create a file quarantine just to count it; a database is counted as it is
+            if cfg.quarantine.backend == "file" and not Path(cfg.quarantine_path).is_dir():
+                return None
+            return self.gateway.store.stats()
+
+        with contextlib.suppress(Exception):  # the metrics answer never fails for it
+            # a directory check, SQLite or a database round trip: off the event loop
+            size = await asyncio.to_thread(stats)
+            if size is not None:
+                observability.set_quarantine_size(*size)
 
     async def version(self, request: Request) -> Response:
         scanner = self.gateway.scanner

@@ -29,6 +29,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ...gateway import Gateway
 from ..listen import Address, Listener, ListenOptions, bind
 from .common import json_response
+from .console import ConsoleApi
 from .quarantine import QuarantineApi
 from .scan import ScanApi
 from .settings import HttpSettings
@@ -36,7 +37,8 @@ from .settings import HttpSettings
 
 def build_app(gateway: Gateway) -> Starlette:
     """The whole API (every route of the OpenAPI document) over ``gateway``."""
-    return Starlette(routes=[*ScanApi(gateway).routes(), *QuarantineApi(gateway).routes()],
+    return Starlette(routes=[*ScanApi(gateway).routes(), *QuarantineApi(gateway).routes(),
+                             *ConsoleApi(gateway).routes()],
                      exception_handlers={HTTPException: _http_error},
                      middleware=[Middleware(TraceRequests, gateway=gateway)])
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from ...limits import GiB
-from ...settings import Listen, Section, Size
+from ...settings import Listen, Secret, Section, Size
 from ..listen import parse_listen
 
 Role = Literal["scan", "read", "admin"]
@@ -20,8 +20,9 @@ ROLES: tuple[Role, ...] = ("scan", "read", "admin")
 class Token(Section):
     """One bearer token and its roles (kept in :data:`ROLES` order, ``admin`` adds ``read``)."""
 
-    token: str = Field(repr=False)  # a secret: never in a repr or a config message
+    token: Secret = Field(repr=False)  # never in a repr, a config message or `config show`
     roles: tuple[Role, ...] = ("scan",)
+    name: str = ""  # who holds it: the console's audit lines name the user by it
 
 
 def _kind(value: Any) -> str:
@@ -29,18 +30,22 @@ def _kind(value: Any) -> str:
             list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
 
 
-def _token(item: Any, where: str) -> tuple[str, list[Any]]:
-    """(token, roles) of one entry of ``tokens``; messages name the entry, never the secret."""
+def _token(item: Any, where: str) -> tuple[str, list[Any], str]:
+    """(token, roles, name) of one entry of ``tokens``; messages name the entry, never the
+    secret."""
     if isinstance(item, Token):
-        return item.token, list(item.roles)
+        return item.token, list(item.roles), item.name
     if isinstance(item, str):
-        return item, ["scan"]
+        return item, ["scan"], ""
     if not isinstance(item, dict):
         raise ValueError(f'{where}: expected a string or a table {{ token = "...", '
                          f"roles = [...] }}, got {_kind(item)}")
-    unknown = sorted(set(item) - {"token", "roles"})
+    unknown = sorted(set(item) - {"token", "roles", "name"})
     if unknown:
-        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: roles, token)")
+        raise ValueError(f"{where}: unknown key {unknown[0]!r} (known: name, roles, token)")
+    name = item.get("name", "")
+    if not isinstance(name, str) or not all(" " <= c <= "~" for c in name) or len(name) > 64:
+        raise ValueError(f"{where}.name: expected printable ASCII text of up to 64 characters")
     if "token" not in item:
         raise ValueError(f"{where}: missing key 'token'")
     if not isinstance(item["token"], str):
@@ -54,7 +59,7 @@ def _token(item: Any, where: str) -> tuple[str, list[Any]]:
     for role in roles:
         if role not in ROLES:
             raise ValueError(f"{where}.roles: unknown role {role!r} (known: {', '.join(ROLES)})")
-    return item["token"], list(roles)
+    return item["token"], list(roles), name
 
 
 def _tokens(value: Any) -> tuple[Token, ...]:
@@ -68,7 +73,7 @@ def _tokens(value: Any) -> tuple[Token, ...]:
     seen: set[str] = set()
     for i, item in enumerate(items):
         where = f"tokens[{i}]"
-        token, roles = _token(item, where)
+        token, roles, name = _token(item, where)
         if not token or not all("!" <= c <= "~" for c in token):
             raise ValueError(f"{where}: a token is printable ASCII without spaces, not empty")
         if token in seen:
@@ -76,7 +81,7 @@ def _tokens(value: Any) -> tuple[Token, ...]:
         seen.add(token)
         if "admin" in roles:
             roles.append("read")
-        out.append(Token(token=token, roles=tuple(r for r in ROLES if r in roles)))
+        out.append(Token(token=token, roles=tuple(r for r in ROLES if r in roles), name=name))
     return tuple(out)
 
 
@@ -90,6 +95,9 @@ class HttpSettings(Section):
     file), ``max_upload_size`` (1 GiB; a larger body is 413, nothing scanned), ``max_parts``
     (1000 parts in one multipart body; more is 413), ``max_connections`` (256 concurrent
     connections), ``idle_timeout`` (60 s a client may stay silent inside a request).
+    ``console`` (the web console under ``/console/``, signed in with a ``read`` or ``admin``
+    token), ``console_idle_timeout`` (1800 s), ``console_secret`` (the session key; default:
+    derived from the tokens, so changing them signs everybody out).
     """
 
     listen: Listen = parse_listen("127.0.0.1:8080")
@@ -101,6 +109,9 @@ class HttpSettings(Section):
     max_parts: int = Field(default=1000, gt=0)
     max_connections: int = Field(default=256, gt=0)
     idle_timeout: float = Field(default=60.0, gt=0)
+    console: bool = False
+    console_idle_timeout: float = Field(default=1800.0, gt=0)
+    console_secret: Secret = Field(default="", repr=False)
 
     def roles_for(self, authorization: str) -> frozenset[str] | None:
         """The roles of an ``Authorization`` header's bearer token; None without a valid one.
