@@ -20,12 +20,23 @@ reject (not infected)       ``200`` wrapping ``HTTP 403`` with the policy's reas
 ==========================  ===============================================================
 
 Preview: the preview data is spooled too; otherwise ``100 Continue``. ``preview = 0``
-offers no preview at all (OPTIONS carries no ``Preview`` header): Squid 5.x stalls large
-transfers while it waits for ``100 Continue`` (see README), so that is the set-up documented
-for it. Nothing of the object is sent back before the verdict (no trickling), so unscanned
-bytes of an infected object never reach the proxy. Protocol errors (bad chunk sizes, missing
-Encapsulated header, header over ``max_header_size``) get ``400`` and the connection is
-closed; a connection silent for ``idle_timeout`` seconds is closed.
+offers no preview at all (OPTIONS carries no ``Preview`` header). Protocol errors (bad chunk
+sizes, missing Encapsulated header, header over ``max_header_size``) get ``400`` and the
+connection is closed; a connection silent for ``idle_timeout`` seconds is closed (without an
+ICAP error once an answer has begun: that would land in the middle of its body).
+
+Answering before the verdict (``[icap.trickle]``, :mod:`avgate.trickle`): a RESPMOD whose
+client does not allow ``204`` gets ``200`` with the HTTP headers unchanged as soon as the
+first bytes may leave (keep-back: once more than ``keep_back`` bytes arrived; trickle: after
+the first ``interval``), then the body as the gate allows while it arrives and is scanned.
+Clean: the rest and the last chunk. Infected or refused: the connection is closed without the
+last chunk, so the proxy aborts the transfer; the client keeps a truncated object, never the
+held-back tail (scan log: actions ``cut``, ``early_bytes``). A body that ends before
+anything may leave is answered after its verdict as in the table. This is also what keeps
+Squid 5.7 going: it stops reading the origin once its 64 KiB body buffer is full and, until
+the ICAP answer begins, nothing wakes it again (Squid bug 5352); the default keep-back (32
+KiB) is below that buffer. A response whose Content-Length is over ``max_body_size`` is
+decided (unscanned) before its body is read, for the same reason.
 
 ``skip_content_types``: see :mod:`avgate.frontends.icap_skip` (the Content-Type is
 trusted only when the body's first bytes agree).
@@ -68,6 +79,7 @@ from ..policy import Decision, Disposition
 from ..protocols import icap as proto
 from ..result import LimitKind, ScanResult, ScanStatus
 from ..settings import Listen, Section, Size, StrTuple
+from ..trickle import Gate, Relay, TrickleSettings
 from .icap_pages import DEFAULT_BLOCK_PAGE, REFUSED_PAGE, UNAVAILABLE_PAGE, read_block_page, render
 from .icap_skip import SNIFF_BYTES, claimed_type, media_agrees
 from .listen import DEFAULT_BACKLOG, Address, Listener, ListenOptions, bind, parse_listen
@@ -92,7 +104,9 @@ class IcapSettings(Section):
     ``max_requests_per_connection`` (1000), ``idle_timeout`` (60 s), ``block_page`` (a
     template file for the virus page, relative to the config file; ``{url}`` and ``{virus}``
     are replaced), ``skip_content_types`` (glob patterns, see :mod:`.icap_skip`),
-    ``max_body_size`` (default: ``[limits] max_scan_size``).
+    ``max_body_size`` (default: ``[limits] max_scan_size``), ``trickle`` (the
+    ``[icap.trickle]`` table, :class:`avgate.trickle.TrickleSettings`: what of a RESPMOD
+    body goes back before the verdict).
     """
 
     listen: Listen = parse_listen("127.0.0.1:1344")
@@ -106,6 +120,7 @@ class IcapSettings(Section):
     block_page: str | None = None  # a template file; None: DEFAULT_BLOCK_PAGE
     skip_content_types: StrTuple = ()
     max_body_size: Size | None = None  # None: [limits] max_scan_size
+    trickle: TrickleSettings = TrickleSettings()
 
     @field_validator("skip_content_types")
     @classmethod
@@ -247,6 +262,8 @@ class _Conn:
         self.client = client
         self.task = task
         self.parser = proto.IcapParser("server", max_header_size=self.s.max_header_size)
+        #: the answer to the request in progress has begun: an error can only close
+        self.answered = False
 
     async def run(self) -> None:
         served = 0
@@ -260,6 +277,7 @@ class _Conn:
                 if not isinstance(ev, proto.Request):
                     raise proto.IcapProtocolError(f"unexpected {type(ev).__name__}")
                 self.s = self.server.settings  # per request: follows a reload
+                self.answered = False
                 served += 1
                 last = (served >= self.s.max_requests_per_connection or not ev.keep_alive
                         or self.server._closing)
@@ -295,6 +313,9 @@ class _Conn:
             parser.receive_data(data)
 
     async def _error(self, status: int, message: str) -> None:
+        if self.answered:  # no ICAP error inside an answer: closing cuts it
+            log.warning("icap: answer cut: %s", message[:200])
+            return
         detail = message[:200].replace("\r", " ").replace("\n", " ")
         headers = [*self.server._common(), ("Connection", "close"), ("X-Avgate-Error", detail)]
         with contextlib.suppress(Exception):
@@ -348,11 +369,25 @@ class _Conn:
         try:
             if req.has_body:
                 in_preview = req.preview is not None
+                declared = _declared_length(req)
+                gate = self._gate(req, declared)
+                # over max_body_size by its Content-Length: decided without reading the body
+                over = declared if declared is not None and declared > body.limit else None
+                if over is not None and not in_preview and not may_204:
+                    await self._declared_too_large(req, body, over, last)
+                    return True
+                if gate is not None and not in_preview:
+                    return await self._trickle(req, body, gate, claimed, last)
                 ev = await self._spool_body(body)
                 if isinstance(ev, proto.PreviewEnd) and not body.over:
                     if ev.ieof:
                         may_204 = True  # the whole object was in the preview
                         await self._event()  # the BodyEnd that follows
+                    elif over is not None:
+                        self.parser.skip_body()
+                        await self._declared_too_large(req, body, over, last,
+                                                       after_preview=True)
+                        return True
                     elif claimed and media_agrees(claimed, body.head):
                         self.parser.skip_body()
                         self._log_skip(req, claimed)
@@ -362,6 +397,8 @@ class _Conn:
                         self.writer.write(proto.CONTINUE)
                         self.parser.continue_body()
                         in_preview = False
+                        if gate is not None:
+                            return await self._trickle(req, body, gate, claimed, last)
                         ev = await self._spool_body(body)
                 if body.over:
                     await self._too_large(req, body, in_preview, may_204, last)
@@ -392,6 +429,208 @@ class _Conn:
         finally:
             spool.close()
 
+    # -- answering before the verdict ([icap.trickle]) --------------------------------------
+    def _gate(self, req: proto.Request, declared: int | None) -> Gate | None:
+        """The trickle gate of a RESPMOD body that may be answered before its verdict; None
+        when nothing of it could leave early (another method, trickling off, a body declared
+        smaller than ``keep_back`` or ``min_size``) or when the client allows ``204``
+        outside a preview (it keeps the whole body, so it does not stall, and 204 spares
+        sending it back; Squid allows it only for bodies it can buffer whole). Such an object
+        gets the usual answer after its verdict (a block page when infected)."""
+        settings = self.s.trickle
+        if (req.method != "RESPMOD" or not req.has_body or settings.mode == "off"
+                or req.allow_204):
+            return None
+        gate = Gate(settings, declared, asyncio.get_running_loop().time())
+        return gate if gate.active else None
+
+    async def _trickle(self, req: proto.Request, body: _Body, gate: Gate, claimed: str,
+                       last: bool) -> bool:
+        """Serve a RESPMOD body that ``gate`` lets out in part before its verdict.
+
+        The answer starts with the first bytes that may leave: ``200`` with the HTTP headers
+        unchanged, then the body as chunks, as ``gate`` allows, while it arrives and is
+        scanned; clean: the rest and the last chunk. Anything else: the connection is closed
+        without the last chunk, so the proxy aborts the transfer and the client is left with
+        a truncated object (its Content-Length, sent unchanged, says so too). A body that
+        ends before anything could leave gets the usual answer after the verdict (a block
+        page when infected). False when the connection must be closed.
+        """
+        loop = asyncio.get_running_loop()
+        window = None if gate.mode == "keep_back" else self.s.trickle.limit
+        relay = Relay(self.gateway.new_spool(), window)
+        stream = _Stream(req, relay)
+        try:
+            relay.add(body.spool.getvalue())  # the preview (bounded by [icap] preview)
+            gate.received(relay.received)
+            head = body.head
+            overflow: bytes | None = None
+            while True:
+                ev = await self._event_until(gate.next_wakeup(loop.time()))
+                if isinstance(ev, proto.BodyChunk):
+                    stream.flowing = True
+                    data = ev.data
+                    if len(head) < SNIFF_BYTES:
+                        head += data[:SNIFF_BYTES - len(head)]
+                    room = body.limit - relay.received
+                    if len(data) > room:
+                        relay.add(data[:max(room, 0)])
+                        overflow = data[max(room, 0):]
+                        break
+                    relay.add(data)
+                    gate.received(len(data))
+                elif isinstance(ev, proto.BodyEnd):
+                    break
+                elif ev is not None:
+                    raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+                await self._release(stream, gate.releasable(loop.time()), last)
+            relay.spool.finish()
+            if overflow is not None:
+                return await self._trickle_too_large(stream, overflow, body.limit, last)
+            if claimed and media_agrees(claimed, head):
+                self._log_skip(req, claimed)
+                if not stream.answered:
+                    await self._accept(req, relay.spool, False, last)
+                    return True
+                await self._send_rest(stream)
+                return True
+            outcome = await self._trickle_verdict(stream, gate, last)
+            stream.early = relay.sent
+            if not stream.answered:  # nothing could leave before the verdict
+                sent: _Sent | None = None
+                try:
+                    sent = await self._answer(req, relay.spool, outcome, False, last)
+                finally:
+                    self._log_outcome(outcome, sent)
+                return True
+            if outcome.decision.disposition is Disposition.ACCEPT:
+                try:
+                    await self._send_rest(stream)
+                finally:
+                    self._log_outcome(outcome, (200, None, False), early=stream.early)
+                return True
+            self._cut(stream, outcome)
+            return False
+        finally:
+            relay.spool.close()
+
+    async def _event_until(self, when: float | None) -> proto.Event | None:
+        """The next parser event, or None when the loop clock reaches ``when`` first."""
+        if when is None:
+            return await self._event()
+        try:
+            async with asyncio.timeout_at(when) as cm:
+                return await self._event()
+        except TimeoutError:
+            if cm.expired():  # not the idle timeout inside _event
+                return None
+            raise
+
+    async def _release(self, stream: _Stream, upto: int, last: bool) -> None:
+        """Send the body up to offset ``upto``; the first bytes start the answer (never
+        before the client sent body data after ``100 Continue``: Squid 5.7 leaves an answer
+        that arrives together with the ``100`` unread)."""
+        if upto <= stream.relay.sent or not stream.flowing:
+            return
+        if not stream.answered:
+            self.writer.write(self._echo_head(stream.req, last))
+            stream.answered = self.answered = True
+        data = stream.relay.take(upto)
+        if data:
+            self.writer.write(proto.encode_chunk(data))
+        await self.writer.drain()
+
+    async def _send_rest(self, stream: _Stream) -> None:
+        """Everything not sent yet (the spool is finished), then the last chunk."""
+        for data in stream.relay.rest(SEND_CHUNK):
+            self.writer.write(proto.encode_chunk(data))
+            await self.writer.drain()
+        self.writer.write(proto.LAST_CHUNK)
+
+    async def _trickle_verdict(self, stream: _Stream, gate: Gate, last: bool) -> Outcome:
+        """Scan; meanwhile go on trickling. No verdict within ``patience``: an error result
+        that the policy decides on (by default tempfail: a 503 page, or the transfer is cut
+        when the answer has begun)."""
+        loop = asyncio.get_running_loop()
+        spool = stream.relay.spool
+        ctx = Context(frontend="icap", listener="icap", client_addr=self.client,
+                      size=spool.size)
+        url = _url_of(stream.req)
+        stream.flowing = True  # the body is complete: the client has read the 100 long ago
+        gate.complete(loop.time())
+        task = asyncio.ensure_future(self.gateway.process(
+            spool, ctx, ids={"url": url} if url else None, defer_log=True))
+        try:
+            while not task.done():
+                now = loop.time()
+                if now >= gate.deadline:
+                    break
+                wake = gate.next_wakeup(now)
+                until = gate.deadline if wake is None else min(wake, gate.deadline)
+                await asyncio.wait([task], timeout=until - now)
+                if not task.done():
+                    await self._release(stream, gate.releasable(loop.time()), last)
+            if task.done():
+                return task.result()
+        finally:
+            task.cancel()
+        result = ScanResult(ScanStatus.ERROR, size=spool.size,
+                            reason=f"no verdict within [icap.trickle] patience "
+                                   f"({self.s.trickle.patience:g} s)")
+        return self._decide_unscanned(stream.req, result)
+
+    async def _trickle_too_large(self, stream: _Stream, overflow: bytes, limit: int,
+                                 last: bool) -> bool:
+        """Over ``max_body_size`` while streaming: unscanned, the policy decides. Passed: the
+        rest streams through (the answer starts now if it had not). Refused: the transfer is
+        cut, or, when nothing was sent yet, the refusal page once the body is read."""
+        relay, req = stream.relay, stream.req
+        result = ScanResult(
+            ScanStatus.SKIPPED, size=relay.received + len(overflow), limit=LimitKind.SIZE,
+            reason=f"size limit: body over max_body_size {limit} bytes, not scanned")
+        outcome = self._decide_unscanned(req, result)
+        accept = outcome.decision.disposition is Disposition.ACCEPT
+        stream.early = relay.sent
+        if not accept and stream.answered:
+            self._cut(stream, outcome)
+            return False
+        sent: _Sent | None = None
+        try:
+            if accept and not stream.answered:
+                self.writer.write(self._echo_head(req, last))
+                stream.answered = self.answered = True
+            for data in relay.rest(SEND_CHUNK) if accept else ():
+                self.writer.write(proto.encode_chunk(data))
+                await self.writer.drain()
+            if accept:
+                self.writer.write(proto.encode_chunk(overflow))
+            ev = await self._event()
+            while isinstance(ev, proto.BodyChunk):  # streamed through, or read and dropped
+                if accept:
+                    self.writer.write(proto.encode_chunk(ev.data))
+                    await self.writer.drain()
+                ev = await self._event()
+            if not isinstance(ev, proto.BodyEnd):
+                raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+            if accept:
+                self.writer.write(proto.LAST_CHUNK)
+                sent = (200, None, False)
+            else:
+                sent = await self._answer(req, relay.spool, outcome, False, last)
+        finally:
+            self._log_outcome(outcome, sent, early=stream.early if accept else None)
+        return True
+
+    def _cut(self, stream: _Stream, outcome: Outcome) -> None:
+        """Refused after the answer began: the caller closes the connection without the last
+        chunk; logged (scan log: actions ``cut``, ``early_bytes``; and a warning)."""
+        result = outcome.result
+        what = result.virus or result.reason or result.status.value
+        log.warning("icap: %s: %s after %d of %d bytes were sent, transfer cut",
+                    _url_of(stream.req) or "response", what, stream.relay.sent,
+                    stream.relay.received)
+        self._log_outcome(outcome, (200, None, False), early=stream.early, cut=True)
+
     async def _spool_body(self, body: _Body) -> proto.Event:
         """Body chunks into ``body`` until another event (returned), or until the chunk
         that crosses ``max_body_size`` (returned; its tail is ``body.overflow``)."""
@@ -402,6 +641,47 @@ class _Conn:
             ev = await self._event()
         assert ev is not None
         return ev
+
+    async def _declared_too_large(self, req: proto.Request, body: _Body, declared: int,
+                                  last: bool, after_preview: bool = False) -> None:
+        """The response declares a length over ``max_body_size``: it will not be scanned, so
+        the policy decides at once, before the body is read (a proxy that waits for an early
+        answer, like Squid 5.7, never stalls on it). Passed: ``204`` after a preview, else
+        the object streams back as it arrives; refused: the refusal page at once (the rest of
+        the body is read and dropped)."""
+        result = ScanResult(
+            ScanStatus.SKIPPED, size=declared, limit=LimitKind.SIZE,
+            reason=f"size limit: Content-Length {declared} over max_body_size {body.limit} bytes, "
+                   "not scanned")
+        outcome = self._decide_unscanned(req, result)
+        accept = outcome.decision.disposition is Disposition.ACCEPT
+        sent: _Sent | None = None
+        try:
+            if after_preview:
+                if accept:
+                    self.writer.write(self._no_content(last))
+                    sent = 204, None, False
+                else:
+                    sent = await self._answer(req, body.spool, outcome, True, last)
+                return
+            self.answered = True  # from here an error can only close the connection
+            if accept:
+                self.writer.write(self._echo_head(req, last))
+            else:
+                sent = await self._answer(req, body.spool, outcome, False, last)
+            ev = await self._event()
+            while isinstance(ev, proto.BodyChunk):  # streamed back, or read and dropped
+                if accept:
+                    self.writer.write(proto.encode_chunk(ev.data))
+                    await self.writer.drain()
+                ev = await self._event()
+            if not isinstance(ev, proto.BodyEnd):
+                raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+            if accept:
+                self.writer.write(proto.LAST_CHUNK)
+                sent = 200, None, False
+        finally:
+            self._log_outcome(outcome, sent)
 
     async def _too_large(self, req: proto.Request, body: _Body, in_preview: bool,
                          may_204: bool, last: bool) -> None:
@@ -455,6 +735,7 @@ class _Conn:
         assert body.overflow is not None
         body.spool.finish()  # flushes the temp file before it is read back
         self.writer.write(self._echo_head(req, last))
+        self.answered = True
         for chunk in body.spool.chunks(SEND_CHUNK):
             self.writer.write(proto.encode_chunk(chunk))
             await self.writer.drain()
@@ -490,21 +771,26 @@ class _Conn:
                            actions=decision.actions, refid=decision.refid)
         return Outcome(result, decision, event=event)
 
-    def _log_outcome(self, outcome: Outcome, sent: _Sent | None) -> None:
+    def _log_outcome(self, outcome: Outcome, sent: _Sent | None, *, early: int | None = None,
+                     cut: bool = False) -> None:
         """The scan-log line in ICAP's terms: what was done (the disposition; ICAP neither
         tags nor rewrites here), the ICAP status, the HTTP status of a page sent instead of
         the object, and whether that page was the virus block page. ``sent`` None: the
-        client went away before the answer was written."""
+        client went away before the answer was written. Answered before the verdict:
+        ``early_bytes`` went out before it; ``cut``: the transfer was then cut."""
         d = outcome.decision
         done = [d.disposition.value]
         if outcome.quarantine_id:
             done.append("quarantine")
         if d.shadow:
             done.append("shadow")
+        if cut:
+            done.append("cut")
         icap_status, http_status, block_page = sent if sent is not None else (None, None, False)
         self.gateway.log_outcome(outcome, actions=done, icap_status=icap_status,
                                  http_status=http_status, block_page=block_page,
-                                 answered=sent is not None)
+                                 answered=sent is not None, early_bytes=early,
+                                 cut=cut or None)
 
     def _log_skip(self, req: proto.Request, media: str) -> None:
         log = self.gateway.log
@@ -590,6 +876,19 @@ class _Conn:
 _Sent = tuple[int, int | None, bool]
 
 
+class _Stream:
+    """A RESPMOD answered (or to be answered) before its verdict."""
+
+    __slots__ = ("answered", "early", "flowing", "relay", "req")
+
+    def __init__(self, req: proto.Request, relay: Relay) -> None:
+        self.req = req
+        self.relay = relay
+        self.answered = False  # the 200 head went out: only a cut can refuse it now
+        self.flowing = False  # body data came after the preview (the 100 was read)
+        self.early = 0  # body bytes sent before the verdict
+
+
 class _Body:
     """The body of one request as it is received: spooled up to ``limit`` bytes."""
 
@@ -617,6 +916,18 @@ class _Body:
             self.spool.write(memoryview(data)[:room])
         self.overflow = data[max(room, 0):]
         return False
+
+
+def _declared_length(req: proto.Request) -> int | None:
+    """The Content-Length of a RESPMOD's encapsulated response; None when there is none or
+    it is not a number."""
+    if req.method != "RESPMOD" or not req.res_hdr:
+        return None
+    try:
+        value = proto.HttpHead.parse(req.res_hdr).headers.get("content-length").strip()
+    except proto.IcapProtocolError:
+        return None
+    return int(value) if value.isdigit() and len(value) <= 18 else None
 
 
 def _url_of(req: proto.Request) -> str:
