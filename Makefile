@@ -12,9 +12,16 @@ PIP    := $(VENV)/bin/pip
 # libio-socket-inet6-perl, libsocket6-perl) are not needed: every test passes
 # --server 127.0.0.1:PORT (the SMTP tests pass with those modules made unloadable).
 TEST_DEBS ?= clamav-daemon clamdscan clamav-milter swaks libnet-ssleay-perl libio-socket-ssl-perl \
-             postfix squid c-icap libc-icap-mod-virus-scan openssl mount
+             postfix squid c-icap libc-icap-mod-virus-scan openssl mount postgresql redis-server \
+             libarchive13 nginx curl wget qpdf dovecot-core dovecot-pop3d \
+             dovecot-imapd chromium chromium-driver clamav-testfiles
 
-.PHONY: run test test-deps venv venv-dev bench fuzz lint typecheck clean
+# Debian packages running needs (installed by `make run` when root with apt-get): libarchive
+# reads RAR, CAB, ISO 9660, cpio and LHA (without it those formats are `unknown`, never clean);
+# libpq is the PostgreSQL client library of the shared quarantine (psycopg).
+RUN_DEBS ?= libarchive13 libpq5
+
+.PHONY: run run-deps test test-deps venv venv-dev bench fuzz lint typecheck clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +38,11 @@ $(VENV)/.installed-dev: $(PY) pyproject.toml
 	$(PIP) install -q -e '.[test,dev]'
 	touch $@ $(VENV)/.installed
 
-run: venv
+run: venv run-deps
 	$(VENV)/bin/avgate serve $(if $(CONFIG),--config $(CONFIG))
+
+run-deps:
+	@$(MAKE) --no-print-directory test-deps TEST_DEBS="$(RUN_DEBS)"
 
 test-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -352,6 +352,17 @@ def render(d: Path) -> str:
     else:
         out += ["", "No load runs in this session."]
     section_engines(engines, out)
+    for name, title in (("http_proxy", "HTTP proxy vs Squid + c-icap (bench/http_proxy.py)"),
+                        ("mailproxy", "POP3 and IMAP proxies vs Dovecot (bench/mailproxy.py)"),
+                        ("ftp", "FTP proxy vs direct (bench/ftp.py)"),
+                        ("decompose", "Decomposition per format (bench/decompose.py)"),
+                        ("scaleout", "Scale-out: Dask store scans, quarantine writes "
+                                     "(bench/scaleout.py)"),
+                        ("sigdb", "ClamAV-sized signature database (bench/sigdb.py)")):
+        script_out = d / f"{name}.out"
+        if script_out.exists() and script_out.read_text().strip():
+            out += ["", f"## {title}", "", "Printed by the script, as it ran:", "", "```",
+                    script_out.read_text().strip(), "```"]
     section_memory(memory, out)
     section_workers(workers, recs, out)
     analysis = Path(__file__).with_name("ANALYSIS.md")

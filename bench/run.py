@@ -21,6 +21,14 @@ Groups (``--only``):
   icap     avgate ICAP (service avscan) vs c-icap virus_scan
   clamd    avgate's clamd-protocol listener vs raw clamd (zINSTREAM), unix and TCP
   engines  bench/engines.py (embedded vs clamd on one generated signature set)
+  http_proxy  bench/http_proxy.py (avgate's HTTP proxy vs Squid + c-icap, same clamd; memory
+           during a large download)
+  mailproxy   bench/mailproxy.py (POP3/IMAP through avgate vs straight from Dovecot)
+  ftp      bench/ftp.py (FTP proxy vs direct to pyftpdlib: MB/s, CPU s/GiB, RSS during 1 GiB)
+  decompose  bench/decompose.py (decomposition µs per object per format, worst cases)
+  scaleout   bench/scaleout.py (store scans on 1/2/4 Dask workers; quarantine writes, file
+           store vs PostgreSQL)
+  sigdb    bench/sigdb.py (load time and memory of a ClamAV-sized database)
   memory   RSS of a fresh `avgate serve`: idle, 1,000 idle SMTP connections, large transfers
   workers  whether `[serve] workers = 2` runs several processes (scaling runs if it does)
 
@@ -49,7 +57,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
 from common import say
 
-GROUPS = ("smtp", "milter", "icap", "clamd", "engines", "memory", "workers")
+GROUPS = ("smtp", "milter", "icap", "clamd", "engines", "http_proxy", "mailproxy", "ftp",
+          "decompose", "scaleout", "sigdb", "memory", "workers")
+#: groups that run a standalone script of bench/ and keep what it prints (report: verbatim)
+SCRIPTS: dict[str, tuple[list[str], list[str]]] = {  # name: (args, --quick args)
+    "http_proxy": (["--runs", "1"], ["--quick"]),
+    "mailproxy": (["-n", "300", "--runs", "3"], ["-n", "100", "--runs", "1"]),
+    "sigdb": ([], ["--scale", "0.05"]),
+    "ftp": (["--runs", "3"], ["--quick"]),
+    "decompose": ([], ["--quick"]),
+}
 
 
 class Session:
@@ -379,6 +396,25 @@ class Session:
             say("  " + line)
         if p.returncode:
             self.note(f"bench/engines.py failed (exit {p.returncode}): "
+                      + p.stderr.strip()[-400:])
+
+    def group_script(self, name: str) -> None:
+        """Run bench/<name>.py; its output goes to <session>/<name>.out for the report."""
+        args, quick = SCRIPTS[name]
+        cmd = [sys.executable, str(C.BENCH / f"{name}.py"), *(quick if self.args.quick
+                                                            else args)]
+        say(f"{name}: " + " ".join(cmd[1:]).replace(str(C.ROOT) + "/", ""))
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True,
+                               timeout=self.args.engines_timeout, cwd=str(C.ROOT))
+        except subprocess.TimeoutExpired:
+            self.note(f"bench/{name}.py did not finish within {self.args.engines_timeout}s")
+            return
+        (self.dir / f"{name}.out").write_text(p.stdout)
+        for line in p.stdout.strip().splitlines()[-20:]:
+            say("  " + line)
+        if p.returncode:
+            self.note(f"bench/{name}.py failed (exit {p.returncode}): "
                       + p.stderr.strip()[-400:])
 
     # ------------------------------------------------------------------ memory
@@ -718,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
                     sess.group_clamd(concs)
                 elif g == "engines":
                     sess.group_engines()
+                elif g in SCRIPTS:
+                    sess.group_script(g)
                 elif g == "memory":
                     if sess.avgate:  # its ports are needed by the fresh instance
                         sess.avgate.stop()

@@ -10,6 +10,7 @@ machine (a flaky test) or longer than needed everywhere else.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import shutil
 import subprocess
@@ -53,7 +54,11 @@ async def async_wait_until(predicate: Callable[[], object], timeout: float = 10.
 # it. `make test` installs these packages (TEST_DEBS in the Makefile, kept equal to this list by
 # tests/unit/test_fresh_machine.py); tests/conftest.py checks them before the first test.
 SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # not on a normal user's PATH
-CICAP_MODULES = f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu'}/c_icap"
+LIBDIR = f"/usr/lib/{sysconfig.get_config_var('MULTIARCH') or 'x86_64-linux-gnu'}"
+CICAP_MODULES = f"{LIBDIR}/c_icap"
+# Debian keeps initdb and postgres off PATH, in a directory per major version: the newest one
+PG_BINDIR = max(glob.glob("/usr/lib/postgresql/*/bin"), default="/usr/lib/postgresql/15/bin",
+                key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,26 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("binary", "openssl", "openssl"),  # test certificates (STARTTLS, HTTPS)
     Requirement("binary", "mount", "mount"),  # the reliability tests' small tmpfs (root)
     Requirement("binary", "umount", "mount"),
+    # the shared quarantine and verdict cache tests (tests/pg_instance.py, redis_instance.py)
+    Requirement("file", f"{PG_BINDIR}/initdb", "postgresql"),
+    Requirement("file", f"{PG_BINDIR}/postgres", "postgresql"),
+    Requirement("binary", "redis-server", "redis-server"),
+    Requirement("binary", "qpdf", "qpdf"),  # encrypted and object-stream PDFs (test_pdf.py)
+    # RAR, CAB, ISO 9660, cpio and LHA are read through libarchive-c (also needed to run)
+    Requirement("file", f"{LIBDIR}/libarchive.so.13", "libarchive13"),
+    # the HTTP proxy tests: nginx as the origin, curl and wget as clients
+    Requirement("binary", "nginx", "nginx"),
+    Requirement("binary", "curl", "curl"),
+    Requirement("binary", "wget", "wget"),
+    # the POP3 and IMAP proxy tests: a private Dovecot (tests/integration/proxies/dovecot.py)
+    Requirement("binary", "dovecot", "dovecot-core"),
+    Requirement("file", "/usr/lib/dovecot/pop3", "dovecot-pop3d"),
+    Requirement("file", "/usr/lib/dovecot/imap", "dovecot-imapd"),
+    # the web console in a real browser (test_console_browser.py, Selenium)
+    Requirement("binary", "chromium", "chromium"),
+    Requirement("binary", "chromedriver", "chromium-driver"),
+    # ClamAV's sample files (clam.exe in 40 wrappings) for the ClamAV database tests
+    Requirement("file", "/usr/share/clamav-testfiles/clam.exe", "clamav-testfiles"),
 )
 
 

@@ -15,6 +15,7 @@ import typer
 
 from . import __version__
 from . import config as config_mod
+from .cli_notify import notify_app
 from .cli_quarantine import ConfigOpt, config_path, quarantine_app, safe
 from .cli_quarantine import load_config as _load_config
 from .errors import AvgateError, ConfigError
@@ -26,6 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 config_app = typer.Typer(no_args_is_help=True, help="Show or check the configuration.")
 app.add_typer(config_app, name="config")
 app.add_typer(quarantine_app, name="quarantine")
+app.add_typer(notify_app, name="notify")  # avgate notify digest
 app.command("report")(report_cli)  # avgate report --false-positive|--false-negative FILE
 
 
@@ -73,6 +75,11 @@ def scan(
     action: Annotated[str, typer.Option(
         "--action", help="What to do with infected objects: report, delete, quarantine.")
     ] = "report",
+    cluster: Annotated[str | None, typer.Option(
+        "--cluster", help="Scan on a Dask cluster (tcp://scheduler:8786); the paths must be "
+                          "on storage every worker sees.")] = None,
+    partition: Annotated[int, typer.Option(
+        "--partition", min=1, max=100_000, help="With --cluster: objects per task.")] = 64,
 ) -> None:
     """Scan files, directories, Maildirs, mbox files or stdin; exit 0 clean, 1 infected,
     2 error (like clamscan)."""
@@ -109,10 +116,10 @@ def scan(
         raise typer.Exit(2) from None
     store = None
     if action == "quarantine":
-        from .quarantine import QuarantineStore
+        from .quarantine import open_store
 
         try:
-            store = QuarantineStore(cfg.quarantine_path)
+            store = open_store(cfg, maildir=False)
         except AvgateError as exc:
             typer.echo(f"avgate: {exc}", err=True)
             raise typer.Exit(2) from None
@@ -185,16 +192,22 @@ def scan(
         else:
             _say(f"{outcome.label}: {action} failed: {outcome.detail} ERROR")
 
+    # the workers build their scan service from this config file's text, exactly as read here
+    cluster_config = (Path(cfg.source).read_text(encoding="utf-8")
+                      if cluster is not None and cfg.source else "")
+    cluster_paths = [str(Path(p).absolute()) for p in paths if p != "-"]
     show_progress = (not json_out and not no_progress and sys.stderr.isatty()
                      and any(Path(p).is_dir() for p in paths if p != "-"))
 
     async def run() -> None:
-        try:
-            service = ScanService.from_config(cfg)
-            await service.start()
-        except AvgateError as exc:
-            typer.echo(f"avgate: cannot start engines: {exc}", err=True)
-            raise typer.Exit(2) from None
+        service: ScanService | None = None
+        if cluster is None:
+            try:
+                service = ScanService.from_config(cfg)
+                await service.start()
+            except AvgateError as exc:
+                typer.echo(f"avgate: cannot start engines: {exc}", err=True)
+                raise typer.Exit(2) from None
         progress = None
         task = None
         if show_progress:
@@ -204,9 +217,20 @@ def scan(
                                 TextColumn("{task.completed} scanned"), transient=True)
             progress.start()
             task = progress.add_task("scanning", total=None)
+        engines = ""
         try:
             targets = iter_targets(paths, summary, on_error, since=since_ts)
-            async for target, result in scan_targets(service, targets, jobs=jobs):
+            if service is not None:
+                results = scan_targets(service, targets, jobs=jobs)
+            else:
+                assert cluster is not None
+                from .cluster import cluster_scan
+
+                results = cluster_scan(cluster, cfg.source or "", cluster_config,
+                                       cluster_paths, targets, partition=partition)
+            async for target, result in results:
+                if not engines and result.engines:
+                    engines = ", ".join(f"{e.name} {e.version}" for e in result.engines)
                 summary.add(result)
                 report(target.label, result.to_dict(), result.status, result.virus,
                        result.reason)
@@ -226,11 +250,15 @@ def scan(
                 report_action(outcome)
                 if outcome.label in deferred:
                     log_scan(deferred.pop(outcome.label), outcome)
+        except AvgateError as exc:  # the cluster cannot run this scan: nothing was scanned
+            typer.echo(f"avgate: {exc}", err=True)
+            raise typer.Exit(2) from None
         finally:
             if progress is not None:
                 progress.stop()
-            engines = ", ".join(f"{e.name} {e.version()}" for e in service.engines)
-            await service.close()
+            if service is not None:
+                engines = ", ".join(f"{e.name} {e.version()}" for e in service.engines)
+                await service.close()
             if store is not None:
                 store.close()
             if scan_log is not None:
@@ -317,6 +345,7 @@ def selftest(ctx: typer.Context, config: ConfigOpt = None) -> None:
                     what = r.virus or r.reason or r.status.value
                     _out(f"{'ok  ' if ok else 'FAIL'} {engine.name:<12} {label:<22} "
                          f"{r.status.value} {what}")
+            _print_engine_stats(service.engines)
         finally:
             await service.close()
         _out(f"selftest: {'passed' if not failures else f'{failures} check(s) failed'}")
@@ -377,10 +406,82 @@ def qmail_queue(ctx: typer.Context, config: ConfigOpt = None) -> None:
     raise typer.Exit(qmail_queue_command(config_path(config, ctx)))
 
 
+def _print_engine_stats(engines: list[Any]) -> None:
+    """Signature counts per database file of the engines that have them (embedded)."""
+    for engine in engines:
+        stats = getattr(engine, "stats", None)
+        if callable(stats):
+            for line in stats():
+                _out(f"  {engine.name}: {line}")
+
+
 @app.command()
-def version() -> None:
+def version(ctx: typer.Context, config: ConfigOpt = None,
+            engines: Annotated[bool, typer.Option(
+                "--engines", help="Load the configured engines; print their versions and "
+                "signature counts (loaded/unsupported per database file).")] = False) -> None:
     """Print the avgate version."""
     _out(f"avgate {__version__}")
+    if not engines:
+        return
+    from .scan import ScanService
+
+    cfg = _load_config(config, ctx)
+
+    async def run() -> int:
+        service = ScanService.from_config(cfg)
+        try:
+            await service.start()
+        except AvgateError as exc:
+            _out(f"engines did not start: {exc}")
+            return 1
+        try:
+            for engine in service.engines:
+                _out(f"{engine.name}: {engine.version()}")
+            _print_engine_stats(service.engines)
+        finally:
+            await service.close()
+        return 0
+
+    raise typer.Exit(asyncio.run(run()))
+
+
+@app.command()
+def update(ctx: typer.Context, config: ConfigOpt = None,
+           mirror: Annotated[str | None, typer.Option(
+               help="Fetch main/daily/bytecode .cvd from this private mirror URL (verified "
+               "like a load) instead of running freshclam.")] = None) -> None:
+    """Update ClamAV's database (the embedded engine's clamav_db): freshclam, or a mirror.
+
+    A running gateway picks the new files up by itself (reload_interval)."""
+    import shutil
+    import subprocess
+
+    from .engines.clamavdb import update_from_mirror
+    from .engines.embedded import DEFAULT_CLAMAV_DB
+
+    cfg = _load_config(config, ctx)
+    base = Path(cfg.source).parent if cfg.source else Path()
+    datadir = next((base / p for e in cfg.engines if getattr(e, "type", "") == "embedded"
+                    for p in (getattr(e, "clamav_db", None) or ())), None)
+    mirror = mirror or cfg.update.mirror
+    if mirror is not None:
+        target = datadir or Path(DEFAULT_CLAMAV_DB)
+        try:
+            for line in update_from_mirror(mirror, target):
+                _out(line)
+        except AvgateError as exc:
+            _out(f"avgate update: {exc}")
+            raise typer.Exit(1) from None
+        raise typer.Exit(0)
+    freshclam = shutil.which("freshclam")
+    if freshclam is None:
+        _out("avgate update: freshclam is not installed (Debian: clamav-freshclam); "
+             "or use --mirror URL")
+        raise typer.Exit(2)
+    command = [freshclam, *([f"--datadir={datadir}"] if datadir else [])]
+    _out(f"running {' '.join(command)}")
+    raise typer.Exit(subprocess.run(command, check=False).returncode)
 
 
 def main() -> None:

@@ -27,20 +27,26 @@ from pydantic import BaseModel, ValidationError
 from .errors import ConfigError
 
 if TYPE_CHECKING:
+    from .banned import BannedSettings
     from .engines.base import EngineSettings
+    from .engines.clamavdb import UpdateSettings
     from .frontends.clamd import ClamdListenerSettings
+    from .frontends.ftp import FtpProxySettings
     from .frontends.http import HttpSettings
+    from .frontends.http_proxy import HttpProxySettings
     from .frontends.icap import IcapSettings
+    from .frontends.imap import ImapProxySettings
     from .frontends.milter import MilterSettings
+    from .frontends.pop3 import Pop3ProxySettings
     from .frontends.qmail import QmailSettings
     from .frontends.smtp import SmtpListenerSettings
     from .limits import Limits
+    from .notify import NotifySettings
     from .observability import LogSettings
     from .policy import PolicySettings
     from .quarantine.store import QuarantineSettings
     from .scan import ScanSettings
     from .serve import ServeSettings
-    from .settings import Section
 
 ENV_VAR = "AVGATE_CONFIG"
 
@@ -49,6 +55,9 @@ SECTIONS: dict[str, str] = {
     "scan": "avgate.scan:ScanSettings",
     "limits": "avgate.limits:Limits",
     "policy": "avgate.policy:PolicySettings",
+    "banned": "avgate.banned:BannedSettings",
+    "notify": "avgate.notify:NotifySettings",
+    "update": "avgate.engines.clamavdb:UpdateSettings",
     "quarantine": "avgate.quarantine.store:QuarantineSettings",
     "log": "avgate.observability:LogSettings",
     "serve": "avgate.serve:ServeSettings",
@@ -66,8 +75,9 @@ SMTP_LISTENER = "avgate.frontends.smtp:SmtpListenerSettings"
 #: front-ends configured by one table each; ``None`` in :class:`Config` when disabled
 SINGLE_FRONTENDS = ("milter", "icap", "http", "clamd_listener", "http_proxy", "pop3_proxy",
                     "imap_proxy", "ftp_proxy")
-#: the front-ends that run without a config file (the proxies need an upstream server)
-DEFAULT_FRONTENDS = ("milter", "icap", "http", "clamd_listener")
+#: the front-ends that run without a config file (the mail proxies need an upstream server;
+#: the HTTP proxy's upstream is the web)
+DEFAULT_FRONTENDS = ("milter", "icap", "http", "clamd_listener", "http_proxy")
 
 
 def section_class(name: str) -> type[BaseModel]:
@@ -90,6 +100,9 @@ class Config:
     limits: Limits = field(default_factory=_default("limits"))
     engines: tuple[EngineSettings, ...] = field(default_factory=lambda: (_engine_default(),))
     policy: PolicySettings = field(default_factory=_default("policy"))
+    banned: BannedSettings = field(default_factory=_default("banned"))
+    notify: NotifySettings = field(default_factory=_default("notify"))
+    update: UpdateSettings = field(default_factory=_default("update"))
     quarantine: QuarantineSettings = field(default_factory=_default("quarantine"))
     log: LogSettings = field(default_factory=_default("log"))
     serve: ServeSettings = field(default_factory=_default("serve"))
@@ -99,10 +112,10 @@ class Config:
     icap: IcapSettings | None = None
     http: HttpSettings | None = None
     clamd_listener: ClamdListenerSettings | None = None
-    http_proxy: Section | None = None
-    pop3_proxy: Section | None = None
-    imap_proxy: Section | None = None
-    ftp_proxy: Section | None = None
+    http_proxy: HttpProxySettings | None = None
+    pop3_proxy: Pop3ProxySettings | None = None
+    imap_proxy: ImapProxySettings | None = None
+    ftp_proxy: FtpProxySettings | None = None
     source: str | None = None  # path of the file, None for built-in defaults
     base_dir: str = "."
 
@@ -120,7 +133,8 @@ class Config:
                              ("scan", "limits")}
         d["engines"] = [dump(e) for e in self.engines]
         d.update({name: dump(getattr(self, name))
-                  for name in ("policy", "quarantine", "log", "serve", "qmail")})
+                  for name in ("policy", "banned", "notify", "update", "quarantine", "log",
+                               "serve", "qmail")})
         if self.smtp_listeners:
             d["smtp"] = {"listeners": [dump(x) for x in self.smtp_listeners]}
         for name in SINGLE_FRONTENDS:

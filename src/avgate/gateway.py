@@ -22,6 +22,7 @@ other front-ends get no ``reply`` (an SMTP text in an ICAP or clamd line says no
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,11 +37,13 @@ from .scan import ScanService
 from .spool import Spool
 
 if TYPE_CHECKING:
+    from .notify import Notifier
     from .observability import ScanLog
-    from .quarantine import QuarantineStore
+    from .quarantine import Store
 
 __all__ = ["Context", "Envelope", "Gateway", "Outcome"]
 
+_STORE_LOCK = threading.Lock()
 QUARANTINE_FAILED_REPLY = "451 4.3.0 Quarantine unavailable, try again later (RefID {refid})"
 
 
@@ -65,7 +68,8 @@ class Gateway:
     scanner: ScanService
     policy: Policy
     log: ScanLog | None = None
-    _store: QuarantineStore | None = field(default=None, repr=False)
+    _store: Store | None = field(default=None, repr=False)
+    _notifier: Notifier | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, config: Config, *, log: ScanLog | None = None) -> Gateway:
@@ -76,15 +80,28 @@ class Gateway:
         await self.scanner.start()
 
     async def close(self) -> None:
+        if self._notifier is not None:
+            await self._notifier.aclose()
         await self.scanner.close()
 
     @property
-    def store(self) -> QuarantineStore:
+    def store(self) -> Store:
         if self._store is None:
-            from .quarantine import QuarantineStore
+            from .quarantine import open_store
 
-            self._store = QuarantineStore.from_config(self.config)
+            with _STORE_LOCK:  # opened from worker threads too (process): one store
+                if self._store is None:
+                    # [quarantine] backend: file or postgresql (a network connect)
+                    self._store = open_store(self.config)
         return self._store
+
+    @property
+    def notifier(self) -> Notifier:
+        if self._notifier is None:
+            from .notify import Notifier
+
+            self._notifier = Notifier(self.config.notify, self.policy, self.log)
+        return self._notifier
 
     def new_spool(self) -> Spool:
         return self.scanner.new_spool()
@@ -104,15 +121,16 @@ class Gateway:
         decision (metrics are recorded here either way)."""
         started = time.perf_counter()
         refid = new_refid()
-        result = await self.scanner.scan(spool)
+        result = await self.scanner.scan(spool, ctx)  # ctx: banned types depend on it
         decision = self.policy.decide(result, ctx, refid=refid)
         qid: str | None = None
         if decision.quarantine and store_quarantine:
             try:
-                # fsync-heavy: keep it off the event loop
-                qid = await asyncio.to_thread(self.store.put, spool, ctx.envelope, result,
-                                              decision,
-                                              frontend=ctx.frontend, listener=ctx.listener)
+                # fsync-heavy or a database round trip (opening the store too): keep it off
+                # the event loop
+                qid = await asyncio.to_thread(lambda: self.store.put(
+                    spool, ctx.envelope, result, decision, frontend=ctx.frontend,
+                    listener=ctx.listener))
             except Exception as exc:  # any store failure: tempfail, never accept-and-lose
                 decision = Decision(Disposition.TEMPFAIL,
                                     QUARANTINE_FAILED_REPLY.format(refid=refid),
@@ -120,6 +138,8 @@ class Gateway:
                 self._log_event({"event": "error", "frontend": ctx.frontend, "refid": refid,
                                  "error": f"quarantine write failed: {exc}"})
         event = self._event(ctx, result, decision, qid, ids, time.perf_counter() - started)
+        if self.config.notify.enabled:
+            self.notifier.notify(result, decision, ctx, qid)  # in the background
         if defer_log:
             return Outcome(result, decision, qid, event=event)
         self._log_event(event)

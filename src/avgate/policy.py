@@ -10,6 +10,9 @@ Rules (``[[policy.rules]]``) are tried in order; the first whose conditions all 
 No rule matching → the defaults::
 
     infected        → virus_action   (default reject "550 5.7.1 Virus found: {virus}")
+    banned only     → banned_action  (default reject "554 5.7.1 Banned content: {virus}"):
+                      every finding is a banned file type (``Banned.<rule>``, avgate.banned);
+                      with a virus besides, virus_action decides
     error           → failure_action (default tempfail "451 4.7.1 Virus scanner unavailable,
                                       try again later")
     a structural limit (max_files, max_recursion, max_ratio, part/entry/header counts,
@@ -23,7 +26,8 @@ No rule matching → the defaults::
 
 Anyone can shape content to hit a structural limit, so hitting one is never a free pass;
 rules can still decide otherwise, matching ``limit = "structural" | "size" | "none"`` and
-``reason`` (a glob over the reason text).
+``reason`` (a glob over the reason text). ``banned = true`` matches a result whose findings
+are all banned file types, ``banned = false`` any other.
 
 Actions and how they combine: exactly one *disposition* — ``accept``, ``reject``,
 ``tempfail``, ``discard`` — plus any of the *modifiers* ``quarantine``, ``replace``, ``tag``,
@@ -85,6 +89,8 @@ DEFAULT_FAILURE_REJECT_REPLY = (
 DEFAULT_VIRUS_TEMPFAIL_REPLY = "451 4.7.1 Message held: virus found ({virus}) (RefID {refid})"
 DEFAULT_STRUCTURAL_REPLY = "552 5.3.4 Message content not scannable: {reason} (RefID {refid})"
 DEFAULT_SIZE_REPLY = "552 5.3.4 Message too large to scan: {reason} (RefID {refid})"
+DEFAULT_BANNED_TEMPFAIL_REPLY = (
+    "451 4.7.1 Message held: banned content ({virus}) (RefID {refid})")
 #: the RefID header's default name (``[policy] refid_header``)
 DEFAULT_REFID_HEADER = "X-Avgate-RefID"
 #: the clamav-verdict style's field name: the default of ``verdict_prefix``, and always one
@@ -129,6 +135,7 @@ class Rule:
     size: tuple[int, int] | None = None
     limit: frozenset[str] | None = None  # "structural", "size", "none"
     reason: tuple[str, ...] | None = None  # globs over the reason, case-insensitive
+    banned: bool | None = None  # every finding a banned file type (True) or not (False)
     disposition: Disposition = Disposition.ACCEPT
     modifiers: frozenset[str] = frozenset()
     reply: str = ""
@@ -164,6 +171,8 @@ class Rule:
                 result.limit.value if result.limit else "none") not in self.limit:
             return False
         if self.reason is not None and not _glob(result.reason.lower(), self.reason):
+            return False
+        if self.banned is not None and result.banned_only != self.banned:
             return False
         return True
 
@@ -344,7 +353,8 @@ class RuleSettings(Section):
     Conditions (absent: any) — ``status``, ``virus`` (globs over finding names), ``frontend``,
     ``listener``, ``direction`` (inbound | outbound), ``sender`` / ``recipient`` (globs,
     case-insensitive), ``size`` ("min-max", [min, max] or {min, max}), ``limit`` (structural |
-    size | none), ``reason`` (globs over the reason, case-insensitive); each list condition
+    size | none), ``reason`` (globs over the reason, case-insensitive), ``banned`` (true: every
+    finding is a banned file type; false: not so); each list condition
     takes one value or a list.
     What it does — ``action`` (required: at most one of accept/reject/tempfail/discard, plus
     quarantine, replace, tag, prefix_subject, copy_to, remove_recipients), ``reply`` (reject:
@@ -369,6 +379,7 @@ class RuleSettings(Section):
     size: SizeRange | None = None
     limit: LimitNames | None = None
     reason: StrTuple | None = None
+    banned: bool | None = None
     action: Actions = Field(default=None, validate_default=True)  # required, with its message
     reply: str | None = None  # checked against the action below
     headers: HeaderTemplates | None = None
@@ -412,7 +423,10 @@ class PolicySettings(Section):
 
     ``virus_action`` (reject | keep | tempfail | discard | quarantine), ``failure_action``
     (reject | keep | tempfail | discard), ``structural_action`` (as virus_action),
-    ``size_action`` (auto | as virus_action); ``reject_reply`` (infected, 5xx) and
+    ``size_action`` (auto | as virus_action), ``banned_action`` (reject | tempfail | discard |
+    quarantine: only banned file types found, see avgate.banned; no ``keep``, since a kept
+    banned result would also pass what the engines refused) and ``banned_reply`` (5xx);
+    ``reject_reply`` (infected, 5xx) and
     ``tempfail_reply`` (scanner failure, 4xx); ``header_style`` (default | qhpsi |
     clamav-verdict | none), ``headers`` (name = "template", replaces the style),
     ``verdict_mode`` (0-3), ``verdict_prefix``, ``verdict_text`` (clamav-verdict);
@@ -429,6 +443,10 @@ class PolicySettings(Section):
     virus_action: Shortcut = "reject"
     failure_action: Literal["reject", "keep", "tempfail", "discard"] = "tempfail"
     structural_action: Shortcut = "reject"
+    banned_action: Literal["reject", "tempfail", "discard", "quarantine"] = "reject"
+    banned_reply: Annotated[str, AfterValidator(
+        lambda r: _smtp_reply(r, Disposition.REJECT))] = (
+        "554 5.7.1 Banned content: {virus} (RefID {refid})")
     size_action: Literal["auto", "reject", "keep", "tempfail", "discard", "quarantine"] = "auto"
     reject_reply: Annotated[str, AfterValidator(
         lambda r: _smtp_reply(r, Disposition.REJECT))] = (
@@ -468,6 +486,7 @@ def _rule(s: RuleSettings, i: int, policy: PolicySettings) -> Rule:
         virus=s.virus, frontend=s.frontend, listener=s.listener, direction=s.direction,
         sender=_lower(s.sender), recipient=_lower(s.recipient), size=s.size,
         limit=frozenset(s.limit) if s.limit is not None else None, reason=_lower(s.reason),
+        banned=s.banned,
         disposition=disposition, modifiers=modifiers, reply=s.reply or "", headers=s.headers,
         subject_prefix=policy.subject_prefix if s.subject_prefix is None else s.subject_prefix,
         copy_to=s.copy_to, notice=s.notice, shadow=s.shadow,
@@ -556,6 +575,12 @@ class Policy:
             refid=_clean_value(refid),
         )
 
+    def variables(self, result: ScanResult, ctx: Context | None = None,
+                  refid: str = "") -> dict[str, str]:
+        """The template variables for ``result`` (a copy the caller may extend); unknown
+        ``{names}`` stay as written when used with ``format_map``."""
+        return self._vars(result, ctx, refid)
+
     def render(self, template: str, result: ScanResult, ctx: Context | None = None,
                refid: str = "") -> str:
         return _clean_value(template.format_map(self._vars(result, ctx, refid)))
@@ -621,13 +646,15 @@ class Policy:
         mods = rule.modifiers
         reply = ""
         if rule.disposition is Disposition.REJECT:
-            reply = self.render(rule.reply or (self.settings.reject_reply if result.infected
-                                               else DEFAULT_FAILURE_REJECT_REPLY),
-                                result, ctx, refid)
+            reply = self.render(rule.reply or (
+                self.settings.banned_reply if result.banned_only
+                else self.settings.reject_reply if result.infected
+                else DEFAULT_FAILURE_REJECT_REPLY), result, ctx, refid)
         elif rule.disposition is Disposition.TEMPFAIL:
-            reply = self.render(rule.reply or (DEFAULT_VIRUS_TEMPFAIL_REPLY if result.infected
-                                               else self.settings.tempfail_reply),
-                                result, ctx, refid)
+            reply = self.render(rule.reply or (
+                DEFAULT_BANNED_TEMPFAIL_REPLY if result.banned_only
+                else DEFAULT_VIRUS_TEMPFAIL_REPLY if result.infected
+                else self.settings.tempfail_reply), result, ctx, refid)
         headers: tuple[tuple[str, str], ...] = ()
         if "tag" in mods:
             headers = (tuple((n, self.render(t, result, ctx, refid)) for n, t in rule.headers)
@@ -665,6 +692,9 @@ class Policy:
     def _default(self, result: ScanResult, ctx: Context, refid: str = "") -> Decision:
         """No rule fired: the shortcut actions of the settings."""
         s, status, tag = self.settings, result.status, self.headers_for(result, refid)
+        if result.banned_only:  # banned file types and no virus
+            return self._shortcut(s.banned_action, "default:banned", result, ctx, tag,
+                                  s.banned_reply, DEFAULT_BANNED_TEMPFAIL_REPLY, refid)
         if status is ScanStatus.INFECTED:
             return self._shortcut(s.virus_action, "default:infected", result, ctx, tag,
                                   s.reject_reply, DEFAULT_VIRUS_TEMPFAIL_REPLY, refid)

@@ -10,20 +10,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from .banned import BannedCheck
 from .config import Config
+from .context import Context
 from .engines.base import BaseEngine, EngineContext, build_engine
 from .errors import SpoolError
 from .limits import DEFAULT_LIMITS, DEFAULT_SPOOL_MEMORY, DEFAULT_WORKER_MEMORY, Limits
 from .result import LimitKind, ScanResult, ScanStatus, merge
-from .settings import Section, Size
+from .settings import SecretUrl, Section, Size
 from .spool import Spool
 from .workers import default_size
+
+if TYPE_CHECKING:
+    from .cache import RedisVerdictCache
 
 #: results worth remembering: deterministic for the same bytes and signatures
 _CACHEABLE = frozenset({ScanStatus.CLEAN, ScanStatus.INFECTED, ScanStatus.SKIPPED,
@@ -35,7 +40,12 @@ class ScanSettings(Section):
 
     mode: Literal["first_infected", "all"] = "first_infected"
     cache: bool = True
-    cache_size: int = Field(10_000, gt=0)
+    cache_size: int = Field(10_000, gt=0)  # entries of the in-process cache
+    # "redis": verdicts also shared by every gateway using `redis` (avgate.cache)
+    cache_backend: Literal["memory", "redis"] = "memory"
+    redis: SecretUrl = "redis://127.0.0.1:6379/0"  # redis:// or rediss:// URL (password: in it)
+    cache_ttl: int = Field(86400, gt=0)  # seconds a shared verdict is kept
+    cache_wait: float = Field(30.0, ge=0)  # seconds to wait for another gateway's scan
     spool_memory: Size = DEFAULT_SPOOL_MEMORY  # bytes kept in memory before a temp file
     spool_dir: str | None = None
     workers: int = Field(0, ge=0)  # scan worker processes; 0: one per core
@@ -45,11 +55,26 @@ class ScanSettings(Section):
 class VerdictCache:
     """Bounded LRU of results keyed by (sha256, engine DB versions)."""
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    def __init__(self, max_entries: int = 10_000, shared: RedisVerdictCache | None = None
+                 ) -> None:
         self.max_entries = max_entries
+        self.shared = shared  # the verdicts of every gateway, behind this one (avgate.cache)
         self._data: OrderedDict[tuple[str, str], ScanResult] = OrderedDict()
         self.hits = 0
         self.misses = 0
+
+    async def scan_once(self, key: tuple[str, str],
+                        scan: Callable[[], Awaitable[ScanResult]]) -> ScanResult:
+        """A miss here: ``scan()``, or the shared cache's verdict (its single flight)."""
+        if self.shared is None:
+            return await scan()
+        start = time.perf_counter()
+        result = await self.shared.scan_once(key, scan)
+        return result.with_(elapsed=time.perf_counter() - start) if result.cached else result
+
+    async def aclose(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()
 
     def get(self, key: tuple[str, str]) -> ScanResult | None:
         result = self._data.get(key)
@@ -73,12 +98,27 @@ class VerdictCache:
         return len(self._data)
 
 
+def _shared_cache(config: Config) -> RedisVerdictCache | None:
+    """The Redis cache ``[scan] cache_backend = "redis"`` names (None for "memory")."""
+    scan = config.scan
+    if scan.cache_backend != "redis":
+        return None
+    from .cache import RedisVerdictCache
+
+    # a dead owner's lock outlives no scan: the object's whole budget, and a little
+    # verdicts depend on the mode and the limits too: gateways share only with their likes
+    return RedisVerdictCache(scan.redis, ttl=scan.cache_ttl, wait=scan.cache_wait,
+                             lock_timeout=config.limits.scan_timeout + 10,
+                             namespace=f"{scan.mode}|{config.limits.model_dump_json()}")
+
+
 class ScanService:
     """Runs the configured engines over an object and merges their verdicts."""
 
     def __init__(self, engines: Sequence[BaseEngine], *, mode: str = "first_infected",
                  cache: VerdictCache | None = None, spool_memory: int = 1 << 20,
-                 spool_dir: str | None = None, limits: Limits = DEFAULT_LIMITS) -> None:
+                 spool_dir: str | None = None, limits: Limits = DEFAULT_LIMITS,
+                 banned: BannedCheck | None = None) -> None:
         if not engines:
             raise ValueError("ScanService needs at least one engine")
         self.engines = list(engines)
@@ -87,6 +127,7 @@ class ScanService:
         self.spool_memory = spool_memory
         self.spool_dir = spool_dir
         self.limits = limits
+        self.banned = banned  # the banned-type check (avgate.banned), run when a ctx is given
         self._started = False
         self._inflight: dict[tuple[str, str], asyncio.Future[ScanResult]] = {}
 
@@ -100,18 +141,30 @@ class ScanService:
         ctx = EngineContext(limits=config.limits, base_dir=config.base_dir,
                             workers=workers, worker_memory=config.scan.worker_memory)
         engines = [build_engine(table, ctx) for table in config.engines]
-        cache = VerdictCache(config.scan.cache_size) if config.scan.cache else None
+        cache = VerdictCache(config.scan.cache_size, _shared_cache(config)
+                             ) if config.scan.cache else None
+        banned = BannedCheck.from_config(config, workers)
+        if banned is not None:
+            banned.share_with(engines)  # one decomposition for the embedded engine and it
         return cls(engines, mode=config.scan.mode, cache=cache,
                    spool_memory=config.scan.spool_memory, spool_dir=config.scan.spool_dir,
-                   limits=config.limits)
+                   limits=config.limits, banned=banned)
 
     async def start(self) -> None:
         if not self._started:
-            await asyncio.gather(*(e.start() for e in self.engines))
+            starting = [e.start() for e in self.engines]
+            if self.banned is not None:  # its workers now, not on the first object
+                starting.append(self.banned.start())
+            await asyncio.gather(*starting)
             self._started = True
 
     async def close(self) -> None:
-        await asyncio.gather(*(e.close() for e in self.engines), return_exceptions=True)
+        closing = [e.close() for e in self.engines]
+        if self.banned is not None:
+            closing.append(self.banned.close())
+        if self.cache is not None:
+            closing.append(self.cache.aclose())
+        await asyncio.gather(*closing, return_exceptions=True)
         self._started = False
 
     async def __aenter__(self) -> ScanService:
@@ -132,8 +185,15 @@ class ScanService:
     async def health(self) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(e.health() for e in self.engines)))
 
-    async def scan(self, spool: Spool) -> ScanResult:
-        """Scan one finished spool with every engine (per ``mode``)."""
+    async def scan(self, spool: Spool, ctx: Context | None = None) -> ScanResult:
+        """Scan one finished spool with every engine (per ``mode``); given the object's
+        ``ctx`` (the Gateway's), the banned-type check (avgate.banned) runs beside them."""
+        if ctx is not None and self.banned is not None and self.banned.applies(ctx):
+            return await self.banned.scan(self._scan, spool, ctx)
+        return await self._scan(spool)
+
+    async def _scan(self, spool: Spool) -> ScanResult:
+        """The engines' verdict on one spool (cached by content and signature versions)."""
         start = time.perf_counter()
         spool.finish()
         if spool.size > self.limits.max_scan_size:
@@ -166,7 +226,9 @@ class ScanService:
             future: asyncio.Future[ScanResult] = asyncio.get_running_loop().create_future()
             self._inflight[key] = future
             try:
-                result = await self._scan_engines(spool, start)
+                assert self.cache is not None
+                result = await self.cache.scan_once(
+                    key, lambda: self._scan_engines(spool, start))
             except BaseException:
                 future.cancel()
                 raise

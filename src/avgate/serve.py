@@ -48,6 +48,7 @@ Workers (``[serve] workers = N``, N > 1)
 from __future__ import annotations
 
 import asyncio
+import errno
 import importlib
 import os
 import signal
@@ -62,7 +63,7 @@ from pydantic import Field
 from . import config as config_mod
 from .config import Config
 from .errors import AvgateError, ConfigError
-from .frontends.listen import Address, ListenOptions
+from .frontends.listen import Address, ListenError, ListenOptions
 from .gateway import Gateway, Outcome
 from .policy import Context
 from .settings import Section
@@ -288,8 +289,21 @@ class Server:
                 _say(f"avgate: {name}: front-end not available in this build")
                 continue
             # front-ends are typed against Gateway; the ref forwards every attribute to it
-            started = await getattr(module, func)(cast(Gateway, self.ref),
-                                                  listen_options(cfg))
+            try:
+                started = await getattr(module, func)(cast(Gateway, self.ref),
+                                                      listen_options(cfg))
+            except ListenError as exc:
+                if cfg.source is not None or exc.__cause__ is None or getattr(
+                        exc.__cause__, "errno", None) != errno.EADDRINUSE:
+                    raise
+                # Built-in defaults: a default port something else already uses (Squid on
+                # 3128, a local clamd on 3311) costs only that front-end. A config file's
+                # listener is what the admin asked for: failing to open it stops the start.
+                line = (f"avgate: WARNING: {exc}; {name} not started (the other front-ends "
+                        "run; give it another listen in a config file)")
+                _warn(line)
+                self._event({"event": "warning", "warning": line.partition("WARNING: ")[2]})
+                continue
             for srv in started:
                 describe = getattr(srv, "describe", None)
                 _say(f"avgate: {name}: listening on {describe() if describe else srv}")

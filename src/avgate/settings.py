@@ -17,6 +17,8 @@ silent conversion), except where a type says otherwise (sizes accept ``"25 MiB"`
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer
@@ -82,3 +84,27 @@ Mode = Annotated[int, BeforeValidator(_mode), PlainSerializer(lambda v: f"{v:04o
 StrTuple = Annotated[tuple[str, ...], BeforeValidator(_str_tuple)]
 #: a unix group name or a numeric gid (resolved when the socket is created)
 Group = Annotated[str | int, BeforeValidator(_group)]
+
+
+# Secrets: the value is used as given; only what ``config show`` prints (``model_dump``) hides it.
+def redact_secret(value: str) -> str:
+    """``***`` and a short fingerprint (tells two secrets apart, reveals neither)."""
+    if not value:
+        return value
+    return "***" + hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+_URL_PASSWORD = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*:)[^/@]*@")
+_PARAM_PASSWORD = re.compile(r"(?i)([?&]password=)[^&]*")
+
+
+def redact_url(url: str) -> str:
+    """A URL as it may be shown: a password in its user info or a ``password=`` parameter
+    replaced by ``***``."""
+    return _PARAM_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", url))
+
+
+#: a secret string (tokens, keys): ``config show`` prints ``***`` and a fingerprint
+Secret = Annotated[str, PlainSerializer(redact_secret, return_type=str)]
+#: a URL that may carry a password (DSN, Redis): ``config show`` prints it without
+SecretUrl = Annotated[str, PlainSerializer(redact_url, return_type=str)]

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -311,3 +314,45 @@ def test_gateway_ref_forwards_every_process_argument() -> None:
 
     assert (list(inspect.signature(GatewayRef.process).parameters)
             == list(inspect.signature(Gateway.process).parameters))
+
+
+def test_builtin_defaults_skip_a_default_port_already_taken(tmp_path: Path) -> None:
+    """Without a config file every front-end runs on its default port; one whose port is
+    taken (Squid on 3128) is skipped with a warning, the others run. (With a config file a
+    listener that cannot be opened stops the start: test_listen / recipes.)"""
+    defaults = (10025, 7357, 1344, 8080, 3311)
+    for port in defaults:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                pytest.skip(f"default port {port} is in use on this machine")
+    squid = socket.socket()
+    try:
+        squid.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squid.bind(("127.0.0.1", 3128))
+            squid.listen(1)
+        except OSError:
+            pass  # something already holds 3128: the same situation
+        env = {k: v for k, v in os.environ.items() if k != "AVGATE_CONFIG"}
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("avgate")), "serve"],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            out: list[str] = []
+            reader = threading.Thread(target=lambda: out.extend(proc.stdout or []),
+                                      daemon=True)
+            reader.start()
+            assert wait_until(lambda: any("serving" in line for line in out)
+                              or proc.poll() is not None, 60)
+            assert proc.poll() is None, "".join(out)
+            assert any(line.startswith("avgate: clamd_listener: listening") for line in out)
+            assert not any(line.startswith("avgate: http_proxy: listening") for line in out)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert "WARNING: http_proxy listen: cannot listen on 127.0.0.1:3128" in err
+        assert "http_proxy not started" in err
+    finally:
+        squid.close()

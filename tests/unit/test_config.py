@@ -287,3 +287,29 @@ def test_smtp_listener_without_mode_is_warned_about():
     verdict = config.loads('[[smtp.listeners]]\nnext_hop = "discard"\n', "/x/avgate.toml")
     assert mode_warnings(verdict) == []
     assert mode_warnings(config.defaults()) == []  # no file: nothing the admin wrote
+
+
+def test_config_show_never_prints_secrets():
+    """HTTP tokens, the console key and passwords in the quarantine DSN and the Redis URL are
+    shown as *** (tokens with a fingerprint that tells two apart); the values in use are the
+    real ones, and the shown config still loads."""
+    c = config.loads('''
+[http]
+tokens = [{ token = "adm1nSecret", roles = ["admin"] }, "scanSecret"]
+console_secret = "k3y-material"
+[quarantine]
+backend = "postgresql"
+dsn = "postgresql://avgate:pw123@db:5432/avgate?password=zz9&sslmode=require"
+[scan]
+cache_backend = "redis"
+redis = "rediss://:s3cret@cache:6380/0"
+''')
+    text = config.render_toml(c.to_dict())
+    for secret in ("adm1nSecret", "scanSecret", "k3y-material", "pw123", "zz9", "s3cret"):
+        assert secret not in text
+    assert 'dsn = "postgresql://avgate:***@db:5432/avgate?password=***&sslmode=require"' in text
+    assert 'redis = "rediss://:***@cache:6380/0"' in text
+    assert c.http is not None and c.http.tokens[0].token == "adm1nSecret"  # noqa: S105
+    assert c.quarantine.dsn.startswith("postgresql://avgate:pw123@")
+    shown = config.loads(text)
+    assert shown.http is not None and len({t.token for t in shown.http.tokens}) == 2

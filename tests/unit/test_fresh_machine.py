@@ -121,7 +121,15 @@ def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
     installs = [line for line in run.stdout.splitlines() if " install " in line]
     assert any("-e '.'" in line for line in installs), run.stdout
     assert not any("[test" in line or "[dev" in line for line in installs), run.stdout
-    assert "apt-get" not in run.stdout
+    # Debian packages: only RUN_DEBS (libarchive, libpq), never a test daemon
+    make = (ROOT / "Makefile").read_text()
+    run_debs = set(re.search(r"^RUN_DEBS \?= (.*)$", make, re.M).group(1).split())  # type: ignore[union-attr]
+    assert run_debs == {"libarchive13", "libpq5"}
+    for line in run.stdout.splitlines():
+        if "for p in" in line:
+            assert set(line.split("for p in", 1)[1].split(";", 1)[0].split()) == run_debs
+    for test_only in ("postfix", "squid", "clamav-daemon", "chromium", "dovecot"):
+        assert test_only not in run.stdout
 
 
 def _third_party_imports() -> set[str]:
@@ -141,10 +149,13 @@ def _norm(name: str) -> str:
 
 def test_running_needs_only_the_declared_dependencies() -> None:
     """Everything avgate imports comes from [project] dependencies (what `make run`
-    installs), never from a test extra or another package's dependencies."""
+    installs) or a feature extra (``cluster``: imported only by ``scan --cluster``), never
+    from a test extra or another package's dependencies."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    features = [d for name, deps in project["optional-dependencies"].items()
+                if name not in ("test", "dev") for d in deps]
     declared = {_norm(re.split(r"[<>=!~;\[ ]", d, maxsplit=1)[0])
-                for d in project["dependencies"]}
+                for d in [*project["dependencies"], *features]}
     dists = packages_distributions()
     undeclared = {}
     for module in _third_party_imports():
