@@ -45,6 +45,8 @@ listen = "inet:0@127.0.0.1"
 listen = "127.0.0.1:0"
 [http]
 listen = "127.0.0.1:0"
+[icap]
+listen = "127.0.0.1:0"
 """
 
 
@@ -88,7 +90,16 @@ async def _milter(port: int) -> m.Packet:
     return result.final
 
 
+def _icap_options(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"OPTIONS icap://127.0.0.1/avscan ICAP/1.0\r\nHost: 127.0.0.1\r\n"
+                  b"Encapsulated: null-body=0\r\n\r\n")
+        return s.recv(4096)
+
+
 def _drive(serve: AvgateServe, smtp_port: int) -> None:
+    icap_port = int(serve.listeners["icap"][0].rsplit(":", 1)[1].split("/")[0])
+    assert _icap_options(icap_port).startswith(b"ICAP/1.0 200")
     _smtp(smtp_port, make_message("trace", body=BODY_MARK.encode()))
     assert _clamd(serve.port("clamd_listener"), EICAR).startswith(b"stream: Eicar")
     assert isinstance(asyncio.run(_milter(serve.port("milter"))), m.Accept)
@@ -116,6 +127,8 @@ def test_each_frontend_traces_its_protocol_steps(
     assert any(e["event"] == "milter_reply" for e in debug)
     (clamd,) = [e for e in debug if e["event"] == "clamd_command"]
     assert clamd["command"] == "INSTREAM" and "FOUND" in clamd["reply"]
+    (icap,) = [e for e in debug if e["event"] == "icap_request"]
+    assert (icap["method"], icap["service"]) == ("OPTIONS", "avscan")
     (http,) = [e for e in debug if e["event"] == "http_request"]
     assert (http["method"], http["path"], http["status"]) == ("POST", "/v1/scan", 200)
     # every scan line carries its front-end's own answer

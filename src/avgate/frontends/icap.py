@@ -325,6 +325,11 @@ class _Conn:
     # -- requests ----------------------------------------------------------------------
     async def _request(self, req: proto.Request, last: bool) -> bool:
         """Serve one request; False when the connection must be closed."""
+        glog = self.gateway.log
+        if glog is not None and glog.debug_enabled:  # the request head only: no URLs' bodies
+            glog.debug({"event": "icap_request", "frontend": "icap", "method": req.method[:20],
+                        "service": req.service[:40], "body": req.body, "preview": req.preview,
+                        "allow_204": "204" in req.headers.get("allow", "")})
         if req.method not in ("OPTIONS", "REQMOD", "RESPMOD"):
             await self._error(501, f"method {req.method[:20]} not implemented")
             return False
