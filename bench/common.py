@@ -252,8 +252,8 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def tree_rss_kib(pid: int) -> int:
-    """VmRSS of pid plus its descendants (workers, if any)."""
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant (from /proc; workers, if any)."""
     children: dict[int, list[int]] = {}
     for p in os.listdir("/proc"):
         if not p.isdigit():
@@ -264,15 +264,35 @@ def tree_rss_kib(pid: int) -> int:
             continue
         ppid = int(s[s.rfind(")") + 2:].split()[1])
         children.setdefault(ppid, []).append(int(p))
-    total, todo, seen = 0, [pid], set()
+    out, todo, seen = [], [pid], set()
     while todo:
         x = todo.pop()
         if x in seen:
             continue
         seen.add(x)
-        total += proc_status(x).get("VmRSS", 0)
+        out.append(x)
         todo.extend(children.get(x, []))
-    return total
+    return out
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of pid plus its descendants (workers, if any)."""
+    return sum(proc_status(x).get("VmRSS", 0) for x in _tree(pid))
+
+
+CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """utime + stime (seconds) of ``pid`` and every live descendant, from /proc/PID/stat."""
+    total = 0
+    for x in _tree(pid):
+        try:
+            fields = Path(f"/proc/{x}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICK
 
 
 # ----------------------------------------------------------------------------- avgate serve

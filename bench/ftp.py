@@ -44,7 +44,6 @@ import ftplib
 import importlib.util
 import io
 import json
-import os
 import random
 import signal
 import socket
@@ -69,30 +68,9 @@ WORK = C.RUN_DIR / "ftp"
 USER, PASSWORD = "bench", "ftp-bench-pass"
 MiB = 1 << 20
 BLOCK = 256 * 1024
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------- processes
-def tree_cpu(pid: int) -> float:
-    """utime + stime (seconds) of ``pid`` and every live descendant (the scan workers)."""
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(kids.get(p, []))
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
 
 
 def free_port() -> int:
@@ -235,13 +213,13 @@ def big_download(serve_pid: int, port: int, big_mib: int) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    cpu0 = tree_cpu(serve_pid)
+    cpu0 = C.tree_cpu(serve_pid)
     try:
         size, seconds, reply = retr(port, "big.bin")
     finally:
         done.set()
         sampler.join()
-    cpu = tree_cpu(serve_pid) - cpu0
+    cpu = C.tree_cpu(serve_pid) - cpu0
     return {"what": "big_download", "big_mib": big_mib, "bytes": size,
             "seconds": round(seconds, 2), "mb_s": round(size / seconds / 1e6, 1),
             "reply": reply, "avgate_cpu_s_per_gib": round(cpu / (size / 2**30), 2)
@@ -327,13 +305,13 @@ max_upload_size = "2 GiB"
                         cpu = 0.0
                         log_at = scan_log.stat().st_size if scan_log.exists() else 0
                         for side, port in (("direct", server_port), ("avgate", proxy_port)):
-                            cpu0 = tree_cpu(pid)
+                            cpu0 = C.tree_cpu(pid)
                             if op == "RETR":
                                 res[side] = retr(port, name, count)
                             else:
                                 res[side] = stor(port, f"up-{name}", payload[name], count)
                             if side == "avgate":
-                                cpu = tree_cpu(pid) - cpu0
+                                cpu = C.tree_cpu(pid) - cpu0
                         statuses = sorted({str(r.get("status", r.get("result", "?")))
                                            for r in scan_log_tail(scan_log, log_at)})
                         size = res["avgate"][0]

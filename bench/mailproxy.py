@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import imaplib
 import json
-import os
 import poplib
 import sys
 import tempfile
@@ -27,11 +26,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+import common as C  # noqa: E402
 from tests.integration.avgate_proc import AvgateServe  # noqa: E402
 from tests.integration.proxies.dovecot import PASSWORD, USER, Dovecot  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def message(i: int, size: int) -> bytes:
@@ -48,26 +47,6 @@ def message(i: int, size: int) -> bytes:
             + b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\r\n" * 50 + b"--B--\r\n")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and every live descendant (the scan workers)."""
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            kids.setdefault(int(stat[stat.rfind(")") + 2:].split()[1]), []).append(int(entry))
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        todo.extend(kids.get(p, []))
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
 
 
 def download_all(port: int) -> tuple[int, int, float]:
@@ -139,9 +118,9 @@ server_tls = "off"
                     fn(port)  # warm-up: worker start, page cache
                     for run in range(1, args.runs + 1):
                         count, size, direct_s = fn(direct_port)
-                        cpu0 = cpu_seconds(pid)
+                        cpu0 = C.tree_cpu(pid)
                         _, _, proxy_s = fn(port)
-                        cpu = cpu_seconds(pid) - cpu0
+                        cpu = C.tree_cpu(pid) - cpu0
                         row = {"group": group, "run": run, "messages": count, "bytes": size,
                                "direct_msg_s": round(count / direct_s, 1),
                                "avgate_msg_s": round(count / proxy_s, 1),

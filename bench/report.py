@@ -360,9 +360,12 @@ def render(d: Path) -> str:
                                      "(bench/scaleout.py)"),
                         ("sigdb", "ClamAV-sized signature database (bench/sigdb.py)")):
         script_out = d / f"{name}.out"
-        if script_out.exists() and script_out.read_text().strip():
-            out += ["", f"## {title}", "", "Printed by the script, as it ran:", "", "```",
-                    script_out.read_text().strip(), "```"]
+        text = script_out.read_text().strip() if script_out.exists() else ""
+        if text:
+            # Markdown tables as they are; anything else (JSON lines) as printed
+            shown = [text] if any(line.startswith("|") for line in text.splitlines()) \
+                else ["```", text, "```"]
+            out += ["", f"## {title}", "", "Printed by the script, as it ran:", "", *shown]
     section_memory(memory, out)
     section_workers(workers, recs, out)
     analysis = Path(__file__).with_name("ANALYSIS.md")

@@ -66,6 +66,7 @@ SCRIPTS: dict[str, tuple[list[str], list[str]]] = {  # name: (args, --quick args
     "sigdb": ([], ["--scale", "0.05"]),
     "ftp": (["--runs", "3"], ["--quick"]),
     "decompose": ([], ["--quick"]),
+    "scaleout": (["-n", "2000", "--runs", "3"], ["-n", "300", "--runs", "1", "--records", "100"]),
 }
 
 
