@@ -141,23 +141,26 @@ def _deflate_repeat(size: int) -> tuple[bytes, int]:
     return chunk * blocks + tail.compress(bytes(rest)) + tail.flush(), blocks
 
 
+def _zeros_checksum(func: Callable[[bytes, int], int], start: int, size: int,
+                    blocks: int) -> int:
+    """crc32/adler32 of ``size`` zero bytes, a MiB at a time."""
+    value = start
+    for _ in range(blocks):
+        value = func(ZERO_MIB, value)
+    return func(bytes(size - blocks * MiB), value)
+
+
 def gzip_bomb(size: int) -> bytes:
     stream, blocks = _deflate_repeat(size)
-    crc = 0
-    for _ in range(blocks):
-        crc = zlib.crc32(ZERO_MIB, crc)
-    crc = zlib.crc32(bytes(size - blocks * MiB), crc)
+    crc = _zeros_checksum(zlib.crc32, 0, size, blocks)
     return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + stream
             + struct.pack("<LL", crc, size & 0xFFFFFFFF))
 
 
 def zlib_bomb(size: int) -> bytes:
     stream, blocks = _deflate_repeat(size)
-    adler = 1
-    for _ in range(blocks):
-        adler = zlib.adler32(ZERO_MIB, adler)
-    adler = zlib.adler32(bytes(size - blocks * MiB), adler)
-    return b"\x78\xda" + stream + struct.pack(">L", adler)
+    return b"\x78\xda" + stream + struct.pack(">L", _zeros_checksum(zlib.adler32, 1, size,
+                                                                      blocks))
 
 
 def zip_of_mib_members(count: int) -> bytes:
