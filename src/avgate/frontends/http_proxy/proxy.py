@@ -155,7 +155,7 @@ class ProxyServer:
         return self.address.port
 
     def describe(self) -> str:
-        return f"http://{self.address}"
+        return f"http://{self.address} (HTTP proxy)"
 
     async def aclose(self) -> None:
         """Stop accepting; close idle connections; let requests in flight finish (at most
