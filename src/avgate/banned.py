@@ -407,7 +407,14 @@ class BannedCheck:
         self.settings = settings
         self.limits = limits
         self.matchers, self.contexts = compile_rules(settings)
-        self.frontends = frozenset(settings.frontends)
+        # where some rule can ban at all: with the built-in set alone, the mail front-ends
+        # only; elsewhere (ICAP, HTTP) the check would decompose every object for nothing
+        banning: set[str] = set()
+        for matcher, context in zip(self.matchers, self.contexts, strict=True):
+            if not matcher.allow:
+                banning.update(settings.frontends if context.frontend is None
+                               else context.frontend)
+        self.frontends = frozenset(settings.frontends) & banning
         self._workers = workers or default_size()
         self._worker_memory = worker_memory
         self._pool: WorkerPool | None = None

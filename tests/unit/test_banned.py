@@ -527,3 +527,18 @@ async def test_embedded_engine_inspects_in_its_own_pass() -> None:
         clean.write(mail(("notes.txt", b"just text", "text/plain")))
         assert (await service.scan(clean.finish(), SMTP)).status is ScanStatus.CLEAN
         assert service.banned._pool is None
+
+
+def test_check_runs_only_where_some_rule_can_ban() -> None:
+    """The built-in set bans in mail only, so ICAP and HTTP objects are not decomposed for
+    it (that cost 2.4 ms CPU per ICAP object in the bench); a rule of one's own for the web
+    brings the check there."""
+    defaults = check()
+    assert defaults.applies(SMTP) and defaults.applies(Context("milter"))
+    assert not defaults.applies(Context("icap")) and not defaults.applies(Context("http"))
+    web = check(settings_of('[[banned.rules]]\nname = "exe-download"\n'
+                            'detected_type = "pe"\nfrontend = "icap"\n'))
+    assert web.applies(Context("icap")) and not web.applies(Context("http"))
+    allow_only = check(settings_of('[banned]\ndefaults = false\n[[banned.rules]]\n'
+                                   'name = "ok"\nallow = true\nfilename = "*.exe"\n'))
+    assert not allow_only.applies(SMTP)
