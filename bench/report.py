@@ -362,9 +362,12 @@ def render(d: Path) -> str:
         script_out = d / f"{name}.out"
         text = script_out.read_text().strip() if script_out.exists() else ""
         if text:
-            # Markdown tables as they are; anything else (JSON lines) as printed
-            shown = [text] if any(line.startswith("|") for line in text.splitlines()) \
-                else ["```", text, "```"]
+            # Markdown tables as they are (without the script's progress lines); anything
+            # else (JSON lines) as printed
+            lines = text.splitlines()
+            shown = ([line for line in lines if not line.lstrip().startswith("[")]
+                     if any(line.startswith("|") for line in lines)
+                     else ["```", text, "```"])
             out += ["", f"## {title}", "", "Printed by the script, as it ran:", "", *shown]
     section_memory(memory, out)
     section_workers(workers, recs, out)
