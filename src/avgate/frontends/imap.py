@@ -40,11 +40,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import dataclasses
 import logging
 import re
-import socket
 import ssl
 from dataclasses import dataclass
 from typing import Literal as TypingLiteral
@@ -59,14 +57,14 @@ from ..protocols import imap as proto
 from ..result import ScanResult, ScanStatus
 from ..settings import Listen, Section, Size
 from ..spool import Spool
-from .listen import ListenOptions, bind
+from .listen import ListenOptions
 from .pop3 import (
+    ProxyListener,
     build_notice,
     check_server_address,
-    client_tls_context,
+    close_writers,
     header_block,
     reply_text,
-    server_tls_context,
     stream_buffered,
 )
 
@@ -268,15 +266,14 @@ class ImapSession:
         finally:
             await self.close()
 
-    async def close(self) -> None:
+    def hang_up(self) -> None:
+        """Close both connections now (the listener is shutting down)."""
         for writer in (self.writer, self.server_writer):
             if writer is not None:
                 writer.close()
-                try:  # a TLS peer that never answers close_notify is not waited for long
-                    async with asyncio.timeout(0.5):
-                        await writer.wait_closed()
-                except Exception:
-                    writer.transport.abort()
+
+    async def close(self) -> None:
+        await close_writers(self.writer, self.server_writer)
 
     async def connect(self) -> bytes:
         host, port = self.settings.server_address
@@ -576,91 +573,18 @@ def _decoded(spool: Spool) -> Spool:
 
 
 # -- the listener -----------------------------------------------------------------------------
-class ImapProxy:
-    """One listening socket; what ``serve`` gets back from :func:`start`."""
+class ImapProxy(ProxyListener):
+    """``[imap_proxy]``'s listener (:class:`~.pop3.ProxyListener` does the rest)."""
 
-    def __init__(self, gateway: Gateway, settings: ImapProxySettings,
-                 options: ListenOptions) -> None:
-        self.gateway = gateway
-        self.settings = settings
-        self.options = options
-        base = gateway.config.base_dir
-        self.client_tls = client_tls_context(settings.tls_cert, settings.tls_key, base,
-                                             "imap_proxy")
-        self.server_tls = server_tls_context(settings.server_ca_file, settings.server_verify,
-                                             base, "imap_proxy")
-        self.server: asyncio.Server | None = None
-        self.sessions: set[ImapSession] = set()
-        self._slots = asyncio.Semaphore(settings.max_connections)
-        self._tasks: set[asyncio.Task[None]] = set()  # one per client connection
+    settings: ImapProxySettings
+    what = "imap_proxy"
+    label = "IMAP proxy"
+    starttls = "STARTTLS"
+    busy = b"* BYE [UNAVAILABLE] Too many connections\r\n"
 
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
-
-    def describe(self) -> str:
-        tls = ((", TLS" if self.settings.tls == "implicit" else ", STARTTLS")
-               if self.client_tls else "")
-        return (f"{self.settings.listen.host}:{self.port} -> {self.settings.server} "
-                f"(IMAP proxy{tls})")
-
-    async def start(self) -> None:
-        sock = bind(self.settings.listen, what="imap_proxy", options=self.options)
-        try:
-            implicit = self.settings.tls == "implicit"
-            self.server = await asyncio.start_server(
-                self._client, sock=sock, ssl=self.client_tls if implicit else None)
-        except BaseException:
-            sock.close()
-            raise
-
-    async def _client(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
-        if self._slots.locked():
-            writer.write(b"* BYE [UNAVAILABLE] Too many connections\r\n")
-            with contextlib.suppress(Exception):
-                await writer.drain()
-            writer.close()
-            return
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        async with self._slots:
-            session = ImapSession(self, reader, writer)
-            self.sessions.add(session)
-            try:
-                await session.run()
-            except Exception:  # a bug must not pass silently; the client sees the close
-                log.exception("imap proxy: internal error")
-            finally:
-                self.sessions.discard(session)
-
-    async def aclose(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.drain_timeout
-        while any(s.busy for s in self.sessions) and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)  # bounded drain poll
-        for session in list(self.sessions):
-            session.writer.close()
-            if session.server_writer is not None:
-                session.server_writer.close()
-        if self._tasks:  # the sessions notice the close; cancel what does not
-            _done, pending = await asyncio.wait(set(self._tasks), timeout=5)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        if self.server is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await self.server.wait_closed()
+    def new_session(self, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> ImapSession:
+        return ImapSession(self, reader, writer)
 
 
 async def start(gateway: Gateway, options: ListenOptions) -> list[ImapProxy]:

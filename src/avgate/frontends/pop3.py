@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import email.utils
 import logging
-import socket
 import ssl
 import textwrap
 from collections.abc import Iterable, Iterator
@@ -57,7 +56,7 @@ from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import SMTP, default
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
@@ -70,11 +69,11 @@ from ..protocols import pop3 as proto
 from ..result import ScanResult, ScanStatus
 from ..settings import Listen, Section, Size
 from ..spool import Spool
-from .listen import ListenOptions, bind
+from .listen import Address, ListenOptions, bind
 
-__all__ = ["Pop3Proxy", "Pop3ProxySettings", "build_notice", "check_server_address",
-           "client_tls_context", "header_block", "reply_text", "server_tls_context", "start",
-           "stream_buffered", "tags_to_add"]
+__all__ = ["Pop3Proxy", "Pop3ProxySettings", "ProxyListener", "build_notice",
+           "check_server_address", "client_tls_context", "close_writers", "header_block",
+           "reply_text", "server_tls_context", "start", "stream_buffered", "tags_to_add"]
 
 log = logging.getLogger("avgate.pop3")
 
@@ -153,6 +152,19 @@ class Pop3ProxySettings(Section):
         from ..smtpclient import parse_next_hop
 
         return parse_next_hop(self.server, None)
+
+
+async def close_writers(*writers: asyncio.StreamWriter | None) -> None:
+    """Close each connection; a TLS peer that never answers close_notify is not waited for
+    long (then the transport is aborted)."""
+    for writer in writers:
+        if writer is not None:
+            writer.close()
+            try:
+                async with asyncio.timeout(0.5):
+                    await writer.wait_closed()
+            except Exception:
+                writer.transport.abort()
 
 
 def client_tls_context(cert: str | None, key: str | None, base_dir: str,
@@ -364,15 +376,17 @@ class Pop3Session:
         finally:
             await self.close()
 
-    async def close(self) -> None:
-        for writer in (self.writer, self.server.writer if self.server else None):
+    def _writers(self) -> tuple[asyncio.StreamWriter | None, ...]:
+        return (self.writer, self.server.writer if self.server else None)
+
+    def hang_up(self) -> None:
+        """Close both connections now (the listener is shutting down)."""
+        for writer in self._writers():
             if writer is not None:
                 writer.close()
-                try:  # a TLS peer that never answers close_notify is not waited for long
-                    async with asyncio.timeout(0.5):
-                        await writer.wait_closed()
-                except Exception:
-                    writer.transport.abort()
+
+    async def close(self) -> None:
+        await close_writers(*self._writers())
 
     async def connect(self) -> proto.StatusLine:
         host, port = self.settings.server_address
@@ -656,25 +670,65 @@ def stream_buffered(reader: asyncio.StreamReader) -> int:
 
 
 # -- the listener -----------------------------------------------------------------------------
-class Pop3Proxy:
-    """One listening socket; what ``serve`` gets back from :func:`start`."""
+class ProxySettings(Protocol):
+    """What :class:`ProxyListener` reads of ``[pop3_proxy]`` / ``[imap_proxy]``."""
 
-    def __init__(self, gateway: Gateway, settings: Pop3ProxySettings,
+    @property
+    def listen(self) -> Address: ...
+    @property
+    def server(self) -> str: ...
+    @property
+    def tls(self) -> Literal["starttls", "implicit"]: ...
+    @property
+    def tls_cert(self) -> str | None: ...
+    @property
+    def tls_key(self) -> str | None: ...
+    @property
+    def server_ca_file(self) -> str | None: ...
+    @property
+    def server_verify(self) -> bool: ...
+    @property
+    def max_connections(self) -> int: ...
+
+
+class ProxySession(Protocol):
+    busy: bool
+
+    async def run(self) -> None: ...
+    def hang_up(self) -> None: ...
+
+
+class ProxyListener:
+    """One listening socket of a mail proxy (POP3 here, IMAP in :mod:`.imap`): TLS contexts,
+    the connection limit, one task per client, the drain on close. A subclass names itself
+    (``what``, ``label``, ``starttls``), says how to refuse a client over the limit (``busy``)
+    and makes its sessions (:meth:`new_session`)."""
+
+    what = FRONTEND
+    label = "POP3 proxy"
+    starttls = "STLS"
+    busy = proto.status_line(False, "[SYS/TEMP] Too many connections")
+
+    def __init__(self, gateway: Gateway, settings: ProxySettings,
                  options: ListenOptions) -> None:
         self.gateway = gateway
         self.settings = settings
         self.options = options
-        self.name = FRONTEND
+        self.name = self.what
         base = gateway.config.base_dir
         self.client_tls = client_tls_context(settings.tls_cert, settings.tls_key, base,
-                                             "pop3_proxy")
+                                             self.what)
         self.server_tls = server_tls_context(settings.server_ca_file, settings.server_verify,
-                                             base, "pop3_proxy")
+                                             base, self.what)
         self.server: asyncio.Server | None = None
-        self.sessions: set[Pop3Session] = set()
+        self.sessions: set[ProxySession] = set()
         self._slots = asyncio.Semaphore(settings.max_connections)
         self._tasks: set[asyncio.Task[None]] = set()  # one per client connection
         self.closing = False
+
+    def new_session(self, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> ProxySession:
+        raise NotImplementedError
 
     @property
     def port(self) -> int:
@@ -682,12 +736,14 @@ class Pop3Proxy:
         return int(self.server.sockets[0].getsockname()[1])
 
     def describe(self) -> str:
-        host = self.settings.listen.host
-        tls = (", TLS" if self.settings.tls == "implicit" else ", STLS") if self.client_tls else ""
-        return f"{host}:{self.port} -> {self.settings.server} (POP3 proxy{tls})"
+        tls = ((", TLS" if self.settings.tls == "implicit" else f", {self.starttls}")
+               if self.client_tls else "")
+        return (f"{self.settings.listen.host}:{self.port} -> {self.settings.server} "
+                f"({self.label}{tls})")
 
     async def start(self) -> None:
-        sock = bind(self.settings.listen, what="pop3_proxy", options=self.options)
+        # bind() makes an IPPROTO_TCP socket: asyncio sets TCP_NODELAY on every connection
+        sock = bind(self.settings.listen, what=self.what, options=self.options)
         try:
             implicit = self.settings.tls == "implicit"
             self.server = await asyncio.start_server(
@@ -699,31 +755,27 @@ class Pop3Proxy:
     async def _client(self, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         if self._slots.locked():
-            writer.write(proto.status_line(False, "[SYS/TEMP] Too many connections"))
+            writer.write(self.busy)
             with contextlib.suppress(Exception):
                 await writer.drain()
             writer.close()
             return
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         async with self._slots:
-            session = Pop3Session(self, reader, writer)
+            session = self.new_session(reader, writer)
             self.sessions.add(session)
             try:
                 await session.run()
             except Exception:  # a bug must not pass silently; the client sees the close
-                log.exception("pop3 proxy: internal error")
+                log.exception("%s: internal error", self.label)
             finally:
                 self.sessions.discard(session)
 
     async def aclose(self) -> None:
-        """Stop accepting; let downloads in progress finish (the drain timeout); hang up."""
+        """Stop accepting; let transfers in progress finish (the drain timeout); hang up."""
         self.closing = True
         if self.server is not None:
             self.server.close()
@@ -732,9 +784,7 @@ class Pop3Proxy:
         while any(s.busy for s in self.sessions) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # bounded drain poll
         for session in list(self.sessions):
-            session.writer.close()
-            if session.server is not None:
-                session.server.writer.close()
+            session.hang_up()
         if self._tasks:  # the sessions notice the close; cancel what does not
             _done, pending = await asyncio.wait(set(self._tasks), timeout=5)
             for task in pending:
@@ -744,6 +794,16 @@ class Pop3Proxy:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
                     await self.server.wait_closed()
+
+
+class Pop3Proxy(ProxyListener):
+    """``[pop3_proxy]``'s listener."""
+
+    settings: Pop3ProxySettings
+
+    def new_session(self, reader: asyncio.StreamReader,
+                    writer: asyncio.StreamWriter) -> Pop3Session:
+        return Pop3Session(self, reader, writer)
 
 
 async def start(gateway: Gateway, options: ListenOptions) -> list[Pop3Proxy]:
