@@ -312,6 +312,18 @@ class _Conn:
                 return None
             parser.receive_data(data)
 
+    async def _rest_of_body(self, *, forward: bool) -> None:
+        """Read the body's remaining chunks to its end, each sent back at once when
+        ``forward`` (an accepted object streamed through), else dropped."""
+        ev = await self._event()
+        while isinstance(ev, proto.BodyChunk):
+            if forward:
+                self.writer.write(proto.encode_chunk(ev.data))
+                await self.writer.drain()
+            ev = await self._event()
+        if not isinstance(ev, proto.BodyEnd):
+            raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+
     async def _error(self, status: int, message: str) -> None:
         if self.answered:  # no ICAP error inside an answer: closing cuts it
             log.warning("icap: answer cut: %s", message[:200])
@@ -609,14 +621,7 @@ class _Conn:
                 await self.writer.drain()
             if accept:
                 self.writer.write(proto.encode_chunk(overflow))
-            ev = await self._event()
-            while isinstance(ev, proto.BodyChunk):  # streamed through, or read and dropped
-                if accept:
-                    self.writer.write(proto.encode_chunk(ev.data))
-                    await self.writer.drain()
-                ev = await self._event()
-            if not isinstance(ev, proto.BodyEnd):
-                raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+            await self._rest_of_body(forward=accept)
             if accept:
                 self.writer.write(proto.LAST_CHUNK)
                 sent = (200, None, False)
@@ -674,17 +679,10 @@ class _Conn:
                 self.writer.write(self._echo_head(req, last))
             else:
                 sent = await self._answer(req, body.spool, outcome, False, last)
-            ev = await self._event()
-            while isinstance(ev, proto.BodyChunk):  # streamed back, or read and dropped
-                if accept:
-                    self.writer.write(proto.encode_chunk(ev.data))
-                    await self.writer.drain()
-                ev = await self._event()
-            if not isinstance(ev, proto.BodyEnd):
-                raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
+            await self._rest_of_body(forward=accept)
             if accept:
                 self.writer.write(proto.LAST_CHUNK)
-                sent = 200, None, False
+                sent = (200, None, False)
         finally:
             self._log_outcome(outcome, sent)
 

@@ -397,6 +397,21 @@ class _Client:
         except TimeoutError:
             raise _Close from None  # the client does not read
 
+    async def _refuse_download(self, outcome: Outcome, ex: _Exchange, resp: h11.Response,
+                               started: bool, *, close: bool) -> None:
+        """A refused download: cut when part of it already went out, else the block page
+        (then the connection closes with ``close``; a cut always closes it)."""
+        if started:
+            self._log_scan(outcome, ex, status=resp.status_code, what="download", action="cut")
+            self._cut(ex)
+            raise _Close
+        status, page = self._refusal(outcome, ex.url)
+        ex.status, ex.bytes = status, len(page)
+        self._log_scan(outcome, ex, status=status, what="download", action="block")
+        await self._send_page(status, page, close=close)
+        if close:
+            raise _Close
+
     def _cut(self, ex: _Exchange) -> None:
         """End the connection before the body is complete (the client must see an error,
         never a complete object)."""
@@ -692,15 +707,7 @@ class _Client:
                 self._send(h11.EndOfMessage())
                 await self._drain()
                 return
-            if started:
-                self._log_scan(outcome, ex, status=resp.status_code, what="download",
-                              action="cut")
-                self._cut(ex)
-                raise _Close
-            status, page = self._refusal(outcome, ex.url)
-            ex.status, ex.bytes = status, len(page)
-            self._log_scan(outcome, ex, status=status, what="download", action="block")
-            await self._send_page(status, page, close=False)
+            await self._refuse_download(outcome, ex, resp, started, close=False)
         finally:
             self._pending_head = None
             spool.close()
@@ -761,16 +768,7 @@ class _Client:
         if not self._accepted(outcome, acl):
             ex.verdict = _verdict(outcome)
             body.up.abort()
-            if started:
-                self._log_scan(outcome, ex, status=resp.status_code, what="download",
-                              action="cut")
-                self._cut(ex)
-                raise _Close
-            status, page = self._refusal(outcome, ex.url)
-            ex.status, ex.bytes = status, len(page)
-            self._log_scan(outcome, ex, status=status, what="download", action="block")
-            await self._send_page(status, page)
-            raise _Close
+            await self._refuse_download(outcome, ex, resp, started, close=True)
         ex.verdict = "skipped"
         self._log_scan(outcome, ex, status=resp.status_code, what="download",
                               action="accept")
