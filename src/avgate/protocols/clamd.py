@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..errors import ProtocolError
+from . import NEED_DATA as NEED_DATA  # re-exported: callers use <codec>.NEED_DATA
+from . import NeedData
 
 # -- shared ------------------------------------------------------------------------------
 
@@ -318,12 +320,6 @@ class ConnectionClosed:
     clean: bool
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
 
 Event = Command | InstreamChunk | InstreamEnd | ConnectionClosed
 
@@ -368,7 +364,7 @@ class ServerParser:
         else:
             self._eof = True
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """The next event, or NEED_DATA. Raises ClamdProtocolError on a protocol violation."""
         if self._state is _State.ERROR:
             raise ClamdProtocolError("parser already failed", UNKNOWN_COMMAND)
@@ -386,14 +382,14 @@ class ServerParser:
             raise
 
     # -- states ------------------------------------------------------------------------
-    def _closed(self) -> Event | _NeedData:
+    def _closed(self) -> Event | NeedData:
         if not self._eof:
             return NEED_DATA
         clean = self._state is _State.COMMAND and not self._buf
         self._state = _State.CLOSED
         return ConnectionClosed(clean)
 
-    def _next_command(self) -> Event | _NeedData:
+    def _next_command(self) -> Event | NeedData:
         if not self._buf:
             return self._closed()
         first = self._buf[0]
@@ -433,7 +429,7 @@ class ServerParser:
             self._state = _State.CHUNK_HEADER
         return command
 
-    def _next_chunk_header(self) -> Event | _NeedData:
+    def _next_chunk_header(self) -> Event | NeedData:
         if len(self._buf) < 4:
             return self._closed()
         (length,) = _LENGTH.unpack_from(self._buf)
@@ -453,7 +449,7 @@ class ServerParser:
         self._state = _State.CHUNK_DATA
         return self._next_chunk_data()
 
-    def _next_chunk_data(self) -> Event | _NeedData:
+    def _next_chunk_data(self) -> Event | NeedData:
         if not self._buf:
             return self._closed()
         n = min(self._chunk_left, len(self._buf))

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from ..errors import ProtocolError
+from . import NEED_DATA as NEED_DATA  # re-exported: callers use <codec>.NEED_DATA
+from . import NeedData
 
 DEFAULT_MAX_HEADER_SIZE: Final = 64 * 1024
 MAX_CHUNK_LINE: Final = 1024  # chunk-size line incl. extensions; real ones are ~10 bytes
@@ -51,12 +53,6 @@ IEOF_CHUNK: Final = b"0; ieof\r\n\r\n"
 CONTINUE: Final = b"ICAP/1.0 100 Continue\r\n\r\n"
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
 
 
 class IcapProtocolError(ProtocolError):
@@ -352,7 +348,7 @@ class IcapParser:
         self._state = _HEAD
 
     # -- events ------------------------------------------------------------------------
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         """The next event, or :data:`NEED_DATA`; raises IcapProtocolError on bad input."""
         if self._pending is not None:
             ev, self._pending = self._pending, None
@@ -363,7 +359,7 @@ class IcapParser:
             self._state = _ERROR
             raise
 
-    def _next(self) -> Event | _NeedData:
+    def _next(self) -> Event | NeedData:
         state = self._state
         if state == _HEAD:
             return self._parse_head()
@@ -388,12 +384,12 @@ class IcapParser:
             return NEED_DATA
         raise IcapProtocolError("parser is in an error state")
 
-    def _need(self, where: str) -> _NeedData:
+    def _need(self, where: str) -> NeedData:
         if self._eof:
             raise IcapProtocolError(f"connection closed {where}")
         return NEED_DATA
 
-    def _parse_head(self) -> Event | _NeedData:
+    def _parse_head(self) -> Event | NeedData:
         buf = self._buf
         # Tolerate stray CRLFs between messages (RFC 7230 3.5 robustness).
         while buf[:2] == b"\r\n":
@@ -412,7 +408,7 @@ class IcapParser:
         head = self._start(lines[0], parse_header_lines(lines[1:]))
         return head
 
-    def _start(self, line: bytes, headers: Headers) -> Event | _NeedData:
+    def _start(self, line: bytes, headers: Headers) -> Event | NeedData:
         parts = line.split(b" ", 2)
         if len(parts) < 2:
             raise IcapProtocolError(f"malformed start line {line[:60]!r}")
@@ -457,7 +453,7 @@ class IcapParser:
         self._state = _ENCAP
         return self._parse_encap()
 
-    def _parse_encap(self) -> Event | _NeedData:
+    def _parse_encap(self) -> Event | NeedData:
         buf = self._buf
         n = self._encap_len
         if len(buf) < n:
@@ -491,7 +487,7 @@ class IcapParser:
         self._state = _CHUNK_SIZE if self._body != "null-body" else _HEAD
         return head
 
-    def _chunk_size(self) -> Event | _NeedData:
+    def _chunk_size(self) -> Event | NeedData:
         buf = self._buf
         end = buf.find(b"\r\n", 0, MAX_CHUNK_LINE)
         if end < 0:
@@ -522,7 +518,7 @@ class IcapParser:
         self._trailer_len = 0
         return self._trailer()
 
-    def _chunk_data(self) -> Event | _NeedData:
+    def _chunk_data(self) -> Event | NeedData:
         buf = self._buf
         if not buf:
             return self._need("in chunk data")
@@ -539,7 +535,7 @@ class IcapParser:
             self._state = _CHUNK_CRLF
         return BodyChunk(data)
 
-    def _trailer(self) -> Event | _NeedData:
+    def _trailer(self) -> Event | NeedData:
         buf = self._buf
         # ICAP bodies carry no trailers, but HTTP/1.1 chunked syntax allows them: skip them,
         # all of them together bounded like a header block (an endless trailer is an error,
@@ -573,7 +569,7 @@ class IcapParser:
         """Events until NEED_DATA."""
         while True:
             ev = self.next_event()
-            if isinstance(ev, _NeedData):
+            if isinstance(ev, NeedData):
                 return
             yield ev
 

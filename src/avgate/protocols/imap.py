@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..errors import ProtocolError
+from . import NEED_DATA as NEED_DATA  # re-exported: callers use <codec>.NEED_DATA
+from . import NeedData
 
 __all__ = [
     "DEFAULT_MAX_LINE", "DEFAULT_MAX_LITERAL", "NEED_DATA", "ConnectionClosed",
@@ -48,12 +50,6 @@ class ImapProtocolError(ProtocolError):
         super().__init__(message, reply_hint)
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +83,7 @@ class ConnectionClosed:
     partial: int = 0
 
 
-Event = Segment | LiteralData | LiteralEnd | ConnectionClosed | _NeedData
+Event = Segment | LiteralData | LiteralEnd | ConnectionClosed | NeedData
 
 
 class Reader:

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from ..errors import ProtocolError
+from . import NEED_DATA as NEED_DATA  # re-exported: callers use <codec>.NEED_DATA
+from . import NeedData
 
 __all__ = [
     "DEFAULT_MAX_LINE", "DEFAULT_MAX_SASL_LINE", "NEED_DATA", "Command", "CommandReader",
@@ -61,13 +63,6 @@ class Pop3ProtocolError(ProtocolError):
         super().__init__(message, reply_hint)
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: no complete event in the buffer: feed more bytes
-NEED_DATA: Final = _NeedData()
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -138,8 +133,8 @@ class ConnectionClosed:
     partial: int = 0
 
 
-ClientEvent = Command | SaslLine | ConnectionClosed | _NeedData
-ServerEvent = StatusLine | Continuation | Data | EndOfData | ConnectionClosed | _NeedData
+ClientEvent = Command | SaslLine | ConnectionClosed | NeedData
+ServerEvent = StatusLine | Continuation | Data | EndOfData | ConnectionClosed | NeedData
 
 
 class Kind(enum.Enum):
