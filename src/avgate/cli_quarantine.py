@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import sys
 from collections.abc import Iterator
@@ -125,18 +126,31 @@ def list_(ctx: typer.Context, config: ConfigOpt = None,
               "--frontend", "from this front-end (smtp, milter, http...)")] = None,
           refid: Annotated[str | None, _only(
               "--refid", "of the message with this RefID (X-Avgate-RefID, reply text)")
-                           ] = None) -> None:
+                           ] = None,
+          until: Annotated[str | None, _only(
+              "--until", "quarantined before TIME (as --since; with it, a date range)")
+                           ] = None,
+          listener: Annotated[str | None, _only(
+              "--listener", "received by a listener whose name matches this glob")] = None,
+          subject: Annotated[str | None, _only(
+              "--subject", "whose subject contains this text (any case; no wildcards)")
+                             ] = None) -> None:
     """List quarantined objects, oldest first."""
     from .ondemand import parse_since
 
     cfg = load_config(config, ctx)
-    try:
-        since_ts = parse_since(since) if since is not None else None
-    except ValueError as exc:
-        _echo(f"avgate: {exc}", err=True)
-        raise typer.Exit(EXIT_ERROR) from None
+    times: dict[str, float | None] = {}
+    for flag, value in (("--since", since), ("--until", until)):
+        try:
+            times[flag] = parse_since(value) if value is not None else None
+            if not math.isfinite(times[flag] or 0.0):
+                raise ValueError(f"not a time: {value!r}")
+        except ValueError as exc:
+            _echo(f"avgate: {flag}: {exc}", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
     where = RecordFilter(virus=virus, sender=sender, recipient=recipient, status=status,
-                         frontend=frontend, since=since_ts, refid=refid)
+                         frontend=frontend, since=times["--since"], refid=refid,
+                         listener=listener, until=times["--until"], subject=subject)
     with _store(cfg) as store:
         records = store.list(where)
         for rec in records:
@@ -150,7 +164,8 @@ def list_(ctx: typer.Context, config: ConfigOpt = None,
                       f"{rec.size:>9}  "
                       f"{rec.status:<8} {','.join(rec.viruses) or '-'}  "
                       f"{rec.envelope.sender or '<>'} -> "
-                      f"{','.join(rec.envelope.recipients) or '-'}{released}")
+                      f"{','.join(rec.envelope.recipients) or '-'}{released}"
+                      + (f"  {rec.subject}" if rec.subject else ""))
         if not json_out:
             _echo(f"{len(records)} record(s)", err=True)
 
@@ -168,7 +183,7 @@ def show(ctx: typer.Context, record_id: IdArg, config: ConfigOpt = None,
             return
         d = rec.to_dict()
         for key in ("id", "refid", "created", "frontend", "listener", "source", "client_addr",
-                    "helo", "sender"):
+                    "helo", "sender", "subject"):
             _echo(f"{key + ':':<13} {d[key] or '-'}")
         _echo(f"{'recipients:':<13} {', '.join(rec.envelope.recipients) or '-'}")
         _echo(f"{'status:':<13} {rec.status}")

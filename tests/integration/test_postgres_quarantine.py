@@ -31,7 +31,7 @@ from avgate.quarantine import (
     Store,
     release,
 )
-from avgate.quarantine.base import RELEASE_CLAIM_TTL
+from avgate.quarantine.base import RELEASE_CLAIM_TTL, like_pattern
 from avgate.quarantine.maildir import MaildirDelivery
 from avgate.quarantine.postgres import PostgresStore, glob_to_regex, migrate
 from avgate.result import EngineInfo, Finding, ScanResult, ScanStatus
@@ -59,7 +59,7 @@ def pg() -> Iterator[PgInstance]:
 @pytest.fixture
 def pg_dsn(pg: PgInstance) -> str:
     dsn = pg.new_database()
-    assert migrate(dsn) == [1]
+    assert migrate(dsn) == [1, 2]
     return dsn
 
 
@@ -176,6 +176,40 @@ def test_filters_every_field_in_the_database(store: Store) -> None:
     assert ids(sender="%") == [] and ids(sender=".*") == []  # not LIKE, not a regex
 
 
+def test_listener_date_range_and_subject_filters(store: Store) -> None:
+    """Issue 16: the subject read from the held message, and the listener, until and
+    subject filters, LIKE wildcards escaped."""
+    subjects = [b"50% off today", b"500 off", b"a_b", b"axb", b"back\\slash", b"backXslash",
+                b"=?utf-8?q?Caf=C3=A9_sale?=", b"plain"]
+    made = [store.put(b"From: a@example.org\r\nSubject: " + subject + b"\r\n\r\nbody\r\n",
+                      Envelope(listener="partners" if i % 2 else "smtp"), infected(),
+                      frontend="smtp")
+            for i, subject in enumerate(subjects)]
+    web = store.put(b"Subject: not mail\r\n\r\n", ENV, infected(), frontend="http")
+    assert store.get(made[6]).subject == "Café sale" and store.get(web).subject == ""
+    assert store.get(made[0]).to_dict()["subject"] == "50% off today"
+
+    def found(**kw: object) -> list[int]:
+        where = RecordFilter(**kw)  # type: ignore[arg-type]
+        got = [made.index(r.id) for r in store.list(where) if r.id in made]
+        assert store.count(where) == len(store.list(where))
+        return got
+
+    assert found(subject="50%") == [0] and found(subject="%") == [0]
+    assert found(subject="a_b") == [2] and found(subject="_") == [2]
+    assert found(subject="\\") == [4] and found(subject="k\\s") == [4]
+    assert found(subject="OFF") == [0, 1] and found(subject="café") == [6]
+    assert found(subject="' OR 1=1 --") == [] and found(subject="not mail") == []
+    # a NUL cannot travel to PostgreSQL, and would end SQLite's LIKE pattern: no match
+    assert found(subject="\x00") == [] and found(status="\x00", refid="\x00") == []
+    assert found(listener="PARTNERS") == [1, 3, 5, 7] and found(listener="s?tp") == [0, 2, 4, 6]
+    assert found(listener="p*", subject="off") == [1]
+    created = [store.get(rid).created for rid in made]
+    assert found(until=created[3]) == [0, 1, 2]  # exclusive
+    assert found(since=created[2], until=created[5]) == [2, 3, 4]
+    assert found(since=created[2], until=created[2]) == []
+
+
 def test_pages(store: Store) -> None:
     made = [store.put(b"x%d" % i, ENV, infected()) for i in range(5)]
     assert [r.id for r in store.list(limit=2)] == made[:2]
@@ -289,7 +323,7 @@ def test_migrate_then_copy_a_file_store(pg: PgInstance, tmp_path: Path) -> None:
     cfg = _config(tmp_path, dsn)
     runner = CliRunner()
     first = runner.invoke(app, ["quarantine", "migrate", "--config", str(cfg)])
-    assert first.exit_code == 0 and "applied schema version(s) 1" in first.output
+    assert first.exit_code == 0 and "applied schema version(s) 1, 2" in first.output
     again = runner.invoke(app, ["quarantine", "migrate", "--config", str(cfg)])
     assert again.exit_code == 0 and "schema is current" in again.output
 
@@ -314,6 +348,32 @@ def test_migrate_then_copy_a_file_store(pg: PgInstance, tmp_path: Path) -> None:
     assert listed.exit_code == 0 and kept in listed.output and sent not in listed.output
     shown = runner.invoke(app, ["quarantine", "show", "--config", str(cfg), kept])
     assert shown.exit_code == 0 and "COPYME22" in shown.output
+
+
+def test_a_version_1_database_gets_the_subject_column(pg: PgInstance) -> None:
+    import psycopg
+
+    from avgate.quarantine.postgres import MIGRATIONS
+
+    dsn = pg.new_database()
+    with psycopg.connect(dsn, autocommit=True) as conn:  # what avgate before issue 16 made
+        conn.execute("CREATE TABLE avgate_quarantine_schema (version integer PRIMARY KEY)")
+        for statement in MIGRATIONS[0][1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO avgate_quarantine_schema VALUES (1)")
+        conn.execute("INSERT INTO quarantine_records (id, created, sender, recipients,"
+                     " client_addr, helo, listener, frontend, sha256, size, status, viruses,"
+                     " result, rule, actions) VALUES (%s, 1.7e9, '', '{}', '', '', 'smtp',"
+                     " 'smtp', 's', 0, 'infected', '{X}', '{}', 'r', '{quarantine}')",
+                     ("20240101T000000000000Z-0123456789abcdef",))
+    with pytest.raises(QuarantineError, match="schema version 1, this avgate needs 2"):
+        PostgresStore(dsn)
+    assert migrate(dsn) == [2] and migrate(dsn) == []
+    with PostgresStore(dsn) as db:
+        (old,) = db.list()
+        assert old.subject == "" and old.envelope.listener == "smtp"
+        new = db.put(MSG, ENV, infected(), frontend="smtp")
+        assert [r.id for r in db.list(RecordFilter(subject="HI"))] == [new]
 
 
 def test_copy_refuses_what_is_not_a_file_store(pg: PgInstance, tmp_path: Path) -> None:
@@ -358,3 +418,14 @@ def test_on_demand_scans_quarantine_into_postgresql(pg_dsn: str, tmp_path: Path)
         (record,) = db.list()
         assert record.source == str(store_dir / "bad.com") and record.frontend == "ondemand"
         assert db.read_raw(record.id) == eicar
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(needle=st.text(alphabet="ab%_\\X[]*", max_size=6),
+       value=st.text(alphabet="ab%_\\X[]*", max_size=8))
+def test_postgresql_reads_the_escaped_like_pattern_as_a_substring(pg_conn: Any, needle: str,
+                                                                  value: str) -> None:
+    row = pg_conn.execute("SELECT lower(%s) LIKE %s ESCAPE '\\'",
+                          (value, like_pattern(needle))).fetchone()
+    assert row is not None and row[0] == (needle.lower() in value.lower())

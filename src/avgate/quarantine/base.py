@@ -45,6 +45,7 @@ from ..result import ScanResult
 from ..spool import Spool
 from .addresses import parse_addresses
 from .maildir import MaildirDelivery, UnsafeRecipient
+from .subject import NON_MAIL_FRONTENDS, clean_text, head_of, subject_of
 
 if TYPE_CHECKING:
     from ..policy import Decision
@@ -125,12 +126,14 @@ class Record:
     released_to: tuple[str, ...] = field(default=())
     source: str = ""  # on-demand records: the scanned path (PATH:N for an mbox message)
     refid: str = ""  # the message's RefID (X-Avgate-RefID, the reply text, the scan log)
+    subject: str = ""  # the held message's Subject, decoded and cleaned ("" if not mail)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON output."""
         return {
             "id": self.id,
             "refid": self.refid,
+            "subject": self.subject,
             "created": iso_utc(self.created),
             "sender": self.envelope.sender,
             "recipients": list(self.envelope.recipients),
@@ -156,7 +159,8 @@ class RecordFilter:
     """Which records :meth:`Store.list` returns (None: any; all given must match).
 
     Globs are fnmatch patterns (``*``, ``?``, ``[...]``, ``[!...]``), compared
-    case-insensitively, whole value.
+    case-insensitively, whole value. ``subject`` is plain text found anywhere in the stored
+    subject, case-insensitively (``%``, ``_`` and ``\\`` in it are just characters).
     """
 
     virus: str | None = None  # glob on any finding name
@@ -166,6 +170,19 @@ class RecordFilter:
     frontend: str | None = None  # exact front-end name (smtp, http...)
     since: float | None = None  # created at or after this epoch time
     refid: str | None = None  # exact RefID (case-insensitive: RefIDs are upper-case base32)
+    listener: str | None = None  # glob on the listener's name (smtp, smtp1, milter-in...)
+    until: float | None = None  # created before this epoch time (with since: a date range)
+    subject: str | None = None  # text in the subject (substring, case-insensitive)
+
+
+def like_pattern(text: str) -> str:
+    """A SQL LIKE pattern (``ESCAPE '\\'``) matching values that contain ``text``, lower-cased:
+    its ``%``, ``_`` and ``\\`` are escaped, so they match only themselves. A NUL (SQLite's
+    LIKE would end the pattern there, matching everything; PostgreSQL text cannot hold one)
+    becomes ``\\x01``: no stored subject holds either (:func:`.subject.clean_text`)."""
+    escaped = (text.lower().replace("\\", "\\\\").replace("%", "\\%")
+               .replace("_", "\\_").replace("\x00", "\x01"))
+    return f"%{escaped}%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,18 +246,25 @@ class Store(abc.ABC):
     def put(self, content: Spool | bytes, envelope: EnvelopeLike, result: ScanResult,
             decision: Decision | None = None, frontend: str = "", listener: str = "",
             *, rule: str | None = None, actions: Sequence[str] | None = None,
-            source: str = "", refid: str | None = None) -> str:
+            source: str = "", refid: str | None = None, subject: str | None = None) -> str:
         """Store ``content`` byte-for-byte with its metadata; return the new id once it is
         committed.
 
         ``rule``/``actions`` override what is derived from ``decision`` (e.g. on-demand scans
         have no decision); ``source``: where an on-demand scan found the object; ``refid``:
-        the message's RefID (default: the decision's). Raises QuarantineError (disk full,
-        database down...: front-ends tempfail).
+        the message's RefID (default: the decision's); ``subject``: the record's subject
+        (default: read from the content's first header block, see :mod:`.subject`; none for
+        a front-end that carries no mail). Raises QuarantineError (disk full, database
+        down...: front-ends tempfail).
         """
         d_rule, d_actions = decision_actions(decision)
         if refid is None:
             refid = decision.refid if decision is not None else ""
+        if subject is None:
+            subject = ("" if frontend in NON_MAIL_FRONTENDS
+                       else subject_of(head_of(content)))
+        else:
+            subject = clean_text(subject)
         record = Record(
             id=new_id(), created=time.time(),
             envelope=Envelope(envelope.sender, tuple(envelope.recipients),
@@ -250,7 +274,7 @@ class Store(abc.ABC):
             viruses=tuple(result.virus_names), result=result.to_dict(),
             rule=d_rule if rule is None else rule,
             actions=d_actions if actions is None else tuple(actions),
-            source=source, refid=refid)
+            source=source, refid=refid, subject=subject)
         self._insert(record, content_chunks(content))
         self._update_metrics()
         if self.maildir is not None:

@@ -27,6 +27,9 @@ arrays and jsonb.
 The console's glob filters run in SQL as anchored regular expressions
 (:func:`glob_to_regex`, fnmatch's own reading of each ``[...]`` set), compared with the
 lower-cased column; no index serves a leading ``*``, but the time/status/front-end terms do.
+The subject filter is a ``LIKE '%text%'`` with its wildcards escaped (:func:`.base.like_pattern`)
+on ``lower(subject)``; ``lower`` folds what the database's collation folds (all of Unicode in
+a UTF-8 locale, ASCII only under ``C``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from .base import (
     ReleaseClaim,
     Store,
     check_id,
+    like_pattern,
     with_size,
 )
 from .maildir import MaildirDelivery
@@ -98,6 +102,11 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         "CREATE INDEX quarantine_records_refid ON quarantine_records (refid)",
         "CREATE INDEX quarantine_records_sha256 ON quarantine_records (sha256)",
     )),
+    # the held message's Subject (the console's subject column and filter); records held
+    # before it keep an empty one
+    (2, (
+        "ALTER TABLE quarantine_records ADD COLUMN subject text NOT NULL DEFAULT ''",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _BIGINT_MAX = (1 << 63) - 1
@@ -105,7 +114,7 @@ _MIGRATE_LOCK = 0x61766761  # pg_advisory_xact_lock key: one migrator at a time
 
 _COLUMNS = ("id, created, sender, recipients, client_addr, helo, listener, frontend, sha256,"
             " size, status, viruses, result, rule, actions, released, released_to, source,"
-            " refid")
+            " refid, subject")
 
 
 # -- globs ------------------------------------------------------------------------------------
@@ -204,12 +213,22 @@ def _where(where: RecordFilter | None) -> tuple[str, builtins.list[Any]]:
     def rx(glob: str | None) -> str | None:
         return None if glob is None else glob_to_regex(glob.lower())
 
+    def text(value: str | None) -> str | None:
+        # PostgreSQL text cannot hold a NUL (psycopg refuses to send one); no stored status,
+        # front-end or RefID holds a NUL or a \x01 either, so this still matches nothing, as
+        # in the file store (the subject's pattern does the same, see like_pattern)
+        return None if value is None else value.replace("\x00", "\x01")
+
     given = [(term, value) for term, value in (
         ("created >= %s", where.since),
-        ("status = %s", where.status),
-        ("frontend = %s", where.frontend),
-        ("refid = %s", where.refid.upper() if where.refid is not None else None),
+        ("created < %s", where.until),
+        ("status = %s", text(where.status)),
+        ("frontend = %s", text(where.frontend)),
+        ("refid = %s", text(where.refid.upper()) if where.refid is not None else None),
         ("lower(sender) ~ %s", rx(where.sender)),
+        ("lower(listener) ~ %s", rx(where.listener)),
+        ("lower(subject) LIKE %s ESCAPE '\\'",
+         like_pattern(where.subject) if where.subject is not None else None),
         ("EXISTS (SELECT 1 FROM unnest(recipients) AS r WHERE lower(r) ~ %s)",
          rx(where.recipient)),
         ("EXISTS (SELECT 1 FROM unnest(viruses) AS v WHERE lower(v) ~ %s)", rx(where.virus)),
@@ -322,7 +341,7 @@ class PostgresStore(Store):
                                       f"({hashing.size} bytes, sha256 {hashing.sha256})")
             record = with_size(record, hashing.size, hashing.sha256)
             cur.execute(f"INSERT INTO quarantine_records ({_COLUMNS}) VALUES"  # noqa: S608
-                        " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
+                        " (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)",
                         _row(record))
 
     def _update_metrics(self) -> None:
@@ -450,15 +469,16 @@ def _row(record: Record) -> tuple[Any, ...]:
             record.status, list(record.viruses), Jsonb(record.result), record.rule,
             list(record.actions), record.released,
             list(record.released_to) if record.released is not None else None,
-            record.source, record.refid)
+            record.source, record.refid, record.subject)
 
 
 def _record(row: tuple[Any, ...] | Any) -> Record:
     (rid, created, sender, rcpts, client, helo, listener, frontend, sha, size, status,
-     viruses, result, rule, actions, released, released_to, source, refid) = row
+     viruses, result, rule, actions, released, released_to, source, refid, subject) = row
     return Record(
         id=rid, created=created,
         envelope=Envelope(sender, tuple(rcpts), client, helo, listener),
         frontend=frontend, sha256=sha, size=int(size), status=status,
         viruses=tuple(viruses), result=result, rule=rule, actions=tuple(actions),
-        released=released, released_to=tuple(released_to or ()), source=source, refid=refid)
+        released=released, released_to=tuple(released_to or ()), source=source, refid=refid,
+        subject=subject)

@@ -47,6 +47,7 @@ from .base import (
     check_id,
     decision_actions,
     iso_utc,
+    like_pattern,
     new_id,
     with_size,
 )
@@ -82,6 +83,7 @@ CREATE TABLE IF NOT EXISTS records (
     released_to TEXT,               -- JSON array of the recipients of the last release
     source      TEXT NOT NULL DEFAULT '',  -- on-demand: the scanned path (PATH:N in an mbox)
     refid       TEXT NOT NULL DEFAULT '',  -- the message's RefID
+    subject     TEXT NOT NULL DEFAULT '',  -- the held message's Subject (decoded, cleaned)
     releasing   TEXT,               -- token of the release in flight, NULL if none
     releasing_since REAL            -- when that release was claimed
 );
@@ -89,10 +91,11 @@ CREATE INDEX IF NOT EXISTS records_created ON records(created);
 """
 #: columns added after the first release, in order: (name, SQL type and default)
 _ADDED_COLUMNS = (("source", "TEXT NOT NULL DEFAULT ''"), ("refid", "TEXT NOT NULL DEFAULT ''"),
-                  ("releasing", "TEXT"), ("releasing_since", "REAL"))
+                  ("releasing", "TEXT"), ("releasing_since", "REAL"),
+                  ("subject", "TEXT NOT NULL DEFAULT ''"))
 _COLUMNS = ("id, created, sender, recipients, client_addr, helo, listener, frontend, sha256,"
             " size, status, viruses, result, rule, actions, released, released_to, source,"
-            " refid")
+            " refid, subject")
 
 
 class QuarantineSettings(Section):
@@ -160,6 +163,11 @@ def _glob(value: str | None, pattern: str) -> bool:
     return value is not None and fnmatch.fnmatchcase(value.lower(), pattern.lower())
 
 
+def _lower(value: str | None) -> str | None:
+    """SQL function ``avgate_lower(value)``: Python's lower() (SQLite's folds ASCII only)."""
+    return None if value is None else value.lower()
+
+
 def _where(where: RecordFilter | None) -> tuple[str, list[Any]]:
     """The WHERE clause (with its arguments) selecting what ``where`` describes."""
     if where is None:
@@ -167,10 +175,15 @@ def _where(where: RecordFilter | None) -> tuple[str, list[Any]]:
     # every term is a constant of this function; values only ever travel as parameters
     given = [(term, value) for term, value in (
         ("created >= ?", where.since),
+        ("created < ?", where.until),
         ("status = ?", where.status),
         ("frontend = ?", where.frontend),
         ("refid = ?", where.refid.upper() if where.refid is not None else None),
         ("avgate_glob(sender, ?)", where.sender),
+        ("avgate_glob(listener, ?)", where.listener),
+        # lower-cased in Python on both sides: case folds beyond ASCII, as the globs do
+        ("avgate_lower(subject) LIKE ? ESCAPE '\\'",
+         like_pattern(where.subject) if where.subject is not None else None),
         ("EXISTS (SELECT 1 FROM json_each(recipients) WHERE avgate_glob(value, ?))",
          where.recipient),
         ("EXISTS (SELECT 1 FROM json_each(viruses) WHERE avgate_glob(value, ?))", where.virus),
@@ -220,13 +233,15 @@ class QuarantineStore(Store):
             # after the migration: an older store gets the column first
             self._db.execute("CREATE INDEX IF NOT EXISTS records_refid ON records(refid)")
             self._db.create_function("avgate_glob", 2, _glob, deterministic=True)
+            self._db.create_function("avgate_lower", 1, _lower, deterministic=True)
         except (OSError, sqlite3.Error) as exc:
             raise QuarantineError(f"cannot open quarantine {self.path}: {exc}") from exc
         self.cleanup()
 
     def _migrate(self) -> None:
         """Bring a store made by an older avgate up to ``_SCHEMA``: add the columns it lacks
-        (``_ADDED_COLUMNS``); with ``source``, move the scanned path that on-demand records
+        (``_ADDED_COLUMNS``; records held before ``subject`` existed keep an empty one);
+        with ``source``, move the scanned path that on-demand records
         used to keep in ``listener`` there."""
         def columns() -> set[str]:
             return {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
@@ -327,7 +342,7 @@ class QuarantineStore(Store):
                         self._db.execute("BEGIN IMMEDIATE")
                         self._db.execute(
                             f"INSERT INTO records ({_COLUMNS})"  # noqa: S608
-                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _row(record))
+                            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", _row(record))
                 except sqlite3.Error:
                     with contextlib.suppress(OSError):
                         os.unlink(final)
@@ -410,7 +425,8 @@ class QuarantineStore(Store):
     @staticmethod
     def _record(row: tuple[Any, ...]) -> Record:
         (rid, created, sender, rcpts, client, helo, listener, frontend, sha, size, status,
-         viruses, result, rule, actions, released, released_to, source, refid) = row
+         viruses, result, rule, actions, released, released_to, source, refid,
+         subject) = row
         return Record(
             id=rid, created=created,
             envelope=Envelope(sender, tuple(json.loads(rcpts)), client, helo, listener),
@@ -418,7 +434,7 @@ class QuarantineStore(Store):
             viruses=tuple(json.loads(viruses)), result=json.loads(result), rule=rule,
             actions=tuple(json.loads(actions)), released=released,
             released_to=tuple(json.loads(released_to)) if released_to else (), source=source,
-            refid=refid)
+            refid=refid, subject=subject)
 
     # -- changing -------------------------------------------------------------------------
     def _claim(self, record_id: str, token: str, now: float, stale_before: float,
@@ -476,4 +492,4 @@ def _row(record: Record) -> tuple[Any, ...]:
             json.dumps(record.result), record.rule, json.dumps(list(record.actions)),
             record.released,
             json.dumps(list(record.released_to)) if record.released is not None else None,
-            record.source, record.refid)
+            record.source, record.refid, record.subject)

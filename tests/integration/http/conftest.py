@@ -141,21 +141,26 @@ def held_message(subject: str) -> bytes:
 def console(tmp_path_factory: pytest.TempPathFactory, smtp_sink: SmtpSink
             ) -> Iterator[tuple[HttpEnv, int]]:
     root = tmp_path_factory.mktemp("console")
-    smtp_port = free_port()
+    smtp_port, partners_port = free_port(), free_port()
     env = start_http(root, http=f'{TOKENS}\nconsole = true\nconsole_idle_timeout = 600',
                      quarantine=f'next_hop = "127.0.0.1:{smtp_sink.port}"\n'
                                 'report_to = "lab@example.test"', extra=f"""
 [[smtp.listeners]]
 mode = "verdict"
 listen = "127.0.0.1:{smtp_port}"
+[[smtp.listeners]]
+name = "partners"
+mode = "verdict"
+listen = "127.0.0.1:{partners_port}"
 [[policy.rules]]
 name = "hold-infected"
 status = "infected"
 action = ["reject", "quarantine"]
 """)
     try:
-        for subject in ("first held", "second held"):
-            send(smtp_port, held_message(subject))
+        # one message through each listener (the console filters by listener)
+        send(smtp_port, held_message("first held"))
+        send(partners_port, held_message("second held: 50% & more"))
         yield env, smtp_port
     finally:
         env.serve.stop()

@@ -295,3 +295,40 @@ def test_openapi_document_states_the_code_limits() -> None:
     error = doc["components"]["schemas"]["ScanResult"]["properties"]["error"]["description"]
     for text in (scan.INFECTED_ERROR, scan.SCAN_ERROR, scan.BLOCKED_ERROR):
         assert f'"{text}' in error, text
+
+
+def test_quarantine_list_by_listener_date_range_and_subject(client: httpx.Client,
+                                                           http_env: HttpEnv) -> None:
+    """Issue 16: ``listener``, ``until`` and ``subject`` on GET /v1/quarantine; the record's
+    ``subject``. Mail records are written into the server's own file store beside it."""
+    from avgate.quarantine import Envelope, QuarantineStore
+    from avgate.result import Finding, ScanResult, ScanStatus
+
+    web = client.post("/v1/scan", content=EICAR + b"\n").json()["quarantine_id"]
+    held = ScanResult(ScanStatus.INFECTED, findings=(Finding("Eicar-Test-Signature", "e", ""),))
+    with QuarantineStore(http_env.root / "quarantine") as store:
+        sale, other = (store.put(b"Subject: =?utf-8?q?" + subject + b"?=\r\n\r\nx\r\n",
+                                 Envelope("a@example.org", ("b@example.net",),
+                                          listener=listener), held, frontend="smtp")
+                       for subject, listener in ((b"50%_off_=C3=A9t=C3=A9", "partners"),
+                                                 (b"500_off", "smtp")))
+
+    def ids(**params: str) -> list[str]:
+        r = client.get("/v1/quarantine", params={"limit": 1000, **params},
+                       headers=http_env.auth)
+        assert r.status_code == 200, (params, r.text)
+        assert r.json()["total"] == len(r.json()["items"])
+        return [x["id"] for x in r.json()["items"]]
+
+    assert ids(subject="50%") == [sale] and ids(subject="ÉTÉ") == [sale]
+    assert ids(subject="OFF") == [sale, other] and ids(subject="_") == []
+    assert ids(listener="part*") == [sale] and ids(listener="partners", subject="500") == []
+    assert web in ids(listener="http") and web not in ids(subject="e")  # non-mail: no subject
+    everything = ids()
+    assert ids(until="@0") == [] and ids(until="2999-01-01T00:00:00") == everything
+    assert ids(since="1h", until="2999-01-01") == everything
+    shown = client.get(f"/v1/quarantine/{sale}", headers=http_env.auth).json()
+    assert shown["subject"] == "50% off été"
+    for bad_time in ("yesterday-ish", "nan", "@inf"):  # numbers, but not times, too
+        bad = client.get("/v1/quarantine", params={"until": bad_time}, headers=http_env.auth)
+        assert bad.status_code == 400 and "until" in bad.json()["error"], bad_time

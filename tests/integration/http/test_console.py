@@ -186,3 +186,62 @@ def test_signout_and_idle_expiry(console: tuple[HttpEnv, int], tmp_path: Path) -
     assert Sessions(HttpSettings.model_validate({"tokens": [
         {"token": "someone-else", "roles": ["read"]}], "console_secret": "s"})).check(
             cookie, now=time.time()) is None
+
+
+# -- issue 16: listener, date range and subject filters; the subject column -------------------
+def test_list_filters_by_subject_listener_and_date_range(console: tuple[HttpEnv, int]) -> None:
+    env, _ = console
+    reader = signed_in(env, READ_TOKEN)
+
+    def listed(**params: str) -> tuple[str, list[str]]:
+        r = reader.get("/console/quarantine", params=params)
+        assert r.status_code == 200, r.text
+        return r.text, re.findall(r'href="/console/quarantine/([0-9A-Za-z-]+)" class="record"',
+                                  r.text)
+
+    page, both = listed()
+    assert len(both) == 2
+    # the subject column, escaped (no raw & in the page), newest first
+    assert '<td class="subject">second held: 50% &amp; more</td>' in page
+    assert '<td class="subject">first held</td>' in page
+    newer, older = both
+    page, only = listed(subject="50%")  # a LIKE wildcard typed by a user is a character
+    assert only == [newer] and 'id="total">1<' in page
+    assert 'name="subject" value="50%"' in page  # the form keeps what was asked
+    assert listed(subject="HELD")[1] == both and listed(subject="_")[1] == []
+    assert listed(listener="partners")[1] == [newer]
+    assert listed(listener="SMTP")[1] == [older]  # a glob, any case, whole name
+    assert listed(listener="p*", subject="first")[1] == []
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert listed(until=today)[1] == both  # a day given as "To" includes that day
+    assert listed(since="1h", until="2000-01-01")[1] == []
+    assert listed(since=today, until="1h")[1] == []  # "To" an age: held before 1 h ago
+    for bad_time in ("yesterday-ish", "nan"):
+        page, kept = listed(until=bad_time)
+        assert "“To” must be" in page and kept == both
+
+
+def test_page_links_keep_the_filter_url_encoded(console: tuple[HttpEnv, int]) -> None:
+    """Over one page of matches: the links to the next page carry every filter, encoded
+    (a subject with & and %), and lead to the rest of the same filtered list."""
+    from avgate.frontends.http.console import PAGE
+    from avgate.quarantine import Envelope, QuarantineStore
+    from avgate.result import Finding, ScanResult, ScanStatus
+
+    env, _ = console
+    held = ScanResult(ScanStatus.INFECTED, findings=(Finding("Eicar-Test-Signature", "e", ""),))
+    with QuarantineStore(env.root / "quarantine") as store:
+        for i in range(PAGE + 1):
+            store.put(b"Subject: bulk %d a&b=c 10%%+1\r\n\r\nx\r\n" % i,
+                      Envelope(listener="bulk"), held, frontend="smtp")
+    reader = signed_in(env, READ_TOKEN)
+    first = reader.get("/console/quarantine", params={"subject": "a&b=c 10%+1",
+                                                      "listener": "bulk"})
+    assert 'id="total">51<' in first.text and "Page 1 of 2" in first.text
+    nxt = re.search(r'<a href="\?([^"]+)" rel="next">', first.text)
+    assert nxt is not None
+    link = nxt.group(1).replace("&amp;", "&")
+    assert "subject=a%26b%3Dc+10%25%2B1" in link or "subject=a%26b%3Dc%2010%25%2B1" in link
+    second = reader.get(f"/console/quarantine?{link}")
+    assert "Page 2 of 2" in second.text and 'id="total">51<' in second.text
+    assert re.findall(r'class="subject">([^<]*)<', second.text) == ["bulk 0 a&amp;b=c 10%+1"]

@@ -1,7 +1,8 @@
 """The quarantine API, behind bearer tokens with roles.
 
 - ``GET /v1/quarantine`` (role ``read``): records oldest first, filtered by ``virus``,
-  ``sender``, ``recipient`` (globs), ``status``, ``frontend``, ``refid`` and ``since`` (the
+  ``sender``, ``recipient``, ``listener`` (globs), ``status``, ``frontend``, ``refid``,
+  ``subject`` (text in the subject, any case) and ``since``/``until`` (a date range, in the
   time grammar of ``avgate quarantine list --since``, see :func:`avgate.ondemand.parse_since`;
   a naive ISO time is UTC here), paged with ``limit``/``offset``. The filter runs in the store
   (:meth:`~avgate.quarantine.Store.list`, either backend), as for the CLI.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,9 +54,9 @@ class QuarantineApi(Api):
         if (refused := self.require(request, "read")) is not None:
             return refused
         # an empty text filter is no filter (form-style clients send every field);
-        # limit, offset and since must be numbers/times when present
+        # limit, offset, since and until must be numbers/times when present
         q = {k: v for k, v in request.query_params.items()
-             if v != "" or k in ("limit", "offset", "since")}
+             if v != "" or k in ("limit", "offset", "since", "until")}
         try:
             limit = int(q.get("limit", "100"))
             offset = int(q.get("offset", "0"))
@@ -62,14 +64,20 @@ class QuarantineApi(Api):
                 raise ValueError
         except ValueError:
             return error(400, f"limit must be 1..{MAX_PAGE} and offset >= 0")
-        try:
-            since = parse_since(q["since"], naive_utc=True) if "since" in q else None
-        except ValueError:
-            return error(400, "since must be epoch seconds, an ISO 8601 time, @EPOCH or an "
-                              "age such as 3d")
+        times: dict[str, float | None] = {}
+        for key in ("since", "until"):
+            try:
+                times[key] = parse_since(q[key], naive_utc=True) if key in q else None
+                if not math.isfinite(times[key] or 0.0):  # "nan", "inf": not a time
+                    raise ValueError(key)
+            except ValueError:
+                return error(400, f"{key} must be epoch seconds, an ISO 8601 time, @EPOCH or "
+                                  "an age such as 3d")
         where = RecordFilter(virus=q.get("virus"), sender=q.get("sender"),
                              recipient=q.get("recipient"), status=q.get("status"),
-                             frontend=q.get("frontend"), since=since, refid=q.get("refid"))
+                             frontend=q.get("frontend"), since=times["since"],
+                             refid=q.get("refid"), listener=q.get("listener"),
+                             until=times["until"], subject=q.get("subject"))
         # the store may be a database away (backend "postgresql"): off the event loop
         try:
             store = await asyncio.to_thread(lambda: self.gateway.store)

@@ -5,7 +5,8 @@ data), signed in with the HTTP API's tokens and their roles: ``read`` sees, ``ad
 releases, deletes, reports and downloads. Sessions and CSRF: :mod:`.session`.
 
 - ``/console/quarantine``: newest first, paged, filtered by status, virus, sender, recipient,
-  front-end, RefID and age; the total count.
+  listener, front-end, RefID, a date range (from/to) and text in the subject; the total
+  count; the subject as a column. The page links keep the filter (URL-encoded).
 - ``/console/quarantine/{id}``: envelope, headers, the MIME tree (each part's name, type, size
   and the findings in it), text parts as escaped text (HTML is never rendered and nothing
   remote is loaded); admin: raw download (an attachment, ``application/octet-stream``),
@@ -24,6 +25,8 @@ fixed paths only (never one taken from the request).
 from __future__ import annotations
 
 import asyncio
+import math
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -60,6 +63,16 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")  # a day, no time: "to" that day includes it
+
+
+def _finite(when: float) -> float:
+    """``when`` unless it is "nan" or "inf" (a number, but not a time): ValueError."""
+    if not math.isfinite(when):
+        raise ValueError(f"not a time: {when}")
+    return when
+
+
 STATUSES = ("infected", "skipped", "unknown", "error", "clean")
 ACTIONS = ("release", "delete", "report")
 
@@ -215,17 +228,27 @@ class ConsoleApi(Api):
             page = max(1, int(q.get("page", "1")))
         except ValueError:
             page = 1
-        problem = ""
-        since = None
+        problems: list[str] = []
+        since = until = None
         if "since" in q:
             try:
-                since = parse_since(q["since"], naive_utc=True)
+                since = _finite(parse_since(q["since"], naive_utc=True))
             except ValueError:
-                problem = "“since” must be an age such as 3d or 12h, or an ISO 8601 time."
+                problems.append("“From” must be an age such as 3d or 12h, or an ISO 8601 "
+                                "time or date.")
+        if "until" in q:
+            try:
+                until = _finite(parse_since(q["until"], naive_utc=True))
+                if _DATE_ONLY.match(q["until"]):
+                    until += 86400  # "to 2026-12-01" includes that day
+            except ValueError:
+                problems.append("“To” must be an age such as 1d, or an ISO 8601 time or date.")
         status = q.get("status") if q.get("status") in STATUSES else None
         where = RecordFilter(virus=q.get("virus"), sender=q.get("sender"),
                              recipient=q.get("recipient"), status=status,
-                             frontend=q.get("frontend"), since=since, refid=q.get("refid"))
+                             frontend=q.get("frontend"), since=since, refid=q.get("refid"),
+                             listener=q.get("listener"), until=until,
+                             subject=q.get("subject"))
         try:
             store = await self._store()
             total = await asyncio.to_thread(store.count, where)
@@ -242,7 +265,7 @@ class ConsoleApi(Api):
         keep = {k: v for k, v in q.items() if k != "page"}
         return self._render("list.html", session=session, csrf=self._sessions().csrf(session),
                             rows=rows, total=total, page=page, pages=pages, query=keep,
-                            statuses=STATUSES, problem=problem)
+                            statuses=STATUSES, problem=" ".join(problems))
 
     async def _get(self, rid: str) -> Any:
         store = await self._store()
