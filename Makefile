@@ -64,7 +64,7 @@ test: venv-dev test-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: venv-dev
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 fuzz: venv-dev
 	AVGATE_FUZZ_EXAMPLES=20000 $(PY) -m pytest -q tests/fuzz tests/unit/content/test_fuzz.py tests/unit/content/test_mimeparse.py

@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     nginx = squid = None
     av: C.Avgate | None = None
     records: list[dict[str, Any]] = []
+    # the bench session's clamd (run.py) may already run: stop it only if started here
+    own_clamd = not (C.read_pid("clamd") and C.pid_alive(C.read_pid("clamd")))
     try:
         C.start_clamd()
         nginx = start_nginx(args.big_mib)
@@ -371,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         stop(squid, signal.SIGINT)
         C.stop_kit("cicap")
         stop(nginx, signal.SIGQUIT)
-        C.stop_clamd()
+        if own_clamd:
+            C.stop_clamd()
         with open(out, "w") as f:
             for rec in records:
                 f.write(json.dumps(rec) + "\n")

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/run.py [--quick] [--only smtp,milter,icap,clamd,engines,memory,workers]
                                   [--runs 3] [-n 2000] [--max-seconds 45] [--clamd unix|tcp]
-                                  [--big-mib 256] [--no-report]
+                                  [--big-mib 256] [--workers 1,2] [--workers-concurrency 64]
+                                  [--before SESSION] [--carry SESSION ...] [--no-report]
 
 One clamd (the peer kit's ``start-clamd.sh``: two test signatures, EICAR by hash and the body
 marker) serves every system. The peers are started with the kit's scripts, one at a time, with
@@ -30,7 +31,14 @@ Groups (``--only``):
            store vs PostgreSQL)
   sigdb    bench/sigdb.py (load time and memory of a ClamAV-sized database)
   memory   RSS of a fresh `avgate serve`: idle, 1,000 idle SMTP connections, large transfers
-  workers  whether `[serve] workers = 2` runs several processes (scaling runs if it does)
+  workers  `[serve] workers = N` for N in --workers (default 1,2; the 16-core device script
+           bench/device/run-matrix.sh passes 1,2,4,8,16): SMTP (-> sink) and ICAP at
+           --workers-concurrency (default 64) plus --concurrency, correctness counted
+
+After the runs bench/report.py writes BENCHMARKS.md and its charts (bench/figures/*.svg):
+before/after against --before (default: the session named in bench/results/BASELINE), and for
+a partial run (--only) the groups it did not run carried over from --carry sessions (default:
+the sessions the current BENCHMARKS.md was made from), each section saying its session.
 
 Everything runs on 127.0.0.1, every run is bounded (messages and seconds), and every process
 started here is stopped again by PID, also on errors and Ctrl-C.
@@ -206,7 +214,8 @@ class Session:
                                name=side["name"], transport=side["transport"],
                                clamd_transport=self.args.clamd, pair=pair, run=r,
                                warmup_kinds=C.warmup_kinds(self.la),
-                               sink_checked=bool(side.get("sink")))
+                               sink_checked=bool(side.get("sink")),
+                               serve_workers=side.get("workers", 1))
                     self.record("loadgen", rec)
 
     def revive(self, side: dict[str, Any]) -> None:
@@ -421,6 +430,7 @@ class Session:
     # ------------------------------------------------------------------ memory
     def group_memory(self) -> None:
         big = self.args.big_mib * 1024 * 1024
+        self.ensure_clamd()
         sections = ["smtp", "icap", "http"]
         C.kit("start-sink.sh", "memory")
         av = None
@@ -606,42 +616,53 @@ class Session:
 
     # ------------------------------------------------------------------ workers
     def group_workers(self, concs: list[int]) -> None:
-        av = None
-        rec: dict[str, Any] = {"session": self.id, "workers": 2}
+        """``[serve] workers = N`` for each N of ``--workers``: SMTP (-> sink) and ICAP at the
+        C of the other groups plus ``--workers-concurrency``; one fresh ``avgate serve`` per N,
+        the same clamd and sink, correctness counted as in the other groups."""
+        counts = self.args.workers
+        wconcs = sorted(set(concs) | set(self.args.workers_concurrency))
+        self.ensure_clamd()
+        C.kit("start-sink.sh", "workers")
+        sink = ["--sink-stats", str(C.PEER_RUN / "sink-stats.json")]
         try:
-            av = self.start_avgate("avgate-workers", ["smtp", "icap"], probe=False,
-                                   workers=2)
-            if av is None:
-                rec["available"] = False
-                lines = self.notes[-1] if self.notes else ""
-                rec["reason"] = lines
-                self.note("[serve] workers = 2: not available (serve refuses it); "
-                          "no scaling numbers")
-                return
-            time.sleep(1)
-            procs = self._tree(av.pid)
-            rec["processes"] = len(procs)
-            rec["available"] = len(procs) > 1
-            if not rec["available"]:
-                self.note("[serve] workers = 2 starts but runs one process: not available")
-                return
-            say(f"workers = 2: {len(procs)} processes")
-            C.kit("start-sink.sh", "workers")
-            try:
-                sink = ["--sink-stats", str(C.PEER_RUN / "sink-stats.json")]
-                for name, mode, tgt, extra in (
-                        ("avgate-w2 smtp", "smtp", ["--port", str(C.AVGATE_SMTP)], sink),
-                        ("avgate-w2 icap", "icap", ["--port", str(C.AVGATE_ICAP),
-                                                    "--service", "avscan"], [])):
-                    ours = self.ours("avgate-workers2", mode, tgt, name, "tcp", pid=av.pid,
-                                     sink=mode == "smtp", extra=extra)
-                    self.run_pair("workers", None, ours, concs)
-            finally:
-                C.stop_kit("sink")
+            for w in counts:
+                rec: dict[str, Any] = {"session": self.id, "workers": w,
+                                       "cores": os.cpu_count(), "concurrency": wconcs}
+                av = self.start_avgate(f"avgate-workers{w}", ["smtp", "icap"], probe=False,
+                                       workers=w)
+                if av is None:
+                    rec.update(available=False, reason=self.notes[-1] if self.notes else "")
+                    self.record("workers", rec)
+                    continue
+                self.extra_avgate.append(av)
+                try:
+                    time.sleep(1)  # let every worker bind (SO_REUSEPORT) before the load
+                    procs = C._tree(av.pid)
+                    rec.update(available=True, processes=len(procs),
+                               config=av.config.read_text())
+                    say(f"workers = {w}: {len(procs)} processes (serve workers + scan workers)")
+                    for fe, mode, tgt, extra in (
+                            ("SMTP", "smtp", ["--port", str(C.AVGATE_SMTP)], sink),
+                            ("ICAP", "icap", ["--port", str(C.AVGATE_ICAP),
+                                              "--service", "avscan"], [])):
+                        ours = self.ours(f"avgate-workers{w}", mode, tgt,
+                                         f"avgate {fe}, workers = {w}", "tcp", pid=av.pid,
+                                         sink=mode == "smtp", extra=extra, workers=w)
+                        self.run_pair("workers", None, ours, wconcs)
+                finally:
+                    for a in self.extra_avgate:  # (a revived one replaced av)
+                        a.stop()
+                    self.extra_avgate.clear()
+                self.record("workers", rec)
         finally:
-            if av:
-                av.stop()
-            self.record("workers", rec)
+            C.stop_kit("sink")
+
+    def ensure_clamd(self) -> None:
+        """The session's clamd is still there (a group script may have stopped it)."""
+        if not (self.clamd_pid and C.pid_alive(self.clamd_pid)):
+            if self.clamd_pid:
+                self.note(f"clamd (pid {self.clamd_pid}) was gone: started it again")
+            self.clamd_pid = C.start_clamd()
 
     @staticmethod
     def _tree(pid: int) -> list[int]:
@@ -680,6 +701,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--idle-conns", type=int, default=1000)
     ap.add_argument("--engines-timeout", type=int, default=900)
     ap.add_argument("--no-install", action="store_true", help="do not apt-get missing peers")
+    ap.add_argument("--workers", default="1,2",
+                    help="`[serve] workers` counts of the workers group (default 1,2)")
+    ap.add_argument("--workers-concurrency", default="64",
+                    help="C of the workers group, besides --concurrency (default 64)")
+    ap.add_argument("--before", default=None,
+                    help="report: the session to compare with (default: bench/results/BASELINE)")
+    ap.add_argument("--carry", action="append", default=None, metavar="SESSION",
+                    help="report: take the groups this run did not run from SESSION (repeatable;"
+                         " default for a partial run: the sessions of the current BENCHMARKS.md)")
     ap.add_argument("--no-report", action="store_true", help="do not regenerate BENCHMARKS.md")
     a = ap.parse_args(argv)
     q = a.quick
@@ -692,6 +722,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad:
         ap.error(f"unknown group(s): {', '.join(sorted(bad))}")
     a.only = [g for g in GROUPS if g in only]  # memory/workers restart avgate: they go last
+    try:
+        a.workers = [int(x) for x in a.workers.split(",") if x.strip()]
+        a.workers_concurrency = [int(x) for x in a.workers_concurrency.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--workers and --workers-concurrency take comma-separated integers")
+    if not a.workers or min(a.workers) < 1 or min(a.workers_concurrency, default=1) < 1:
+        ap.error("--workers and --workers-concurrency take positive integers")
     return a
 
 
@@ -710,14 +747,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sess = Session(args)
     started = time.time()
-    cmd = "make bench" if argv is None and os.environ.get("MAKELEVEL") else \
-        " ".join([".venv/bin/python bench/run.py", *map(shlex.quote, sys.argv[1:])])
+    cmd = " ".join([".venv/bin/python bench/run.py", *map(shlex.quote, sys.argv[1:])])
+    if argv is None and os.environ.get("MAKELEVEL"):
+        cmd = "make bench" + (f" BENCH_ARGS={shlex.quote(shlex.join(sys.argv[1:]))}"
+                              if sys.argv[1:] else "")
     sess.meta = {"session": sess.id, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                  "command": cmd, "machine": C.machine_info(), "quick": args.quick,
                  "runs": args.runs, "n": args.n, "max_seconds": args.max_seconds,
                  "concurrency": args.concurrency, "clamd_transport": args.clamd,
                  "groups": args.only, "loadgen_flags": " ".join(sess.la.common()),
-                 "big_mib": args.big_mib}
+                 "big_mib": args.big_mib, "workers": args.workers,
+                 "workers_concurrency": args.workers_concurrency}
     say(f"session {sess.id}: results in {sess.dir.relative_to(C.ROOT)}")
     concs = [int(x) for x in args.concurrency.split(",")]
     try:
@@ -785,7 +825,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         import report
 
-        report.main([str(sess.dir)])
+        rargs = [str(sess.dir)]
+        if args.before:
+            rargs += ["--before", args.before]
+        for c in args.carry or []:
+            rargs += ["--carry", c]
+        report.main(rargs)
     say(f"done in {time.time() - started:.0f}s; raw results in {sess.dir.relative_to(C.ROOT)}")
     return 0
 
