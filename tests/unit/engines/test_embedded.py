@@ -130,6 +130,14 @@ async def test_builtin_and_signatures_both_reported(tmp_path: Path, sigdir: Path
     assert sorted(names) == [EICAR_NAME, "Eicar-Test-Signature-HDB"]
 
 
+async def test_same_name_from_builtin_and_hdb_is_one_finding(tmp_path: Path) -> None:
+    d = tmp_path / "sigs"
+    d.mkdir()
+    (d / "test.hdb").write_text(f"{EICAR_MD5}:68:{EICAR_NAME}\n")
+    eng = engine(tmp_path, signatures=["sigs"])
+    assert await scan(eng, EICAR) == (ScanStatus.INFECTED, [EICAR_NAME])
+
+
 @pytest.mark.parametrize(("algo", "size"), [
     ("md5", "68"), ("sha1", "68"), ("sha256", "68"), ("sha1", "*"), ("sha256", "*"),
 ])
