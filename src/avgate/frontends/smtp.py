@@ -261,7 +261,8 @@ class FilterHandler:
         if trusted(addr, settings.xclient_hosts):
             out.insert(len(out) - 1, "250-XCLIENT " + " ".join(XCLIENT_ATTRS))
         await self.abort()
-        return out
+        # one reply, one write (aiosmtpd pushes each list item on its own: a send() each)
+        return ["\r\n".join(out)]
 
     async def handle_MAIL(self, server: FilterSMTP, session: _AioSession,
                           envelope: _AioEnvelope, address: str, options: list[str]) -> str:
@@ -388,9 +389,10 @@ class FilterHandler:
         if self.next_hop is not None:
             self.next_hop.release()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """The client connection is over: the next-hop connection goes back to the pool."""
         if self.next_hop is not None:
-            await self.next_hop.close()
+            self.next_hop.release()
 
 
 def _wire_pieces(spool: Spool, decision: Any, result: Any,
@@ -461,7 +463,6 @@ class SMTPListener:
         self.active = 0
         self.processing = 0
         self.sessions: set[FilterSMTP] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._tls = tls_context(settings, options.base_dir)
         hop = settings.relay_to
         self.pool = (Pool(hop[0], hop[1], settings.relay_timeout, self.hostname)
@@ -488,11 +489,6 @@ class SMTPListener:
         hop = "discard (verdict only)" if s.relay_to is None else s.next_hop
         tls = ", STARTTLS" if self._tls else ""
         return f"{s.name} {s.listen.host}:{self.port} -> {hop} ({s.mode}, {s.direction}{tls})"
-
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _protocol(self) -> FilterSMTP:
         s = self.current
@@ -524,8 +520,6 @@ class SMTPListener:
             if proto.transport is not None:
                 proto.transport.close()
         await asyncio.sleep(0)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=5.0)
         if self.pool is not None:
             self.pool.close()
         if self.server is not None:

@@ -12,15 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import inspect
 import ipaddress
 import logging
 import re
+import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, AnyStr
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, AnyStr, ClassVar
 
+from aiosmtpd.smtp import (
+    DATA_SIZE_DEFAULT,
+    _AuthMechAttr,
+    login_always_fail,
+    make_loop,
+    syntax,
+)
 from aiosmtpd.smtp import SMTP as _AioSMTP
 from aiosmtpd.smtp import Session as _AioSession
-from aiosmtpd.smtp import syntax
+from aiosmtpd.smtp import __ident__ as _AIOSMTPD_IDENT
+from aiosmtpd.smtp import log as _aiosmtpd_log
 
 from ..errors import SpoolError
 from ..protocols.smtp import XCLIENT_ATTRS, DataReceiver, parse_xattrs
@@ -77,6 +90,44 @@ def trace_arg(verb: str, arg: str | None) -> str | None:
     return arg[:TRACE_TEXT]
 
 
+def _traced(verb: str, method: Callable[[Any, str], Awaitable[None]]
+            ) -> Callable[[Any, str], Awaitable[None]]:
+    """``smtp_<verb>`` with a debug line first (when the scan log's level is debug); keeps
+    the ``@syntax`` attributes (HELP lists and explains the command)."""
+    @functools.wraps(method)
+    async def traced(self: AiosmtpdAdapter, arg: str) -> None:
+        log = self.tracing = self.debug_log()
+        if log is not None:
+            log.debug({"event": "smtp_command", **self.trace_fields(), "command": verb,
+                       "arg": trace_arg(verb, arg)})
+        await method(self, arg)
+    return traced
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """What aiosmtpd's ``SMTP.__init__`` finds by introspection, per (session class,
+    handler class): taken once from the first instance aiosmtpd built itself."""
+
+    smtp: tuple[tuple[str, Callable[[Any, str], Awaitable[None]]], ...]  # verb, traced
+    auth: tuple[tuple[str, str, bool], ...]  # mechanism, attribute, builtin (on the session)
+    hooks: tuple[str, ...]  # the handler's handle_* attributes
+    ehlo_hook_ver: str | None
+
+    @classmethod
+    def of(cls, smtp: AiosmtpdAdapter, handler: Any) -> _Tables:
+        auth = []
+        for mech, impl in smtp._auth_methods.items():
+            owner = smtp if impl.is_builtin else handler
+            name = next(n for n, m in inspect.getmembers(owner) if m == impl.method)
+            auth.append((mech, name, impl.is_builtin))
+        return cls(smtp=tuple((verb, _traced(verb, getattr(type(smtp), f"smtp_{verb}")))
+                              for verb in smtp._smtp_methods),
+                   auth=tuple(auth),
+                   hooks=tuple(f"handle_{verb}" for verb in smtp._handle_hooks),
+                   ehlo_hook_ver=smtp._ehlo_hook_ver)
+
+
 class AiosmtpdAdapter(_AioSMTP):
     """aiosmtpd's SMTP with the overrides of its internals that avgate needs, in one place.
 
@@ -88,6 +139,10 @@ class AiosmtpdAdapter(_AioSMTP):
     * The idle timer is one timer per connection, re-armed lazily: a command or received
       DATA bytes only move a deadline (aiosmtpd cancels and re-creates a timer per line);
       :attr:`busy` (scanning/relaying) keeps it from cutting the connection.
+    * ``__init__`` does what aiosmtpd's does without its per-connection introspection
+      (``inspect.getmembers``/``dir`` of the session and the handler, ``inspect.signature``
+      of ``handle_EHLO``: ~10% of the CPU per one-message connection): the tables come from
+      the first session of each kind, which aiosmtpd builds itself (:class:`_Tables`).
     * ``_getaddr`` has a fast path for a plain ``<dot-atom@domain>`` (aiosmtpd's builds a
       class and runs the RFC 5322 header parser per call); anything else goes to aiosmtpd's.
     * Hooks for the session: :meth:`admit` before the greeting, :meth:`session_closed`
@@ -97,16 +152,82 @@ class AiosmtpdAdapter(_AioSMTP):
     """
 
     line_length_limit = 64 * 1024
+    #: the keyword arguments :meth:`__init__` sets up itself (anything else: aiosmtpd's own)
+    FAST_INIT_KW = frozenset({"data_size_limit", "enable_SMTPUTF8", "decode_data", "hostname",
+                              "ident", "tls_context", "timeout", "loop"})
+    _tables: ClassVar[dict[tuple[type, type], _Tables]] = {}
 
     def __init__(self, handler: Any, **kw: Any) -> None:
         self._deadline = 0.0
         self.busy = False  # scanning/relaying: the idle timer must not cut the connection
         self.in_data = False  # receiving DATA: received bytes are activity
+        self.tracing: ScanLog | None = None  # debug lines go here (see debug_log)
         self.command_size_limits = collections.defaultdict(lambda: _AioSMTP.command_size_limit)
-        super().__init__(handler, **kw)
+        key = (type(self), type(handler))
+        tables = self._tables.get(key)
+        if tables is not None and self.FAST_INIT_KW.issuperset(kw):
+            self._init(handler, tables, **kw)
+        else:  # aiosmtpd's own: the first session of its kind, or other arguments
+            super().__init__(handler, **kw)
+            tables = _Tables.of(self, handler)
+            if self.FAST_INIT_KW.issuperset(kw):
+                self._tables[key] = tables
         # every command through one wrapper: a debug line per command when level = debug
-        self._smtp_methods = {verb: self._traced(verb, method)
-                              for verb, method in self._smtp_methods.items()}
+        self._smtp_methods = {verb: traced.__get__(self) for verb, traced in tables.smtp}
+
+    def _init(self, handler: Any, tables: _Tables, *,
+              data_size_limit: int | None = DATA_SIZE_DEFAULT, enable_SMTPUTF8: bool = False,
+              decode_data: bool = False,
+              hostname: str | None = None, ident: str | None = None,
+              tls_context: ssl.SSLContext | None = None, timeout: float = 300,
+              loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """What aiosmtpd's ``SMTP.__init__`` does with these arguments (and the defaults of
+        the others: no AUTH required, no call limits, no PROXY protocol), with the tables it
+        builds by introspection on every connection (``inspect.getmembers``, ``dir``,
+        ``inspect.signature``: ~10% of the CPU per message) taken from :class:`_Tables`.
+        ``test_aiosmtpd_adapter.py`` checks that both give the same instance state."""
+        self.__ident__ = ident or _AIOSMTPD_IDENT
+        self.loop = loop or make_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=self.loop)
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = decode_data
+        self.hostname = hostname or socket.getfqdn()
+        self.tls_context = tls_context
+        if tls_context and tls_context.verify_mode not in {ssl.CERT_NONE, ssl.CERT_OPTIONAL}:
+            _aiosmtpd_log.warning("tls_context.verify_mode not in {CERT_NONE, CERT_OPTIONAL}; "
+                                  "this might cause client connection problems")
+        elif tls_context and tls_context.check_hostname:
+            _aiosmtpd_log.warning("tls_context.check_hostname == True; "
+                                  "this might cause client connection problems")
+        self.require_starttls = tls_context and False  # aiosmtpd: ... and require_starttls
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._auth_callback = login_always_fail
+        self._authenticator = None
+        self._auth_required = False
+        self._auth_methods = {
+            mech: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            for mech, name, builtin in tables.auth}
+        if _aiosmtpd_log.isEnabledFor(logging.INFO):
+            _aiosmtpd_log.info("Available AUTH mechanisms: " + " ".join(
+                m + "(builtin)" if impl.is_builtin else m
+                for m, impl in sorted(self._auth_methods.items())))
+        self._handle_hooks = {name[7:]: getattr(handler, name) for name in tables.hooks}
+        self._ehlo_hook_ver = tables.ehlo_hook_ver
+        self._enforce_call_limit = False
 
     # debug trace ([log] level = "debug"): commands and replies, never AUTH data or DATA -------
     def trace_log(self) -> ScanLog | None:
@@ -117,19 +238,15 @@ class AiosmtpdAdapter(_AioSMTP):
         """What identifies this session in a debug line."""
         return {"frontend": "smtp", "client": peer_addr(self.session)}
 
-    def _traced(self, verb: str, method: Callable[[str], Awaitable[None]]
-                ) -> Callable[[str], Awaitable[None]]:
-        async def traced(arg: str) -> None:
-            log = self.trace_log()
-            if log is not None and log.debug_enabled:
-                log.debug({"event": "smtp_command", **self.trace_fields(), "command": verb,
-                           "arg": trace_arg(verb, arg)})
-            await method(arg)
-        return traced
+    def debug_log(self) -> ScanLog | None:
+        """The trace log when its level is debug, else None. Looked up before the greeting
+        and at each command (:attr:`tracing`); the replies to it use that."""
+        log = self.trace_log()
+        return log if log is not None and log.debug_enabled else None
 
     async def push(self, status: AnyStr) -> None:
-        log = self.trace_log()
-        if log is not None and log.debug_enabled:
+        log = self.tracing
+        if log is not None:
             text = status if isinstance(status, str) else status.decode("utf-8", "replace")
             log.debug({"event": "smtp_reply", **self.trace_fields(),
                        "reply": text[:TRACE_TEXT]})
@@ -170,6 +287,7 @@ class AiosmtpdAdapter(_AioSMTP):
 
     # overrides of aiosmtpd internals ---------------------------------------------------------
     async def _handle_client(self) -> None:
+        self.tracing = self.debug_log()
         if not await self.admit():
             if self.transport is not None:
                 self.transport.close()
@@ -270,7 +388,7 @@ class FilterSMTP(AiosmtpdAdapter):
         listener = self.listener
         listener.active -= 1
         listener.sessions.discard(self)
-        listener.spawn(self.filter.aclose())
+        self.filter.close()
 
     def transaction_reset(self) -> None:
         self._overshoot = 0

@@ -9,6 +9,8 @@ here, by name, instead of somewhere in the SMTP filter.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -205,5 +207,76 @@ async def test_idle_timer(serve: Serve) -> None:
         with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
             await c.reply(timeout=10)  # idle: the server hangs up
         assert loop.time() - start < 5
+    finally:
+        await c.close()
+
+
+class Hooks:
+    """A handler with hooks, as avgate's FilterHandler has."""
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        return responses
+
+    async def handle_RSET(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 ok"
+
+
+def _state(obj: Any) -> dict[str, Any]:
+    """An instance's attributes, comparable across two instances: bound methods by their
+    function, per-instance objects (reader, futures, loop) by type."""
+    def norm(v: Any) -> Any:
+        if inspect.ismethod(v):
+            return ("method", v.__func__, type(v.__self__))
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        if isinstance(v, tuple):
+            return tuple(norm(x) for x in v)
+        if isinstance(v, str | int | float | bool | type(None)):
+            return v
+        return ("object", type(v))
+    return {k: norm(v) for k, v in vars(obj).items()}
+
+
+@pytest.mark.parametrize("kw", [{}, {"data_size_limit": 1000, "enable_SMTPUTF8": True,
+                                     "hostname": "h.test", "ident": "id", "timeout": 9}])
+async def test_fast_init_builds_what_aiosmtpd_builds(kw: dict[str, Any]) -> None:
+    """The adapter builds its state without aiosmtpd's per-connection introspection (from
+    tables taken at the first connection): the state must be what aiosmtpd's __init__ gives,
+    attribute for attribute (an aiosmtpd upgrade that sets something new fails here)."""
+    loop = asyncio.get_running_loop()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    for handler in (object(), Hooks()):
+        AiosmtpdAdapter._tables.pop((_Bare, type(handler)), None)
+        slow = _Bare(handler, loop=loop, tls_context=ctx, **kw)  # aiosmtpd's, then the tables
+        assert (_Bare, type(handler)) in AiosmtpdAdapter._tables
+        fast = _Bare(handler, loop=loop, tls_context=ctx, **kw)
+        assert _state(fast) == _state(slow)
+        assert set(fast._handle_hooks) == ({"EHLO", "RSET"} if isinstance(handler, Hooks)
+                                           else set())
+        assert sorted(fast._auth_methods) == ["LOGIN", "PLAIN"]
+        assert getattr(fast._auth_methods["LOGIN"].method, "__self__", None) is fast
+    # other arguments: aiosmtpd's own __init__, and the tables are not taken from it
+    AiosmtpdAdapter._tables.pop((_Bare, object), None)
+    odd = _Bare(object(), loop=loop, auth_exclude_mechanism=["LOGIN"])
+    assert sorted(odd._auth_methods) == ["PLAIN"]
+    assert (_Bare, object) not in AiosmtpdAdapter._tables
+    # HELP still sees the commands' @syntax through the trace wrapper
+    assert odd._smtp_methods["HELP"].__smtp_syntax__ == "HELP [command]"
+
+
+class _Bare(AiosmtpdAdapter):
+    """The adapter with nothing added."""
+
+
+async def test_help_lists_the_commands(serve: Serve) -> None:
+    """HELP goes through the trace wrapper, which keeps aiosmtpd's @syntax attributes."""
+    c = await RawClient.connect(await serve())
+    try:
+        reply = await c.cmd("HELP")
+        assert reply.startswith("250 Supported commands:") and "MAIL" in reply.split()
+        assert await c.cmd("HELP NOOP") == "250 Syntax: NOOP [ignored]"
     finally:
         await c.close()

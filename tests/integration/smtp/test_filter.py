@@ -210,3 +210,33 @@ async def test_connection_limit(avgate: StartAvgate, sink: Sink) -> None:
     c = await RawClient.connect(gw.port)  # a slot is free again
     assert (await c.cmd("NOOP")).startswith("250")
     await c.close()
+
+
+async def test_ehlo_reply_is_one_write(avgate: StartAvgate) -> None:
+    """The multi-line EHLO reply leaves in one write (aiosmtpd pushes each line on its own:
+    a send() and a TCP segment per line)."""
+    gw = await avgate(listener={"mode": "verdict"})
+    r, w = await asyncio.open_connection("127.0.0.1", gw.port)
+    try:
+        assert (await asyncio.wait_for(r.readline(), 10)).startswith(b"220 ")
+        [session] = gw.listeners[0].sessions
+        transport = session.transport
+        assert transport is not None
+        writes: list[bytes] = []
+        write = transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        transport.write = counted  # type: ignore[method-assign]
+        w.write(b"EHLO client.test\r\n")
+        reply = b""
+        while not reply.endswith(b"250 HELP\r\n"):
+            reply += await asyncio.wait_for(r.read(65536), 10)
+        assert writes == [reply]
+        lines = reply.decode().split("\r\n")
+        assert lines[0] == "250-avgate.test" and lines[-2] == "250 HELP"
+        assert any(line.startswith("250-XFORWARD ") for line in lines)
+    finally:
+        w.close()
