@@ -18,6 +18,7 @@ credentials). Writing one never fails the caller.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -34,9 +35,19 @@ from .settings import Section
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
+_last_second: tuple[int, str] = (-1, "")  # the whole second utc_now formatted last, its text
+
+
 def utc_now() -> str:
     """Current time as ISO 8601 UTC (milliseconds, trailing Z)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    global _last_second
+    now = time.time()
+    second = int(now)
+    cached = _last_second
+    if cached[0] != second:  # strftime once a second, not once a line
+        cached = _last_second = (second, datetime.fromtimestamp(second, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
 
 
 def scan_event(result: ScanResult, *, frontend: str, listener: str = "",
@@ -88,8 +99,6 @@ class ScanLog:
         if path is None:
             self._stream = sys.stdout
         else:
-            import os
-
             # the log names senders and recipients: not world-readable
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             self._stream = open(fd, "a", encoding="utf-8", buffering=1)
@@ -105,11 +114,18 @@ class ScanLog:
         """Write one event as a JSON line (``time`` added when missing)."""
         if _LEVELS.get(level, 20) < _LEVELS[self.level]:
             return
-        line = json.dumps({"time": utc_now(), **event} if "time" not in event else event,
-                          separators=(",", ":"), default=str, ensure_ascii=False)
+        if "time" not in event:
+            event = {"time": utc_now(), **event}
+        line = _ENCODER.encode(event) + "\n"  # serialised once, written in one call
         with self._lock:
-            self._stream.write(line + "\n")
-            self._stream.flush()
+            if self._own:
+                # one os.write on the O_APPEND descriptor, as the line-buffered file's
+                # write + flush per line did: a line is in the kernel before log() returns,
+                # so a crash of avgate loses no line it wrote
+                _write_all(self._stream.fileno(), line.encode("utf-8", "backslashreplace"))
+            else:
+                self._stream.write(line)
+                self._stream.flush()
 
     def debug(self, event: dict[str, Any]) -> None:
         """A debug line (a protocol step, an engine request — summaries, never content bytes
@@ -129,6 +145,16 @@ class ScanLog:
         if self._own:
             with self._lock:
                 self._stream.close()
+
+
+#: one encoder for every line (json.dumps with these options builds a new one per call)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 #: the scan log :func:`debug` writes to (the one this process opened last)
@@ -233,11 +259,29 @@ quarantine_bytes = Gauge("avgate_quarantine_bytes", "Bytes in the quarantine",
                          registry=registry)
 
 
+_MAX_CHILDREN = 4096  # label sets remembered, all metrics together (a bound: finding
+#: names come from the engines' signatures)
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: prometheus_client checks and looks the label
+    values up under a lock on every call; this is one dict lookup on the hot path."""
+    key = (metric, *labels)
+    found = _children.get(key)
+    if found is None:
+        found = metric.labels(*labels)
+        if len(_children) >= _MAX_CHILDREN:
+            _children.clear()
+        _children[key] = found
+    return found
+
+
 def record_scan(frontend: str, result: ScanResult) -> None:
     """Update the scan metrics for one merged result."""
-    scans_total.labels(frontend=frontend, status=result.status.value).inc()
+    child(scans_total, frontend, result.status.value).inc()
     for name in result.virus_names:
-        findings_total.labels(name=name).inc()
+        child(findings_total, name).inc()
     if result.cached:
         cache_hits_total.inc()
     # engine latency and errors are recorded per engine by BaseEngine.scan, from that

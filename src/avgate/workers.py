@@ -12,7 +12,7 @@ processes, each task under
   reported as :class:`BudgetExceeded` too, and that worker is replaced.
 
 The event loop only moves bytes: a task is one length-prefixed pickle written to the
-worker's socket, the reply one read from it (asyncio streams, no helper threads). Why not
+worker's socket, the reply one read from it (an asyncio protocol, no helper threads). Why not
 ``concurrent.futures.ProcessPoolExecutor`` or pebble: the first cannot stop a running task
 (one stuck task breaks the whole pool), and pebble can but costs ~300 us of the parent's CPU
 per task through its helper threads and futures (measured: 20 KB object, 2 workers), which
@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 #: modules the forkserver imports once, so every worker starts with them loaded
 PRELOAD = ["avgate.workers", "avgate.engines.embedded", "avgate.content",
@@ -243,11 +243,82 @@ class _Zygote:
 
 
 # -- the parent side --------------------------------------------------------------------------
-class _Worker:
-    __slots__ = ("pid", "pidfd", "reader", "writer")
+class _Channel(asyncio.Protocol):
+    """The parent's end of one worker's socket: length-prefixed frames in, one at a time.
 
-    def __init__(self, pid: int, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    A plain protocol rather than asyncio streams: a reply is one ``data_received`` and one
+    future, where a StreamReader's two ``readexactly`` calls cost two more task wake-ups
+    per task (measured: ~0.05 ms of the parent's CPU per task of a 20 KB object)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[bytes] | None = None
+        self._lost: BaseException | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # (uvloop's transports implement asyncio.Transport without subclassing it)
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        self._deliver()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or asyncio.IncompleteReadError(bytes(self._buffer), None)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(self._lost)
+
+    def _frame(self) -> bytes | None:
+        """The next whole frame in the buffer (removed from it), or None."""
+        buf = self._buffer
+        if len(buf) < _HEADER.size:
+            return None
+        (n,) = _HEADER.unpack_from(buf)
+        start = _HEADER.size
+        if n == -1:
+            if len(buf) < start + _BIG.size:
+                return None
+            (n,) = _BIG.unpack_from(buf, start)
+            start += _BIG.size
+        if len(buf) < start + n:
+            return None
+        frame = bytes(buf[start:start + n])
+        del buf[:start + n]
+        return frame
+
+    def _deliver(self) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        frame = self._frame()
+        if frame is not None:
+            self._waiter = None
+            waiter.set_result(frame)
+
+    async def receive(self) -> bytes:
+        """The next frame (raises IncompleteReadError/ConnectionError once the worker is
+        gone)."""
+        ready = self._frame()
+        if ready is not None:
+            return ready
+        if self._lost is not None:
+            raise self._lost
+        waiter: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            frame = await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+        return frame
+
+
+class _Worker:
+    __slots__ = ("channel", "pid", "pidfd", "transport")
+
+    def __init__(self, pid: int, transport: asyncio.Transport, channel: _Channel) -> None:
         self.pid = pid
         # A pidfd names this very process even after its pid is reused: kill() can never
         # hit another process.
@@ -255,27 +326,24 @@ class _Worker:
             self.pidfd: int | None = os.pidfd_open(pid)
         except (OSError, AttributeError):  # pragma: no cover - old kernel
             self.pidfd = None
-        self.reader = reader
-        self.writer = writer
+        self.transport = transport
+        self.channel = channel
 
-    async def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes) -> None:
+        """Queue one frame: the transport writes what the socket takes now and the rest as
+        the worker reads (the worker answers only once it has it all)."""
+        if self.transport.is_closing():
+            raise ConnectionResetError("scan worker connection closed")
         n = len(payload)
-        if n > 0x7FFFFFFF:
-            self.writer.write(_HEADER.pack(-1) + _BIG.pack(n))
-        else:
-            self.writer.write(_HEADER.pack(n))
-        self.writer.write(payload)
-        await self.writer.drain()
+        header = _HEADER.pack(-1) + _BIG.pack(n) if n > 0x7FFFFFFF else _HEADER.pack(n)
+        self.transport.writelines((header, payload))
 
     async def receive(self) -> Any:
-        (n,) = _HEADER.unpack(await self.reader.readexactly(_HEADER.size))
-        if n == -1:
-            (n,) = _BIG.unpack(await self.reader.readexactly(_BIG.size))
-        return pickle.loads(await self.reader.readexactly(n))  # noqa: S301 - our own worker
+        return pickle.loads(await self.channel.receive())  # noqa: S301 - our own worker
 
     def kill(self) -> None:
         with contextlib.suppress(Exception):
-            self.writer.close()
+            self.transport.close()
         if self.pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
@@ -334,8 +402,9 @@ class WorkerPool:
             pid, sock = await asyncio.to_thread(_Zygote.fork, request)
         except (OSError, EOFError) as exc:
             raise WorkerError(f"{self.name} worker did not start: {exc}") from None
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
-        worker = _Worker(pid, reader, writer)
+        transport, channel = await asyncio.get_running_loop().create_unix_connection(
+            _Channel, sock=sock)
+        worker = _Worker(pid, transport, channel)
         self._all.add(worker)
         self._started += 1
         try:
@@ -439,7 +508,7 @@ class WorkerPool:
         self._tasks += 1
         try:
             async with asyncio.timeout(budget):
-                await worker.send(payload)
+                worker.send(payload)
                 del payload
                 status, value = await worker.receive()
         except TimeoutError:

@@ -104,3 +104,45 @@ def test_quarantine_gauges(tmp_path: Path) -> None:
         store.put(b"123", Envelope(), RESULT)
         assert _value("avgate_quarantine_records") == 2
         assert _value("avgate_quarantine_bytes") == 8
+
+
+def test_utc_now_is_iso_milliseconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    for t in (1_700_000_000.0, 1_700_000_000.9996, 1_700_000_001.5, 1_700_000_000.25):
+        monkeypatch.setattr("avgate.observability.time.time", lambda t=t: t)
+        expected = datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        assert obs.utc_now() == expected  # the second's text is cached, never stale
+
+
+def test_metric_children_are_cached_per_label_set() -> None:
+    a = obs.child(obs.scans_total, "smtp", "clean")
+    assert obs.child(obs.scans_total, "smtp", "clean") is a
+    assert a is obs.scans_total.labels(frontend="smtp", status="clean")
+    assert obs.child(obs.scans_total, "smtp", "infected") is not a
+    for i in range(obs._MAX_CHILDREN + 1):  # bounded: the cache starts over when full
+        obs.child(obs.findings_total, f"Test.Cache.{i}")
+    assert len(obs._children) <= obs._MAX_CHILDREN
+
+
+def test_scan_log_line_is_one_write_and_never_invalid_utf8(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.log"
+    log = obs.ScanLog(str(path), "info", register=False)
+    writes: list[bytes] = []
+    real = os.write
+
+    def spy(fd: int, data: bytes | memoryview) -> int:
+        writes.append(bytes(data))
+        return real(fd, data)
+
+    monkeypatch.setattr("avgate.observability.os.write", spy)
+    try:
+        # a surrogate (undecodable bytes of a name, decoded with surrogateescape)
+        log.log({"event": "scan", "name": "a\udcff.exe", "n": 1})
+    finally:
+        log.close()
+    assert len(writes) == 1 and writes[0].endswith(b"\n")  # serialised once, one write
+    raw = path.read_bytes()
+    raw.decode("utf-8")  # valid UTF-8
+    assert json.loads(raw)["name"] == "a\udcff.exe"  # a JSON escape, read back as written
