@@ -185,6 +185,15 @@ class Spool:
             while chunk := f.read(size):
                 yield chunk
 
+    def reopen_fd(self) -> int | None:
+        """A new read-only descriptor of the spool's own file — the same inode that was
+        written and hashed, with its own offset (opened through /proc/self/fd, never by
+        name) — or None for a spool in memory. The caller closes it."""
+        if self._file is None:
+            return None
+        self._file.flush()
+        return os.open(f"/proc/self/fd/{self._file.fileno()}", os.O_RDONLY | os.O_CLOEXEC)
+
     def path(self) -> str:
         """A filesystem path holding the content (moves memory content to a temp file)."""
         if self._path is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import os
 import time
@@ -17,6 +19,7 @@ from avgate.engines.command import CommandEngine, CommandEngineSettings
 from avgate.result import ScanStatus
 from avgate.spool import Spool
 from tests.clamd_daemon import EICAR, EICAR_NAME, MARKER, MARKER_NAME, ClamdDaemon
+from tests.helpers import async_wait_until
 
 pytestmark = [pytest.mark.clamd, pytest.mark.timeout(60)]
 
@@ -204,3 +207,188 @@ async def test_corpus_through_real_clamd(sample: Any, clamd_alive: ClamdDaemon) 
     assert result.status == expected, result.reason
     if sample.virus and result.status is ScanStatus.INFECTED:
         assert result.virus.startswith(sample.virus)
+
+
+# -- IDSESSION reuse and FILDES ------------------------------------------------------------
+
+class CountingProxy:
+    """A unix-socket relay in front of clamd's socket that counts connections. It relays
+    bytes only: a descriptor passed with FILDES does not get through (clamd then answers
+    ``No file descriptor received. ERROR``, a real refusal)."""
+
+    def __init__(self, target: str, path: str) -> None:
+        self.target = target
+        self.path = path
+        self.connections = 0
+        self.closed = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"unix:{self.path}"
+
+    async def start(self) -> CountingProxy:
+        self._server = await asyncio.start_unix_server(self._handle, self.path)
+        return self
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:  # the relays end on their own, none is cancelled
+            writer.close()
+        assert await async_wait_until(lambda: self.closed == self.connections)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_unix_connection(self.target)
+        self._writers += (writer, up_writer)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(OSError):
+                dst.write_eof()
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self.closed += 1
+            writer.close()
+            up_writer.close()
+
+
+@pytest.fixture
+async def proxy(clamd_alive: ClamdDaemon, tmp_path: Path) -> AsyncIterator[CountingProxy]:
+    p = await CountingProxy(clamd_alive.socket_path, str(tmp_path / "proxy.sock")).start()
+    yield p
+    await p.stop()
+
+
+MIXED = [(EICAR, ScanStatus.INFECTED), (b"clean text " * 100, ScanStatus.CLEAN),
+         (b"x" * 1000 + MARKER, ScanStatus.INFECTED), (os.urandom(20_000), ScanStatus.CLEAN)]
+
+
+async def _scan_mixed(eng: ClamdEngine, rounds: int) -> None:
+    for _ in range(rounds):
+        for data, status in MIXED:
+            result = await eng.scan(Spool.from_bytes(data))
+            assert result.status is status, result.reason
+
+
+async def test_sessions_are_reused(proxy: CountingProxy) -> None:
+    eng = ClamdEngine(ClamdEngineSettings(servers=proxy.url, session_pool=4, fildes="off",
+                                          scan_timeout=20), CTX)
+    await _scan_mixed(eng, 5)  # 20 scans, one after the other: one connection
+    assert proxy.connections == 1 and eng.servers[0].sessions_opened == 1
+    # 8 at once: the 4 sessions, then plain connections for the rest; none waits
+    results = await asyncio.gather(*(eng.scan(Spool.from_bytes(EICAR)) for _ in range(8)))
+    assert all(r.status is ScanStatus.INFECTED for r in results)
+    assert eng.servers[0].sessions_opened == 4 and eng.servers[0].sessions <= 4
+    assert proxy.connections == 1 + 3 + 4  # the first session, 3 new ones, 4 plain
+    await eng.close()
+    assert eng.servers[0].sessions == 0
+    assert await async_wait_until(lambda: proxy.closed == proxy.connections)
+
+
+async def test_idle_sessions_expire(proxy: CountingProxy) -> None:
+    eng = ClamdEngine(ClamdEngineSettings(servers=proxy.url, session_idle_timeout=0.3,
+                                          scan_timeout=20), CTX)
+    await _scan_mixed(eng, 1)
+    assert eng.servers[0].sessions == 1
+    # the prune timer ENDs and closes it, without another scan
+    assert await async_wait_until(lambda: proxy.closed == 1)
+    assert eng.servers[0].sessions == 0 and not eng.servers[0].idle
+    await _scan_mixed(eng, 1)
+    assert proxy.connections == 2
+    await eng.close()
+
+
+async def test_clamd_restart_breaks_the_session_not_the_scan(
+        clamd_alive: ClamdDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.unix, scan_timeout=20,
+                                          fildes="off"), CTX)
+    await _scan_mixed(eng, 1)
+    clamd_alive.restart()
+    # the idle session is dead: noticed before use, a new one is opened
+    await _scan_mixed(eng, 1)
+    assert eng.servers[0].sessions_opened == 2
+    clamd_alive.restart()
+    # not noticed before use (the check is skipped): the scan breaks on the dead session
+    # and is redone on a plain connection, with the right verdict
+    monkeypatch.setattr("avgate.engines.clamd.Session.alive", lambda self: True)
+    for data, status in MIXED:
+        assert (await eng.scan(Spool.from_bytes(data))).status is status
+    assert eng.servers[0].sessions_opened == 3
+    assert eng.servers[0].failures == 0  # a broken session is no server failure
+    await eng.close()
+
+
+@pytest.fixture
+def fd_passed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the objects that went out by FILDES."""
+    from avgate.engines import clamd as clamd_module
+
+    sizes: list[int] = []
+    real = clamd_module._spool_fd
+
+    def spy(spool: Spool) -> int:
+        sizes.append(spool.size)
+        return real(spool)
+
+    monkeypatch.setattr(clamd_module, "_spool_fd", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("pool", [0, 4])
+async def test_fildes_verdicts(clamd_alive: ClamdDaemon, tmp_path: Path, pool: int,
+                               fd_passed: list[int]) -> None:
+    eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.unix, session_pool=pool,
+                                          fildes="always", scan_timeout=20), CTX)
+    for data, status in MIXED:
+        # in memory (sealed memfd) and on disk (the spool's own file)
+        on_disk = Spool(memory_limit=16, directory=str(tmp_path))
+        on_disk.write(data)
+        for spool in (Spool.from_bytes(data), on_disk.finish()):
+            assert spool.in_memory is (spool is not on_disk)
+            result = await eng.scan(spool)
+            assert result.status is status, result.reason
+            assert result.sha256 == spool.sha256
+    assert fd_passed == [len(d) for d, _ in MIXED for _ in (1, 2)]
+    assert not eng.servers[0].fildes_refused
+    await eng.close()
+
+
+async def test_fildes_disk_mode_streams_memory_spools(clamd_alive: ClamdDaemon,
+                                                      fd_passed: list[int]) -> None:
+    eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.unix, fildes="disk"), CTX)
+    assert (await eng.scan(Spool.from_bytes(EICAR))).status is ScanStatus.INFECTED
+    big = Spool(memory_limit=16)
+    big.write(b"y" * 100 + MARKER)
+    assert (await eng.scan(big.finish())).status is ScanStatus.INFECTED
+    assert fd_passed == [100 + len(MARKER)]
+    await eng.close()
+
+
+@pytest.mark.parametrize("pool", [0, 4])
+async def test_fildes_refused_falls_back_to_instream(proxy: CountingProxy, pool: int,
+                                                     fd_passed: list[int]) -> None:
+    # the relay drops the descriptor: clamd answers "No file descriptor received. ERROR"
+    eng = ClamdEngine(ClamdEngineSettings(servers=proxy.url, session_pool=pool,
+                                          fildes="always", scan_timeout=20), CTX)
+    await _scan_mixed(eng, 2)
+    assert fd_passed == [len(EICAR)]  # tried once, then INSTREAM for good
+    assert "No file descriptor received" in eng.servers[0].fildes_refused
+    assert eng.servers[0].failures == 0
+    await eng.close()
+
+
+async def test_fildes_is_never_tried_over_tcp(clamd_alive: ClamdDaemon,
+                                              fd_passed: list[int]) -> None:
+    eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.tcp, fildes="always"), CTX)
+    await _scan_mixed(eng, 1)
+    assert fd_passed == []
+    await eng.close()

@@ -107,3 +107,26 @@ def test_from_fd_refuses_descriptors_not_open_for_reading(tmp_path, flags):
             Spool.from_fd(fd)
     finally:
         os.close(fd)
+
+
+def test_reopen_fd_is_the_hashed_inode_not_the_name(tmp_path):
+    s = Spool(memory_limit=4, directory=str(tmp_path))
+    s.write(b"hashed content")
+    s.finish()
+    path = s.path()
+    # someone swaps the name: the descriptor still reads what was hashed
+    os.rename(path, path + ".old")
+    with open(path, "wb") as f:
+        f.write(b"other content!")
+    fd = s.reopen_fd()
+    assert fd is not None
+    try:
+        assert os.pread(fd, 100, 0) == b"hashed content"
+        assert hashlib.sha256(os.pread(fd, 100, 0)).hexdigest() == s.sha256
+        with pytest.raises(OSError):
+            os.write(fd, b"x")  # read-only
+    finally:
+        os.close(fd)
+    os.rename(path + ".old", path)
+    s.close()
+    assert Spool.from_bytes(b"in memory").reopen_fd() is None

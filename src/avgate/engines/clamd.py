@@ -1,12 +1,48 @@
-"""clamd engine: streams the object to one or more clamd servers with INSTREAM.
+"""clamd engine: sends the object to one or more clamd servers with INSTREAM or FILDES,
+on pooled IDSESSION connections.
 
 Config (``[[engines]] type = "clamd"``): see :class:`ClamdEngineSettings`.
 
-Connections: one connection per scan, no IDSESSION pool. On loopback or a unix socket a
-connect costs tens of microseconds, far below a scan, while a pool would have to track
-clamd's IdleTimeout, half-closed sessions and which reply belongs to which scan after a
-failure. Small objects go out as one write (command + chunk + terminator); larger ones are
-streamed from the spool in ``stream_chunk_size`` pieces, never held in memory whole.
+Connections: each server keeps up to ``session_pool`` IDSESSION connections per serve
+process (default 16), one scan at a time on each. A new connection per scan cost avgate
+about 130 µs of CPU of a ~470 µs 20 KB scan, and clamd about 140 µs (numbers below). A
+scan takes the most recently used idle
+session, else opens one while the pool has room, else uses a plain one-shot connection;
+nobody waits for a session. Only objects that go out in one write (up to
+``stream_chunk_size``) or by FILDES use sessions: a big stream gains nothing from reuse and
+may hit StreamMaxLength, after which clamd closes the connection.
+
+Every session reply must carry the id of the request just sent
+(:class:`~avgate.protocols.clamd.ClientSession`). On any doubt about a reused session — it
+was closed (clamd's ReadTimeout, a restart), a reply without our id or with another one,
+garbage, an ERROR reply (MaxQueue, ...), bytes nobody asked for — the session is closed
+and the scan redone once on a plain connection within the same attempt's bound; a broken
+session is no server failure. A new session's first answer is the server's, as on a plain
+connection. A timeout closes the session and fails the attempt. Idle sessions are checked
+with a non-blocking peek before use and ENDed after ``session_idle_timeout`` (default 20
+s); clamd 1.4 itself drops an idle session after its ReadTimeout (default 120 s; IdleTimeout
+is for its idle threads).
+
+FILDES (unix sockets only; ``fildes``): instead of streaming, the object's descriptor goes
+to clamd with SCM_RIGHTS and clamd scans it in place, with no temp-file copy on its side. The
+descriptor is of exactly the bytes that were hashed: a disk spool's own private file
+(mkstemp, written once, reopened read-only and checked: our regular file of the hashed
+size), or, with ``fildes = "always"``, a memfd holding an in-memory spool, sealed against
+writes, growth and shrinking before clamd sees it. clamd's StreamMaxLength does not apply
+to FILDES, so objects over ``fildes_max_size`` are streamed. A refusal (``No file descriptor
+received``, ``UNKNOWN COMMAND``, anything but an ``fd[N]:`` verdict) switches that server to
+INSTREAM for the life of the process and the scan is redone with INSTREAM.
+
+Measured (a clamd of tests/clamd_daemon.py on its unix socket, unique 20 KB objects,
+C=16, CPU of avgate's process per scan, median of 3 rounds on the shared 2-core machine;
+details in the issue-19 part of bench/ANALYSIS.md): objects in memory — new connection +
+INSTREAM 472 µs, IDSESSION 341 µs, sealed-memfd FILDES 451 µs, both 354 µs (clamd's CPU
+780 / 640 / 520 / 450 µs): the memfd spares clamd its temp-file copy but not avgate any
+CPU, so in-memory objects are streamed unless ``fildes = "always"``. Objects on disk —
+INSTREAM 475 µs, IDSESSION 355 µs, FILDES 368 µs, both 298 µs.
+
+Small objects go out as one write (command + chunk + terminator); larger ones are streamed
+from the spool in ``stream_chunk_size`` pieces, never held in memory whole.
 
 Servers, failover, retry and health: :mod:`avgate.engines.upstream`. A failed attempt
 (refused, timeout, garbage, closed mid-stream) moves the same scan to the next server; an
@@ -30,8 +66,13 @@ errors name only the proxy's address.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
+import fcntl
+import os
 import socket
+import stat
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -47,7 +88,7 @@ from pydantic import (
 )
 
 from ..errors import EngineError, EngineProtocolError, EngineTimeout, EngineUnavailable
-from ..limits import GiB, KiB
+from ..limits import GiB, KiB, MiB
 from ..protocols import clamd as proto
 from ..result import Finding, ScanResult, ScanStatus
 from ..settings import Section, Size
@@ -63,6 +104,7 @@ _REPLY_AFTER_RESET = 1.0
 _INSTREAM = proto.encode_command("INSTREAM")
 _PING = proto.encode_command("PING")
 _VERSION = proto.encode_command("VERSION")
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
 
 
 # -- SOCKS5 ------------------------------------------------------------------------------
@@ -141,6 +183,12 @@ class ClamdServer(Upstream):
     socks: str = field(default="", repr=False)  # SOCKS5 proxy URL (tcp only); a secret
     version: proto.VersionInfo | None = None
     version_at: float = 0.0  # clock time of the last VERSION query
+    #: idle IDSESSION connections, oldest first; ``sessions`` counts idle and busy ones
+    idle: list[Session] = field(default_factory=list, repr=False)
+    sessions: int = 0
+    sessions_opened: int = 0  # since start, for health and tests
+    fildes_refused: str = ""  # clamd's refusal of FILDES: INSTREAM from then on
+    prune: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def via(self) -> str:
@@ -201,6 +249,35 @@ class ClamdServer(Upstream):
                 sock.close()
                 raise
         raise error
+
+
+@dataclass(slots=True, eq=False)
+class Session:
+    """One IDSESSION connection: the socket, its codec, and since when it is idle."""
+
+    sock: socket.socket
+    codec: proto.ClientSession
+    idle_since: float = 0.0  # event-loop time
+    scans: int = 0
+
+    def alive(self) -> bool:
+        """Nothing to read and not closed: clamd has not dropped it (ReadTimeout, restart)
+        nor sent anything unasked. One non-blocking peek."""
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return not data  # b"": closed; data: something we did not ask for
+
+    def close(self, end: bool) -> None:
+        """Close; with ``end`` say ``zEND`` first when the session is clean (best effort,
+        never blocks)."""
+        if end and self.codec.idle:
+            with contextlib.suppress(OSError):
+                self.sock.send(self.codec.end(), socket.MSG_DONTWAIT)
+        self.sock.close()
 
 
 def _server_url(url: str) -> str:
@@ -266,6 +343,18 @@ class ClamdEngineSettings(UpstreamSettings):
     socks: SOCKS5 proxy (``socks5://[user:password@]host:port``) for every ``tcp://`` server
         of this engine (unset: connect directly; unix sockets always connect directly)
     stream_chunk_size: bytes per INSTREAM chunk (e.g. "64 KiB"; 1 byte to 1 GiB)
+    session_pool: IDSESSION connections kept per server and serve process (0: a new
+        connection for every scan). Used for objects that go out in one write (up to
+        ``stream_chunk_size``) and for FILDES; when all are busy a scan uses a plain
+        connection
+    session_idle_timeout: seconds an idle session is kept; keep it below clamd's
+        ReadTimeout (default 120 s), after which clamd drops an idle session
+    fildes: pass a descriptor (FILDES) instead of streaming, unix sockets only:
+        "off"; "disk" (objects spooled to disk: their private spool file); "always" (also
+        objects in memory, through a sealed memfd)
+    fildes_max_size: larger objects are streamed with INSTREAM (clamd's StreamMaxLength
+        does not apply to FILDES; keep this at or below clamd's StreamMaxLength and
+        MaxFileSize, or a larger file may come back OK unscanned)
     strategy, connect_timeout, scan_timeout, retry_after, max_failures: see UpstreamSettings
     """
 
@@ -277,6 +366,10 @@ class ClamdEngineSettings(UpstreamSettings):
         ClamdServerSettings(url="unix:/run/clamav/clamd.ctl"))
     socks: SocksUrl | None = Field(None, repr=False)
     stream_chunk_size: Size = 64 * KiB
+    session_pool: int = Field(16, ge=0, le=1024)
+    session_idle_timeout: float = Field(20.0, gt=0)
+    fildes: Literal["off", "disk", "always"] = "disk"
+    fildes_max_size: Size = 10 * MiB
 
     def server_list(self) -> list[ClamdServer]:
         """The servers to build, each with its proxy (its own ``socks``, else the engine's;
@@ -318,6 +411,16 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         """Ask every server for its VERSION; a server that is down now is not an error."""
         await asyncio.gather(*(self._fetch_version(s) for s in self.servers))
 
+    async def close(self) -> None:
+        """End and close every idle session (busy ones close when their scan ends)."""
+        await super().close()
+        for server in self.servers:
+            if server.prune is not None:
+                server.prune.cancel()
+                server.prune = None
+            while server.idle:
+                self._drop(server, server.idle.pop(), end=True)
+
     def version(self) -> str:
         """clamd's VERSION string (program/db version/db date) of the first server known."""
         for s in self.servers:
@@ -356,7 +459,7 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
     # -- scanning ------------------------------------------------------------------------
     async def _scan(self, spool: Spool, deadline: float) -> ScanResult:
         async def attempt(server: ClamdServer) -> tuple[ClamdServer, proto.Reply]:
-            return server, await self._instream(server, spool, deadline)
+            return server, await self._attempt(server, spool, deadline)
 
         server, reply = await self.upstreams.call(attempt, deadline)
         return self._result(server, reply)
@@ -373,15 +476,189 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
                                      f"({server.url}: {reply.text})")
         return ScanResult.error(f"{self.name}: {server.url}: {reply.text}")
 
-    async def _instream(self, server: ClamdServer, spool: Spool, deadline: float
-                        ) -> proto.Reply:
+    def _wants_fildes(self, server: ClamdServer, spool: Spool) -> bool:
+        mode = self.settings.fildes
+        return (mode != "off" and bool(server.path) and not server.fildes_refused
+                and spool.size <= self.settings.fildes_max_size
+                and (mode == "always" or not spool.in_memory))
+
+    async def _attempt(self, server: ClamdServer, spool: Spool, deadline: float
+                       ) -> proto.Reply:
+        """One server's try at the scan: on an IDSESSION connection when one is free (or
+        can be opened), else on a plain one; FILDES when wanted. Any doubt about a session
+        (closed, garbage, a reply we did not ask for, an ERROR) closes it and the scan is
+        redone once on a plain connection within the same bound; a FILDES refusal switches
+        the server to INSTREAM for good."""
+        fd = self._descriptor(server, spool) if self._wants_fildes(server, spool) else None
+        try:
+            return await self._attempt_with(server, spool, deadline, fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _descriptor(self, server: ClamdServer, spool: Spool) -> int | None:
+        """The object's descriptor for FILDES, or None (INSTREAM) when it cannot be made."""
+        try:
+            return _spool_fd(spool)
+        except (OSError, EngineError) as exc:
+            self._debug(server, "FILDES", time.perf_counter(), size=spool.size,
+                        error=f"no descriptor, INSTREAM instead: {exc}")
+            return None
+
+    async def _attempt_with(self, server: ClamdServer, spool: Spool, deadline: float,
+                            fd: int | None) -> proto.Reply:
+        fildes = fd is not None
+        command = "FILDES" if fildes else "INSTREAM"
+        bound = Bound.of(self.settings.scan_timeout, deadline)
+        if self.settings.session_pool and (fildes or spool.size <= self.settings.stream_chunk_size):
+            session = await self._session(server, deadline)
+            if session is not None:
+                started = time.perf_counter()
+                reused = session.scans > 0
+                try:
+                    reply = await self._on_session(server, session, spool, fd, bound)
+                except EngineError as exc:
+                    retry = reused and not isinstance(exc, EngineTimeout)
+                    self._debug(server, command, started, size=spool.size, session=True,
+                                reused=reused, error=str(exc),
+                                **({"retry": "plain connection"} if retry else {}))
+                    if not retry:
+                        # a new session's failure is the server's, as on a plain connection
+                        raise
+                    # a reused session clamd dropped (ReadTimeout, restart, MaxQueue, ...)
+                    # or that said something we did not ask for: redo on a plain connection
+                else:
+                    self._debug(server, command, started, size=spool.size, session=True,
+                                reused=reused, reply=reply.text[:200])
+                    if not (fildes and self._fildes_refused(server, reply)):
+                        return reply
+                    command = "INSTREAM"
+                deadline = min(deadline, bound.when)
+        if command == "FILDES" and server.fildes_refused:
+            command = "INSTREAM"
+        reply = await self._plain(server, spool, fd if command == "FILDES" else None, deadline)
+        if command == "FILDES" and self._fildes_refused(server, reply):
+            reply = await self._plain(server, spool, None, deadline)
+        return reply
+
+    def _fildes_refused(self, server: ClamdServer, reply: proto.Reply) -> bool:
+        """A FILDES reply that is not about the object (``fd[N]: ...``) is a refusal:
+        remember it, INSTREAM from now on for this server."""
+        if reply.kind in (proto.ReplyKind.OK, proto.ReplyKind.FOUND) or \
+                reply.path.startswith("fd["):
+            return False
+        server.fildes_refused = reply.text[:200]
+        return True
+
+    # -- IDSESSION pool --------------------------------------------------------------------
+    async def _session(self, server: ClamdServer, deadline: float) -> Session | None:
+        """An idle session that is still alive, else a new one while the pool has room,
+        else None (the scan takes a plain connection; nobody waits for a session)."""
+        loop = asyncio.get_running_loop()
+        self._expire(server, loop.time())
+        while server.idle:
+            session = server.idle.pop()  # the most recently used: least likely dropped
+            if session.alive():
+                return session
+            self._drop(server, session, end=False)
+        if server.sessions >= self.settings.session_pool:
+            return None
+        sock = await self._connect(server, deadline)
+        server.sessions += 1
+        server.sessions_opened += 1
+        session = Session(sock, proto.ClientSession())
+        # IDSESSION itself has no reply: it goes out with the first command
+        return session
+
+    def _release(self, server: ClamdServer, session: Session) -> None:
+        """Back to the pool when clean, else closed."""
+        if not session.codec.idle:
+            self._drop(server, session, end=False)
+            return
+        loop = asyncio.get_running_loop()
+        session.idle_since = loop.time()
+        server.idle.append(session)
+        if server.prune is None:
+            server.prune = loop.call_later(self.settings.session_idle_timeout,
+                                           self._prune, server)
+
+    def _prune(self, server: ClamdServer) -> None:
+        server.prune = None
+        loop = asyncio.get_running_loop()
+        self._expire(server, loop.time())
+        if server.idle:
+            wait = server.idle[0].idle_since + self.settings.session_idle_timeout - loop.time()
+            server.prune = loop.call_later(max(wait, 0.01), self._prune, server)
+
+    def _expire(self, server: ClamdServer, now: float) -> None:
+        limit = self.settings.session_idle_timeout
+        while server.idle and now - server.idle[0].idle_since >= limit:
+            self._drop(server, server.idle.pop(0), end=True)
+
+    def _drop(self, server: ClamdServer, session: Session, *, end: bool) -> None:
+        session.close(end)
+        server.sessions -= 1
+
+    async def _on_session(self, server: ClamdServer, session: Session, spool: Spool,
+                          fd: int | None, bound: Bound) -> proto.Reply:
+        """One scan on a session: INSTREAM, or FILDES of ``fd``."""
+        command = "INSTREAM" if fd is None else "FILDES"
+        codec = session.codec
+        loop = asyncio.get_running_loop()
+        clean = False
+        try:
+            async with asyncio.timeout_at(bound.when):
+                head = b"" if codec.opened else codec.open()
+                request_id, request = codec.request(command)
+                try:
+                    if fd is not None:
+                        await _send_fd(session.sock, head + request, fd)
+                    else:
+                        await loop.sock_sendall(
+                            session.sock, head + request + proto.chunk_header(spool.size)
+                            + spool.getbuffer() + proto.INSTREAM_END
+                            if spool.size else head + request + proto.INSTREAM_END)
+                except OSError as exc:
+                    raise EngineProtocolError(
+                        f"connection lost while streaming: {exc.strerror or exc}") from exc
+                reply = await _read_session_reply(session.sock, codec, command)
+                if reply.session_id != request_id:  # the codec allows only outstanding ids
+                    raise UnparseableReply(f"reply for request {reply.session_id}, "
+                                           f"expected {request_id}")
+                if reply.kind is proto.ReplyKind.ERROR and session.scans \
+                        and not reply.size_limit_exceeded \
+                        and not (command == "FILDES" and not reply.path.startswith("fd[")):
+                    # MaxQueue, a temporary failure, ...: clamd's word about this session,
+                    # not necessarily about the object; the plain retry decides
+                    raise EngineProtocolError(f"session reply {reply.text[:80]!r}")
+                if reply.kind not in (proto.ReplyKind.OK, proto.ReplyKind.FOUND,
+                                      proto.ReplyKind.ERROR) and \
+                        not (command == "FILDES" and reply.kind is proto.ReplyKind.OTHER):
+                    # (UNKNOWN COMMAND to FILDES is a refusal: the caller falls back)
+                    raise UnparseableReply(f"unexpected {command} reply {reply.text[:80]!r}")
+                session.scans += 1
+                clean = reply.kind is not proto.ReplyKind.OTHER  # a refusal ends it
+                return reply
+        except TimeoutError:
+            raise EngineTimeout(f"no reply within {bound}") from None
+        finally:
+            if clean:
+                self._release(server, session)
+            else:
+                self._drop(server, session, end=False)
+
+    # -- plain connections ---------------------------------------------------------------
+    async def _plain(self, server: ClamdServer, spool: Spool, fd: int | None, deadline: float
+                     ) -> proto.Reply:
+        """One scan on a new connection: INSTREAM, or FILDES of ``fd``."""
+        command = "INSTREAM" if fd is None else "FILDES"
         started = time.perf_counter()
         try:
-            reply = await self._instream_on(server, spool, deadline)
+            reply = await self._plain_on(server, spool, fd, deadline)
         except EngineError as exc:
-            self._debug(server, "INSTREAM", started, size=spool.size, error=str(exc))
+            self._debug(server, command, started, size=spool.size, error=str(exc))
             raise
-        self._debug(server, "INSTREAM", started, size=spool.size, reply=reply.text[:200])
+        self._debug(server, command, started, size=spool.size, reply=reply.text[:200])
         return reply
 
     def _debug(self, server: ClamdServer, command: str, started: float, **fields: Any) -> None:
@@ -389,14 +666,18 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
             fields["socks"] = server.via
         self.debug_request(server.url, command, started, **fields)
 
-    async def _instream_on(self, server: ClamdServer, spool: Spool, deadline: float
-                           ) -> proto.Reply:
+    async def _plain_on(self, server: ClamdServer, spool: Spool, fd: int | None,
+                        deadline: float) -> proto.Reply:
+        command = "INSTREAM" if fd is None else "FILDES"
         sock = await self._connect(server, deadline)
         bound = Bound.of(self.settings.scan_timeout, deadline)
         try:
             async with asyncio.timeout_at(bound.when):
                 try:
-                    await self._send_stream(sock, spool)
+                    if fd is not None:
+                        await _send_fd(sock, proto.FILDES_WITH_DUMMY, fd)
+                    else:
+                        await self._send_stream(sock, spool)
                 except OSError as exc:
                     # clamd closes as soon as StreamMaxLength is exceeded, often while we
                     # are still sending; its reply is then already in our receive buffer.
@@ -416,7 +697,9 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         finally:
             sock.close()
         if reply.kind not in (proto.ReplyKind.OK, proto.ReplyKind.FOUND, proto.ReplyKind.ERROR):
-            raise UnparseableReply(f"unexpected INSTREAM reply {reply.text[:80]!r}")
+            if command == "FILDES" and reply.kind is proto.ReplyKind.OTHER:
+                return reply  # UNKNOWN COMMAND: a refusal, the caller falls back
+            raise UnparseableReply(f"unexpected {command} reply {reply.text[:80]!r}")
         return reply
 
     async def _send_stream(self, sock: socket.socket, spool: Spool) -> None:
@@ -506,3 +789,83 @@ async def _read_reply(sock: socket.socket) -> proto.Reply:
             raise EngineProtocolError(f"connection closed without a reply{detail}")
         buf.feed(data)
 
+
+
+async def _read_session_reply(sock: socket.socket, codec: proto.ClientSession,
+                              command: str) -> proto.Reply:
+    """Read the next reply of an IDSESSION connection: one that carries the id of a request
+    we sent, else UnparseableReply (the codec says why); EOF first is a protocol error."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            reply = codec.next_reply()
+        except proto.ClamdProtocolError as exc:
+            raise UnparseableReply(f"unexpected {command} reply {exc}") from exc
+        if reply is not None:
+            return reply
+        try:
+            data = await loop.sock_recv(sock, _READ_SIZE)
+        except OSError as exc:
+            raise EngineProtocolError(f"connection lost: {exc.strerror or exc}") from exc
+        if not data:
+            pending = codec.pending
+            detail = f" after {pending[:80]!r}" if pending else ""
+            raise EngineProtocolError(f"connection closed without a reply{detail}")
+        codec.receive_data(data)
+
+
+def _spool_fd(spool: Spool) -> int:
+    """A read-only descriptor of exactly the bytes that were hashed, for FILDES.
+
+    On disk: the spool's own private file (mkstemp, 0600, written once), reopened read-only
+    through its open descriptor (``Spool.reopen_fd``: the very inode that was hashed, never
+    looked up by name) and checked to be a regular file of ours with the hashed size. In
+    memory: a memfd with the content, sealed against any change before clamd sees it.
+    """
+    if not spool.in_memory:
+        own = spool.reopen_fd()
+        fd = own if own is not None else \
+            os.open(spool.path(), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != spool.size or \
+                st.st_uid != os.geteuid():
+            os.close(fd)
+            raise EngineProtocolError("spool file changed under us; not scanned by FILDES")
+        return fd
+    fd = os.memfd_create("avgate-scan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(spool.getbuffer())
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written:])
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def _send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    """Send ``data`` with ``fd`` as SCM_RIGHTS (clamd gets its own copy of the descriptor;
+    ours stays open for a retry and is closed by the caller)."""
+    loop = asyncio.get_running_loop()
+    fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+    while True:
+        try:
+            sent = sock.sendmsg([data], fds)
+        except (BlockingIOError, InterruptedError):
+            waiter: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), _wake, waiter)
+            try:
+                await waiter
+            finally:
+                loop.remove_writer(sock.fileno())
+            continue
+        if sent < len(data):  # the descriptor went with the first byte
+            await loop.sock_sendall(sock, data[sent:])
+        return
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

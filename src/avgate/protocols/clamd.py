@@ -34,9 +34,17 @@ Replies (server → client), one per command, with the command's terminator
 IDSESSION
     ``zIDSESSION\0`` opens a session: the connection stays open, the commands that follow are
     numbered from 1 and each reply is prefixed ``<id>: `` (``1: PONG\0``); ``zEND\0`` ends it.
+    clamd answers in the order scans finish, not the order asked. Seen from clamd 1.4.6: an
+    idle session is dropped after ReadTimeout with an unnumbered ``COMMAND READ TIMED
+    OUT\n``; an ERROR reply may be followed by a second one with the same id, then close
+    (``7: PROTOCOL ERROR: ancillary data sent without FILDES. ERROR\0`` ``7: Error
+    processing command. ERROR\0``). :class:`ClientSession` is the client side.
 
-FILDES passes a file descriptor as SCM_RIGHTS ancillary data; this codec only reports the
-command, the front-end receives the descriptor.
+FILDES passes a file descriptor as SCM_RIGHTS ancillary data, unix sockets only: the client
+sends ``zFILDES\0`` and one dummy byte carrying the descriptor (both may go in one
+``sendmsg``); the reply names it ``fd[N]: OK``. clamd reads the file from offset 0. Over TCP,
+or without a descriptor: ``No file descriptor received. ERROR``. The server-side parser only
+reports the command; the front-end receives the descriptor.
 
 Malformed input never makes the codec buffer without bound: a command longer than
 ``max_command_length`` or a chunk that would exceed ``stream_max_length`` raises
@@ -254,6 +262,128 @@ class ReplyReader:
     def pending(self) -> bytes:
         """Bytes received but not yet part of a complete reply."""
         return bytes(self._buf)
+
+
+# -- client side: IDSESSION --------------------------------------------------------------
+
+#: FILDES with its one dummy byte; the descriptor travels as SCM_RIGHTS with these bytes
+FILDES_WITH_DUMMY: Final = b"zFILDES\0\0"
+IDSESSION: Final = b"zIDSESSION\0"
+END: Final = b"zEND\0"
+#: argument-less commands a client may send inside IDSESSION (clamd also takes SCAN there,
+#: not CONTSCAN, MULTISCAN, ...)
+SESSION_COMMANDS: Final = frozenset({"PING", "VERSION", "VERSIONCOMMANDS", "INSTREAM",
+                                     "FILDES", "STATS"})
+_MAX_SESSION_ID: Final = 2**32 - 1  # clamd prints the id with %u
+
+
+def parse_session_reply(raw: bytes | str) -> Reply:
+    """Parse one reply read inside IDSESSION, which must carry its ``<id>: `` prefix.
+
+    Stricter than ``parse_reply(..., session=True)``: a reply without a valid id (``COMMAND
+    READ TIMED OUT`` when clamd drops an idle session, garbage) raises ClamdProtocolError,
+    because it cannot be matched to a request.
+    """
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = text.rstrip("\0\n")
+    head, sep, _ = text.partition(": ")
+    if not sep or not head.isascii() or not head.isdigit() or head.startswith("0") \
+            or len(head) > 10 or int(head) > _MAX_SESSION_ID:
+        raise ClamdProtocolError(f"{text[:80]!r} without a request id", "")
+    return parse_reply(text, session=True)
+
+
+#: the bytes of each session command, made once
+_SESSION_REQUESTS: Final = {
+    name: FILDES_WITH_DUMMY if name == "FILDES" else encode_command(name)
+    for name in SESSION_COMMANDS}
+
+
+class ClientSession:
+    """Client side of one IDSESSION connection, sans-IO: numbers the requests, matches each
+    reply to its request.
+
+    ``open()`` is the first thing to send; ``request(name)`` numbers a command (clamd counts
+    from 1, every command after IDSESSION); feed received bytes to ``receive_data`` and take
+    replies with ``next_reply()`` (None: more data needed). Anything that cannot be matched to
+    an outstanding request — no id, an id not asked for or already answered, garbage, an
+    over-long reply — raises ClamdProtocolError and marks the session ``broken``. An ERROR
+    reply marks it ``broken`` too: clamd may close the session after one, or send a second
+    reply with the same id (``PROTOCOL ERROR ...`` then ``Error processing command``). A
+    broken session must be closed, never used again.
+    """
+
+    def __init__(self, max_reply_length: int = DEFAULT_MAX_REPLY_LENGTH) -> None:
+        self._reader = ReplyReader(Prefix.Z, max_reply_length)
+        self._next_id = 1
+        self._outstanding: set[int] = set()
+        self.opened = False
+        self.ended = False
+        self.broken = False
+
+    @property
+    def outstanding(self) -> frozenset[int]:
+        """Ids of requests not answered yet."""
+        return frozenset(self._outstanding)
+
+    @property
+    def idle(self) -> bool:
+        """Open, not broken, nothing outstanding and nothing unread: safe to reuse."""
+        return (self.opened and not self.ended and not self.broken and not self._outstanding
+                and not self._reader.pending)
+
+    def open(self) -> bytes:
+        if self.opened:
+            raise RuntimeError("IDSESSION already sent")
+        self.opened = True
+        return IDSESSION
+
+    def request(self, name: str) -> tuple[int, bytes]:
+        """Number one command: (its id, the bytes to send). INSTREAM chunks and the FILDES
+        dummy byte follow the command; they are not numbered."""
+        if not self.opened or self.ended or self.broken:
+            raise RuntimeError("session not usable")
+        if name not in SESSION_COMMANDS:
+            raise ValueError(f"{name} is not allowed inside IDSESSION")
+        request_id = self._next_id
+        if request_id > _MAX_SESSION_ID:
+            raise RuntimeError("session ids exhausted")
+        self._next_id += 1
+        self._outstanding.add(request_id)
+        return request_id, _SESSION_REQUESTS[name]
+
+    def end(self) -> bytes:
+        """``zEND``: clamd answers nothing and closes when the outstanding requests are done."""
+        self.ended = True
+        return END
+
+    def receive_data(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    def next_reply(self) -> Reply | None:
+        """The next reply (``session_id`` set to the request it answers), or None."""
+        try:
+            raw = self._reader.next_reply()
+            if raw is None:
+                return None
+            reply = parse_session_reply(raw)
+            assert reply.session_id is not None
+            if reply.session_id not in self._outstanding:
+                raise ClamdProtocolError(
+                    f"{reply.text[:80]!r} for request {reply.session_id}, which is not "
+                    f"outstanding (waiting for {sorted(self._outstanding)[:5]})", "")
+        except ClamdProtocolError:
+            self.broken = True
+            raise
+        self._outstanding.discard(reply.session_id)
+        if reply.kind is ReplyKind.ERROR:
+            self.broken = True
+        return reply
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received but not yet part of a complete reply."""
+        return self._reader.pending
 
 
 # -- server side: replies ----------------------------------------------------------------
