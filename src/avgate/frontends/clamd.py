@@ -206,32 +206,44 @@ class ClamdListener:
             conn.task = asyncio.ensure_future(self._serve(conn))
 
     # -- one connection -----------------------------------------------------------------
+    def _recv_ready(self, conn: Conn) -> bytes | None:
+        """What the socket holds now: bytes (b"" at EOF), or None when only descriptors
+        arrived; raises BlockingIOError when nothing is there yet."""
+        if not conn.unix:
+            return conn.sock.recv(_RECV)
+        data, fds, flags, _addr = socket.recv_fds(
+            conn.sock, _RECV, _FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC)
+        if fds or flags & socket.MSG_CTRUNC:
+            conn.adopt_fds(fds, bool(flags & socket.MSG_CTRUNC),
+                           asyncio.get_running_loop().time())
+            # clamdscan sends the descriptor with one dummy NUL byte, the last byte of
+            # the message carrying it: it is not part of any command
+            if data.endswith(b"\0"):
+                data = data[:-1]
+                if not data:
+                    return None
+        return data
+
     async def _recv(self, conn: Conn) -> bytes | None:
         """Bytes from the client (b"" at EOF), or None when only descriptors arrived."""
-        loop = asyncio.get_running_loop()
-        if not conn.unix:
-            return await loop.sock_recv(conn.sock, _RECV)
         while True:
             try:
-                data, fds, flags, _addr = socket.recv_fds(
-                    conn.sock, _RECV, _FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC)
+                return self._recv_ready(conn)
             except (BlockingIOError, InterruptedError):
-                await _readable(loop, conn.sock)
-                continue
-            if fds or flags & socket.MSG_CTRUNC:
-                conn.adopt_fds(fds, bool(flags & socket.MSG_CTRUNC), loop.time())
-                # clamdscan sends the descriptor with one dummy NUL byte, the last byte of
-                # the message carrying it: it is not part of any command
-                if data.endswith(b"\0"):
-                    data = data[:-1]
-                    if not data:
-                        return None
-            return data
+                await _readable(asyncio.get_running_loop(), conn.sock)
 
     async def _send(self, conn: Conn, data: bytes) -> None:
-        """Send, or give up (TimeoutError) when the client does not read for idle_timeout."""
+        """Send, or give up (TimeoutError) when the client does not read for idle_timeout.
+        A reply the socket takes at once (the usual case: a few dozen bytes) is sent
+        without arming the timeout."""
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        if sent == len(data):
+            return
         async with asyncio.timeout(conn.settings.idle_timeout):
-            await asyncio.get_running_loop().sock_sendall(conn.sock, data)
+            await asyncio.get_running_loop().sock_sendall(conn.sock, data[sent:])
 
     async def _serve(self, conn: Conn) -> None:
         loop = asyncio.get_running_loop()
@@ -252,10 +264,15 @@ class ClamdListener:
                     conn.expire_fds(loop.time())
                 if event is proto.NEED_DATA:
                     try:
-                        async with asyncio.timeout_at(deadline):
-                            data = await self._recv(conn)
-                    except TimeoutError:
-                        return
+                        # what is there already is taken without arming the timeout
+                        data = self._recv_ready(conn)
+                    except (BlockingIOError, InterruptedError):
+                        try:  # nothing yet: wait for it (then read it on the next turn)
+                            async with asyncio.timeout_at(deadline):
+                                await _readable(loop, conn.sock)
+                        except TimeoutError:
+                            return
+                        continue
                     if data is None:
                         continue  # a descriptor alone: FILDES will take it
                     if data:

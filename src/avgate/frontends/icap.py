@@ -144,6 +144,8 @@ class IcapServer:
         self._closing = False
         self._istag_src = ""
         self._istag = ""
+        #: encoded answers that are constant per ISTag (the 204), keyed by (ISTag, last)
+        self._constant: dict[tuple[str, bool], bytes] = {}
         self._page: tuple[IcapSettings | None, str] = (None, DEFAULT_BLOCK_PAGE)
 
     @property
@@ -218,6 +220,20 @@ class IcapServer:
 
     def _common(self) -> list[tuple[str, str]]:
         return [("ISTag", self.istag()), ("Service", f"avgate/{__version__}")]
+
+    def no_content(self, last: bool) -> bytes:
+        """The ``204 No Content`` answer (``Connection: close`` when ``last``): the same
+        bytes for every request until the ISTag changes, so it is encoded once per ISTag."""
+        istag = self.istag()
+        head = self._constant.get((istag, last))
+        if head is None:
+            if len(self._constant) >= 8:  # old ISTags: a reload changed the signatures
+                self._constant.clear()
+            headers = [("ISTag", istag), ("Service", f"avgate/{__version__}")]
+            if last:
+                headers.append(("Connection", "close"))
+            head = self._constant[istag, last] = proto.encode_response(204, headers)
+        return head
 
     # -- connections -------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader,
@@ -803,10 +819,7 @@ class _Conn:
                                "signature matches"})
 
     def _no_content(self, last: bool) -> bytes:
-        headers = self.server._common()
-        if last:
-            headers.append(("Connection", "close"))
-        return proto.encode_response(204, headers)
+        return self.server.no_content(last)
 
     async def _answer(self, req: proto.Request, spool: Spool, outcome: Outcome,
                       may_204: bool, last: bool) -> _Sent:
@@ -934,12 +947,12 @@ def _declared_length(req: proto.Request) -> int | None:
 
 
 def _url_of(req: proto.Request) -> str:
+    """The request target of the encapsulated HTTP request ("" when there is none): only
+    its start line is read (the URL is for the scan log; the headers are not needed)."""
     if not req.req_hdr:
         return ""
-    try:
-        return proto.HttpHead.parse(req.req_hdr).url
-    except proto.IcapProtocolError:
-        return ""
+    line = req.req_hdr.split(b"\r\n", 1)[0].decode("latin-1")
+    return proto.HttpHead(line).url
 
 
 async def start(gateway: Gateway, options: ListenOptions) -> list[Listener]:

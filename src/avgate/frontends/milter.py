@@ -567,6 +567,8 @@ class MilterSession(asyncio.Protocol):
         if glog is None:
             return
         level = level or AUDIT_LEVELS[action]
+        if level == "debug" and not glog.debug_enabled:
+            return  # milter-start/-end on every connection: not even built when not written
         peer = ""
         if self.transport is not None:
             peer = str(self.transport.get_extra_info("peername") or "")

@@ -528,8 +528,14 @@ class IcapParser:
             self._preview -= n
             if self._preview < 0:
                 raise IcapProtocolError("more preview data than the Preview header announced")
-        data = bytes(buf[:n]) if n < len(buf) else bytes(buf)
-        del buf[:n]
+        if n < len(buf):
+            # one copy out of the buffer (a bytearray slice then bytes() would be two)
+            with memoryview(buf) as view:
+                data = bytes(view[:n])
+            del buf[:n]
+        else:
+            data = bytes(buf)
+            buf.clear()
         self._remaining -= n
         if not self._remaining:
             self._state = _CHUNK_CRLF

@@ -745,7 +745,10 @@ class PacketReader:
                                  "of a packet")
             return None
         code = buf[pos + 4]
-        payload = bytes(buf[pos + 5:pos + 4 + length])
+        # one copy out of the buffer (a bytearray slice then bytes() would be two); the
+        # view is released before the buffer can be resized again
+        with memoryview(buf) as view:
+            payload = bytes(view[pos + 5:pos + 4 + length])
         self._pos = pos + 4 + length
         decoder = self._table.get(code)
         if decoder is None:

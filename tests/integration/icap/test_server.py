@@ -189,6 +189,30 @@ async def test_istag_changes_with_db_versions(server: fe.IcapServer) -> None:
     assert server.istag() != first
 
 
+async def test_204_answer_is_encoded_once_per_istag(server: fe.IcapServer) -> None:
+    """The 204 bytes are built once per ISTag (and per Connection: close); a new ISTag
+    gives a new answer at once."""
+    keep, close = server.no_content(False), server.no_content(True)
+    assert server.no_content(False) is keep  # cached, not built again
+    parser = proto.IcapParser("client")
+    parser.receive_data(keep + close)
+    first, second = list(parser)
+    assert isinstance(first, proto.Response) and isinstance(second, proto.Response)
+    assert (first.status, second.status) == (204, 204)
+    assert first.headers.get("istag") == server.istag() and first.keep_alive
+    assert not second.keep_alive
+    server.gateway.scanner.db_versions = lambda: "embedded=changed"  # type: ignore[method-assign]
+    renewed = server.no_content(False)
+    assert renewed != keep and server.istag().encode() in renewed
+    wire = proto.encode_request("RESPMOD", "icap://t/avscan",
+                                [("Host", "t"), ("Allow", "204"), ("Connection", "close")],
+                                req_hdr=REQ_HDR, res_hdr=res_hdr(5), body="res-body")
+    evs, closed = await exchange(server, wire + proto.encode_body(b"clean"))
+    [resp] = responses(evs)
+    assert closed and resp.status == 204 and not resp.keep_alive
+    assert resp.headers.get("istag") == server.istag()
+
+
 async def test_scanner_error_gives_503_page_not_a_pass() -> None:
     """failure_action tempfail (default): the proxy gets an HTTP 503 page, never the object."""
     cfg = config.from_dict({

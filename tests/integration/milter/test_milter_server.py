@@ -19,6 +19,7 @@ from avgate.frontends.milter import start
 from avgate.gateway import Gateway
 from avgate.protocols import milter as m
 from avgate.quarantine import QuarantineStore
+from tests.helpers import async_wait_until
 
 from .conftest import EICAR, POSTFIX_ACTIONS, MilterFactory, MtaClient, make_message
 
@@ -384,13 +385,16 @@ async def test_clamd_finds_attachment_when_mta_strips_header_space(
 class Collect:
     """A scan log that keeps (level, event) in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, debug_enabled: bool = True) -> None:
         self.lines: list[tuple[str, dict[str, Any]]] = []
-
-    debug_enabled = False  # what front-ends test before a debug line
+        #: what front-ends test before they build a debug line
+        self.debug_enabled = debug_enabled
 
     def log(self, event: dict[str, Any], level: str = "info") -> None:
         self.lines.append((level, event))
+
+    def debug(self, event: dict[str, Any]) -> None:
+        self.lines.append(("debug", event))
 
     def scans(self) -> list[dict[str, Any]]:
         return [e for _, e in self.lines if e["event"] == "scan"]
@@ -482,6 +486,25 @@ async def test_remove_recipients_with_audit_lines(milter: MilterFactory) -> None
         await asyncio.sleep(0.02)
     (lv, end), = log.audit("milter-end")
     assert lv == "debug" and end["messages"] == 1
+
+
+async def test_debug_audit_lines_not_built_when_debug_is_off(milter: MilterFactory) -> None:
+    """Connection and header audit lines (debug) are not even handed to a log whose debug
+    level is off (they would be dropped there: building them on every connection costs CPU);
+    the info lines still are."""
+    srv = await milter(policy=REMOVE_OUTSIDE)
+    srv.gateway.log = log = Collect(debug_enabled=False)  # type: ignore[assignment]
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    res = await client.message(make_message("quiet", attachment=EICAR),
+                               recipients=("bob@example.test", "eve@outside.test"))
+    await client.close()
+    assert res.of(m.DeleteRecipient) == [m.DeleteRecipient("<eve@outside.test>")]
+    assert len(log.scans()) == 1
+    assert await async_wait_until(lambda: not srv.sessions)  # the connection is over
+    audit = sorted(e["action"] for lv, e in log.lines if e["event"] == "audit")
+    assert audit == ["recipient-added", "recipient-removed"]
+    assert all(lv != "debug" for lv, _ in log.lines)
 
 
 async def test_remove_recipients_without_delrcpt_tempfails(milter: MilterFactory) -> None:

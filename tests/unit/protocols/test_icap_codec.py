@@ -219,6 +219,22 @@ def test_big_chunk_is_streamed_not_buffered() -> None:
         assert p.buffered == 0
 
 
+def test_chunk_out_of_a_longer_buffer_then_more_data() -> None:
+    """A chunk taken from the middle of the buffer is the exact bytes (one copy out), and the
+    buffer takes more data afterwards (no view of it is left behind)."""
+    p = IcapParser("server")
+    body = bytes(range(256)) * 80  # 20 KiB
+    p.receive_data(b"RESPMOD icap://i/s ICAP/1.0\r\nEncapsulated: res-body=0\r\n\r\n"
+                   + b"%x\r\n" % len(body) + body + b"\r\n5\r\nab")
+    assert isinstance(p.next_event(), Request)
+    chunk = p.next_event()
+    assert chunk == BodyChunk(body) and type(chunk.data) is bytes  # type: ignore[union-attr]
+    assert p.next_event() == BodyChunk(b"ab")  # what is there of the second chunk
+    p.receive_data(b"cde\r\n0\r\n\r\n")
+    assert list(p) == [BodyChunk(b"cde"), BodyEnd()]
+    assert p.idle
+
+
 # -- responses (client side) ---------------------------------------------------------------
 BLOCK_HDR = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 4\r\n\r\n"
 RESPONSE_TABLE = [

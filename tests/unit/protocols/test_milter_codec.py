@@ -134,6 +134,21 @@ def test_many_packets_in_one_read() -> None:
     assert s.buffered == 0
 
 
+def test_body_packet_then_part_of_the_next_then_more_data() -> None:
+    """A body packet taken out of a longer buffer is its exact bytes (one copy, bytes), and
+    the buffer keeps taking data afterwards (no view of it is left behind)."""
+    chunk = bytes(range(256)) * 80  # 20 KiB
+    body, header = m.encode(m.Body(chunk)), m.encode(m.Header(b"Subject", b"hi"))
+    s = server()
+    s.receive_data(body + header[:5])
+    event = s.next_event()
+    assert event == m.Body(chunk) and type(event.chunk) is bytes  # type: ignore[union-attr]
+    assert s.next_event() is None
+    s.receive_data(header[5:] + body)
+    assert s.next_event() == m.Header(b"Subject", b"hi")
+    assert s.next_event() == m.Body(chunk) and s.buffered == 0
+
+
 def test_envelope_helpers() -> None:
     assert m.Mail(("<a@b>", "SIZE=1")).sender == "a@b"
     assert m.Mail(("<>",)).sender == ""
