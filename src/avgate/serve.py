@@ -56,7 +56,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from pydantic import Field
 
@@ -89,6 +89,8 @@ class ServeSettings(Section):
 
     workers: int = Field(1, gt=0)
     drain_timeout: float = Field(30.0, gt=0)
+    #: the event loop: asyncio's own (default) or uvloop (``pip install avgate[uvloop]``)
+    loop: Literal["asyncio", "uvloop"] = "asyncio"
 #: start-up window: a worker that exits within it is a start-up failure (not restarted)
 WORKER_STARTUP_S = 10.0
 
@@ -446,9 +448,23 @@ def run(config: Config) -> int:
     return _run_one(config)
 
 
+def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``[serve] loop``: None for asyncio's own loop, else uvloop's (an error when missing)."""
+    if config.serve.loop != "uvloop":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise AvgateError('[serve] loop = "uvloop" needs the uvloop package '
+                          "(pip install 'avgate[uvloop]')") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def _run_one(config: Config) -> int:
     try:
-        return asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=_loop_factory(config)) as runner:
+            return runner.run(serve(config))
     except KeyboardInterrupt:
         return 0
     except ConfigError as exc:

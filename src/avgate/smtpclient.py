@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Iterable, Mapping, Sequence
+from typing import cast
 
 from .frontends.listen import parse_listen
 from .protocols.smtp import (
@@ -75,8 +76,8 @@ class _ReplyProtocol(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (asyncio's or uvloop's, which does not subclass asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data

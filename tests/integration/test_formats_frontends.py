@@ -258,9 +258,14 @@ def _smtp_port(serve: AvgateServe) -> int:
     raise AssertionError("no SMTP listener line:\n" + serve.output())
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root = tmp_path_factory.mktemp("formats")
+#: every front-end under asyncio's event loop (the default) and under uvloop ([serve] loop)
+@pytest.fixture(scope="module", params=["asyncio", "uvloop"])
+def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+        ) -> Iterator[Env]:
+    loop = request.param
+    if loop == "uvloop":
+        pytest.importorskip("uvloop", reason="the avgate[uvloop] extra is not installed")
+    root = tmp_path_factory.mktemp(f"formats-{loop}")
     write_signatures(root / "sigs")
     samples_dir = root / "samples"
     samples_dir.mkdir()
@@ -272,10 +277,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         (ftp_home / s.name).write_bytes(s.data)
 
     with contextlib.ExitStack() as stack:
-        yield _start(root, samples_dir, ftp_home, stack)
+        yield _start(root, samples_dir, ftp_home, stack, loop)
 
 
-def _start(root: Path, samples_dir: Path, ftp_home: Path, stack: contextlib.ExitStack) -> Env:
+def _start(root: Path, samples_dir: Path, ftp_home: Path, stack: contextlib.ExitStack,
+           loop: str) -> Env:
     """Start the peers and ``avgate serve``; ``stack`` stops each (in reverse order)."""
     sink = SmtpSink()
     sink_port = free_port()
@@ -301,6 +307,8 @@ def _start(root: Path, samples_dir: Path, ftp_home: Path, stack: contextlib.Exit
     clamd_unix = root / "clamd.sock"
     config = root / "avgate.toml"
     config.write_text(f"""
+[serve]
+loop = "{loop}"
 [scan]
 cache = false
 [log]

@@ -35,7 +35,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field
 
@@ -200,8 +200,8 @@ class MilterSession(asyncio.Protocol):
 
     # asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (asyncio's or uvloop's, which does not subclass asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         self._last = self.loop.time()
         admitted = self.server.admit(self)
         if admitted is None:  # every slot taken and the queue full
@@ -215,7 +215,7 @@ class MilterSession(asyncio.Protocol):
         if not admitted:
             self._waiting = True
             self._queued_at = self._last
-            transport.pause_reading()
+            self.transport.pause_reading()
         self._schedule()
 
     def resume(self) -> None:
