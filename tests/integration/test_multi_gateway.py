@@ -26,7 +26,7 @@ from aiosmtpd.controller import Controller
 
 from avgate.quarantine import RecordFilter
 from avgate.quarantine.postgres import PostgresStore, migrate
-from tests.helpers import require_binary
+from tests.helpers import require_binary, wait_until
 from tests.integration.avgate_proc import AvgateServe
 from tests.pg_instance import PgInstance, require_postgres
 from tests.redis_instance import RedisInstance
@@ -215,7 +215,13 @@ def test_postgresql_restarted_mid_load_tempfails_and_loses_nothing(site: Site) -
         sent += [mail(site, g, infected()) for g in "ABC"]
     finally:
         site.pg.start()
-    sent += [mail(site, g, infected()) for g in "ABC"]  # the pools reconnect by themselves
+
+    def store_back(name: str) -> bool:  # the pool reconnects by itself (after its back-off)
+        with site.api(name) as api:
+            return api.get("/v1/quarantine", params={"limit": 1}).status_code == 200
+
+    assert wait_until(lambda: all(store_back(g) for g in "ABC"), timeout=60)
+    sent += [mail(site, g, infected()) for g in "ABC"]
     accepted = [text for code, text in sent if code == 250]
     tempfailed = [text for code, text in sent if code == 451]
     assert len(accepted) + len(tempfailed) == len(sent) == 9, sent
