@@ -40,6 +40,7 @@ import email.policy
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import re
 import sys
@@ -142,9 +143,15 @@ def parse_since(text: str, now: float | None = None, *, naive_utc: bool = False)
     """A point in time, in the one grammar of ``--since``, ``--state`` files and the HTTP API's
     ``since``: ``@EPOCH`` or a plain number (epoch seconds), ``2h``/``3d`` (s, m, h, d, w ago),
     or ISO 8601 (``Z`` or an offset allowed). A naive ISO time is local time, or UTC with
-    ``naive_utc`` (a network client cannot know the server's zone). Returns an epoch time;
-    raises ValueError."""
-    text = text.strip()
+    ``naive_utc`` (a network client cannot know the server's zone). Returns a finite epoch
+    time; raises ValueError (also for ``nan`` and ``inf``: numbers, but not times)."""
+    value = _parse_time(text.strip(), now, naive_utc)
+    if not math.isfinite(value):
+        raise ValueError(f"not a time: {text.strip()!r}")
+    return value
+
+
+def _parse_time(text: str, now: float | None, naive_utc: bool) -> float:
     if text.startswith("@"):
         return float(text[1:])
     m = _RELATIVE.match(text)

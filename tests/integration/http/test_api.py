@@ -332,3 +332,11 @@ def test_quarantine_list_by_listener_date_range_and_subject(client: httpx.Client
     for bad_time in ("yesterday-ish", "nan", "@inf"):  # numbers, but not times, too
         bad = client.get("/v1/quarantine", params={"until": bad_time}, headers=http_env.auth)
         assert bad.status_code == 400 and "until" in bad.json()["error"], bad_time
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "@nan", "@inf", "1e999"])
+def test_parse_since_refuses_numbers_that_are_not_times(text: str) -> None:
+    from avgate.ondemand import parse_since
+
+    with pytest.raises(ValueError, match="not a time"):
+        parse_since(text)
