@@ -104,6 +104,8 @@ class AvgateServe:
                 sink.append(line.rstrip("\n"))
 
     def start(self, timeout: float = 20.0) -> AvgateServe:
+        # a second start would orphan the first process (stop() only knows the last one)
+        assert self.proc is None or self.proc.poll() is not None, "avgate serve already started"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("AVGATE_CONFIG", None)
         self.proc = subprocess.Popen(

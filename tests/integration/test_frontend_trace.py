@@ -53,7 +53,7 @@ listen = "127.0.0.1:0"
 def _serve(root: Path, level: str) -> Iterator[tuple[AvgateServe, int, Path]]:
     smtp_port = free_port()
     (root / "avgate.toml").write_text(config(root, level, smtp_port))
-    with AvgateServe(root / "avgate.toml", cwd=root).start() as serve:
+    with AvgateServe(root / "avgate.toml", cwd=root) as serve:
         yield serve, smtp_port, root / "scan.log"
 
 
