@@ -28,7 +28,7 @@ from pathlib import Path
 
 from avgate.content import Part, Problem, decompose
 from avgate.limits import Limits
-from tests.fuzz.documents import LIMITS, MAX_PEAK, MAX_SECONDS
+from tests.fuzz.documents import LIMITS, MAX_PEAK, MAX_SECONDS, check_items
 
 MAX_NATIVE_PEAK = 64 * 1024 * 1024  # resident growth for inputs of a few KB
 MAX_VIRTUAL = 1024 * 1024 * 1024  # headroom in address space (thread stacks, arenas)
@@ -93,12 +93,4 @@ def check(data: bytes, limits: Limits = LIMITS) -> list[Part | Problem]:
     if before is not None and peak is not None:
         grown = (peak - before) * 1024
         assert grown < MAX_NATIVE_PEAK, f"resident size grew {grown} bytes for {len(data)}"
-    found = [i for i in items if isinstance(i, Part)]
-    assert found and found[0].data == data
-    unexpected = [i for i in items if isinstance(i, Problem) and i.reason.startswith("cannot")]
-    assert not unexpected, (unexpected, data[:200])
-    assert sum(len(p.data) for p in found) <= limits.max_scan_size
-    assert all(len(p.data) <= limits.max_file_size for p in found)
-    assert len(found) - 1 <= limits.max_files
-    assert all(p.depth <= limits.max_recursion for p in found)
-    return items
+    return check_items(data, items, limits)

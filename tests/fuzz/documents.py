@@ -36,14 +36,21 @@ def check(data: bytes) -> list[Part | Problem]:
     elapsed = time.perf_counter() - start
     assert elapsed < MAX_SECONDS, f"{elapsed:.1f}s for {len(data)} bytes"
     assert peak < MAX_PEAK, f"{peak} bytes allocated for {len(data)} bytes"
+    return check_items(data, items, LIMITS)
+
+
+def check_items(data: bytes, items: list[Part | Problem], limits: Limits
+                ) -> list[Part | Problem]:
+    """What every decomposition must give: the object first, no reader crash ("cannot
+    ..."), and every limit kept."""
     found = [i for i in items if isinstance(i, Part)]
     assert found and found[0].data == data
     unexpected = [i for i in items if isinstance(i, Problem) and i.reason.startswith("cannot")]
     assert not unexpected, (unexpected, data[:200])
-    assert sum(len(p.data) for p in found) <= LIMITS.max_scan_size
-    assert all(len(p.data) <= LIMITS.max_file_size for p in found)
-    assert len(found) - 1 <= LIMITS.max_files
-    assert all(p.depth <= LIMITS.max_recursion for p in found)
+    assert sum(len(p.data) for p in found) <= limits.max_scan_size
+    assert all(len(p.data) <= limits.max_file_size for p in found)
+    assert len(found) - 1 <= limits.max_files
+    assert all(p.depth <= limits.max_recursion for p in found)
     return items
 
 

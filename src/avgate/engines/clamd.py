@@ -770,7 +770,6 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
 async def _read_reply(sock: socket.socket) -> proto.Reply:
     """Read one z-terminated reply. EOF before the terminator is a protocol error (no whole
     reply: ``error``); a reply longer than any clamd sends is garbage (``unknown``)."""
-    loop = asyncio.get_running_loop()
     buf = proto.ReplyReader(proto.Prefix.Z)
     while True:
         try:
@@ -779,23 +778,26 @@ async def _read_reply(sock: socket.socket) -> proto.Reply:
             raise UnparseableReply(str(exc)) from exc
         if raw is not None:
             return proto.parse_reply(raw)
-        try:
-            data = await loop.sock_recv(sock, _READ_SIZE)
-        except OSError as exc:
-            raise EngineProtocolError(f"connection lost: {exc.strerror or exc}") from exc
-        if not data:
-            pending = buf.pending
-            detail = f" after {pending[:80]!r}" if pending else ""
-            raise EngineProtocolError(f"connection closed without a reply{detail}")
-        buf.feed(data)
+        buf.feed(await _recv_more(sock, buf.pending))
 
+
+async def _recv_more(sock: socket.socket, pending: bytes) -> bytes:
+    """The next bytes of a reply; a lost or closed connection is a protocol error (no whole
+    reply), naming what had arrived (``pending``)."""
+    try:
+        data = await asyncio.get_running_loop().sock_recv(sock, _READ_SIZE)
+    except OSError as exc:
+        raise EngineProtocolError(f"connection lost: {exc.strerror or exc}") from exc
+    if not data:
+        detail = f" after {pending[:80]!r}" if pending else ""
+        raise EngineProtocolError(f"connection closed without a reply{detail}")
+    return data
 
 
 async def _read_session_reply(sock: socket.socket, codec: proto.ClientSession,
                               command: str) -> proto.Reply:
     """Read the next reply of an IDSESSION connection: one that carries the id of a request
     we sent, else UnparseableReply (the codec says why); EOF first is a protocol error."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
             reply = codec.next_reply()
@@ -803,15 +805,7 @@ async def _read_session_reply(sock: socket.socket, codec: proto.ClientSession,
             raise UnparseableReply(f"unexpected {command} reply {exc}") from exc
         if reply is not None:
             return reply
-        try:
-            data = await loop.sock_recv(sock, _READ_SIZE)
-        except OSError as exc:
-            raise EngineProtocolError(f"connection lost: {exc.strerror or exc}") from exc
-        if not data:
-            pending = codec.pending
-            detail = f" after {pending[:80]!r}" if pending else ""
-            raise EngineProtocolError(f"connection closed without a reply{detail}")
-        codec.receive_data(data)
+        codec.receive_data(await _recv_more(sock, codec.pending))
 
 
 def _spool_fd(spool: Spool) -> int:
