@@ -145,9 +145,9 @@ class BaseEngine(abc.ABC):
                 self._debug_scan(spool, None, time.perf_counter() - start, type(exc).__name__)
             raise
         elapsed = time.perf_counter() - start
-        observability.engine_latency.labels(engine=self.name).observe(elapsed)
+        observability.child(observability.engine_latency, self.name).observe(elapsed)
         if failed:
-            observability.engine_errors_total.labels(engine=self.name).inc()
+            observability.child(observability.engine_errors_total, self.name).inc()
         if observability.debug_enabled():
             self._debug_scan(spool, result, elapsed)
         engines = result.engines or (self.info(),)
