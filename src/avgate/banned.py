@@ -57,10 +57,11 @@ Where it runs: the decomposition happens in a scan worker of this check's own po
 the event loop), beside the engines, so it works with any engine set (clamd only too). What
 a worker returns does not depend on the sender, so it is cached by the object's hash; the
 context keys are applied afterwards, on the event loop, per part in O(rules). One shortcut
-skips the worker: a plain-text mail (:func:`plain_text_body`: at most 64 KiB of printable
-ASCII, strict headers, at most ``Content-Type: text/plain`` and a 7bit/8bit encoding, nothing
-a decomposer would open) is matched on the event loop as the two parts the decomposition
-would yield, the message and its body; every other object goes to the workers. Parts the check
+skips the worker: a simple mail (:mod:`avgate.content.simplemail`: at most 64 KiB of printable
+ASCII, either plain text or one multipart of text and attachments, strict header fields,
+simple parameters, nothing in it that a decomposer would open further) is matched on the
+event loop as exactly the parts the decomposition would yield, read in a few bounded passes;
+every other object goes to the workers. Parts the check
 could not look at (a limit, an encrypted member's contents) make the result skipped/unknown
 as the embedded engine's do: undecidable is never clean.
 """
@@ -99,9 +100,9 @@ if TYPE_CHECKING:
     from .config import Config
     from .spool import Spool
 
-__all__ = ["DEFAULT_RULES", "SHORTCUT_MAX", "BannedCheck", "BannedRuleSettings",
-           "BannedSettings", "Inspection", "Matcher", "compile_rules", "inspect_bytes",
-           "inspect_plain_text", "part_name", "plain_text_body"]
+__all__ = ["DEFAULT_RULES", "BannedCheck", "BannedRuleSettings", "BannedSettings",
+           "Inspection", "Matcher", "compile_rules", "inspect_bytes", "inspect_simple_mail",
+           "part_name"]
 
 PREFIX = "Banned."
 #: where the built-in set applies: the mail front-ends (policy's, in FRONTENDS' order)
@@ -360,97 +361,21 @@ def inspect_bytes(data: bytes, matchers: tuple[Matcher, ...], limits: Limits,
     return inspector.result()
 
 
-# -- the shortcut on the event loop: a plain-text mail ------------------------------------------
-#: the largest object :func:`plain_text_body` looks at (every check is a bytes/regex pass)
-SHORTCUT_MAX = 64 * 1024
-_PRINTABLE = b"\t\r\n" + bytes(range(0x20, 0x7F))
-# what makes the decomposers look further: uuencoded blocks ("begin 644 x", "begin-base64"),
-# several boundaries (last_boundary_view), message/partial (partial_view), obsolete header
-# syntax "Name :" (obsolete_header_view, which rewrites body lines too); searched for in
-# the lower-cased message (bytes.find: a regex alternation is ten times slower here)
-_DECOMPOSABLE = (b"begin", b"boundary", b"partial", b" :", b"\t:")
-_FIELD = re.compile(rb"[!-9;-~]+:")
-_PLAIN_TYPE = re.compile(rb'[ \t]*text/plain[ \t]*(?:;[ \t]*charset="?[A-Za-z0-9._-]{1,40}"?'
-                         rb"[ \t]*)?", re.IGNORECASE)
-_RAW_ENCODING = re.compile(rb"[ \t]*(?:7bit|8bit)[ \t]*", re.IGNORECASE)
+# -- the shortcut on the event loop: a simple mail --------------------------------------------
+def inspect_simple_mail(data: bytes, matchers: tuple[Matcher, ...], limits: Limits
+                        ) -> Inspection | None:
+    """:func:`inspect_bytes`'s answer for a simple mail (a plain-text message, or one
+    multipart of text and attachments nothing further is decomposed in), found without the
+    decomposition: its parts read by :func:`~avgate.content.simplemail.simple_mail_parts`
+    in a few bounded passes; None for any other object."""
+    from .content.simplemail import simple_mail_parts
 
-
-def plain_text_body(data: bytes, limits: Limits) -> tuple[bytes, str] | None:
-    """(body, declared type) when ``data`` is a mail that :func:`~avgate.content.decompose`
-    turns into exactly two parts, the message and its body (part ``1``, bytes as sent);
-    None for anything else, which the scan workers decompose.
-
-    Deliberately narrow, so that the claim is easy to check (hypothesis compares it with
-    the full decomposition: tests/unit/test_banned_shortcut.py): at most
-    :data:`SHORTCUT_MAX` bytes of printable ASCII; one kind of line end; a header block
-    of strict ``Name:`` fields ending in a blank line, whose only ``Content-*`` fields
-    are at most one ``Content-Type: text/plain`` (a charset at most: no file name) and
-    one ``Content-Transfer-Encoding`` 7bit or 8bit; nothing anywhere that makes a
-    decomposer look further (``begin``, ``boundary``, ``partial``, a blank before a
-    colon); the message detected as mail and the body as nothing (no HTML, PDF, enclosed
-    mail, ...).
-    Bounded: a few linear passes over at most 64 KiB, so it runs on the event loop.
-    """
-    if (len(data) > min(SHORTCUT_MAX, limits.max_file_size, limits.max_scan_size)
-            or limits.max_files < 2 or limits.max_recursion < 2
-            or data.translate(None, _PRINTABLE)):  # a byte that is not printable ASCII
+    parts = simple_mail_parts(data, limits)
+    if parts is None:
         return None
-    lowered = data.lower()
-    if any(word in lowered for word in _DECOMPOSABLE):
-        return None
-    from .content.filetype import Kind, detect
-
-    eol = b"\n"
-    if b"\r" in data:
-        if not data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n"):
-            return None
-        eol = b"\r\n"
-    end = data.find(eol + eol)
-    if end <= 0:
-        return None
-    declared = ""
-    encoding = False
-    content: bool | None = None  # whether the last field is a Content-* one (None: none yet)
-    for line in data[:end].split(eol):
-        if line[:1] in (b" ", b"\t"):  # a continuation line: only after a non-Content-* field
-            if content is not False:
-                return None
-            continue
-        field = _FIELD.match(line)
-        if field is None:
-            return None
-        name = line[:field.end() - 1].lower()
-        content = name.startswith(b"content-")
-        if not content:
-            continue
-        if name == b"content-type" and not declared and _PLAIN_TYPE.fullmatch(
-                line, field.end()):
-            declared = "text/plain"
-        elif name == b"content-transfer-encoding" and not encoding and _RAW_ENCODING.fullmatch(
-                line, field.end()):
-            encoding = True
-        else:
-            return None
-    body = data[end + 2 * len(eol):]
-    if detect(data) is not Kind.MAIL or detect(body) is not Kind.OTHER:
-        return None
-    return body, declared
-
-
-def inspect_plain_text(data: bytes, matchers: tuple[Matcher, ...], limits: Limits
-                       ) -> Inspection | None:
-    """:func:`inspect_bytes`'s answer for a mail :func:`plain_text_body` accepts, found
-    without decomposing (the message and its body matched as those two parts); None for
-    any other object."""
-    from .content import Part
-
-    found = plain_text_body(data, limits)
-    if found is None:
-        return None
-    body, declared = found
     inspector = Inspector(matchers)
-    inspector.feed(Part("", data, 0))
-    inspector.feed(Part("1", body, 1, declared))
+    for part in parts:
+        inspector.feed(part)
     return inspector.result()
 
 
@@ -522,7 +447,7 @@ class BannedCheck:
         self._pool: WorkerPool | None = None
         self._cache: OrderedDict[str, Inspection] = OrderedDict()
         self._cache_size = cache_size
-        self.shortcuts = 0  # objects decided by inspect_plain_text, without a worker
+        self.shortcuts = 0  # objects decided by inspect_simple_mail, without a worker
         #: an engine that matches these rules in its own pass (the embedded engine, see
         #: :meth:`share_with`): its inspection is used, the object is not decomposed twice
         self.partner: Callable[[str], Inspection | None] | None = None
@@ -627,12 +552,15 @@ class BannedCheck:
         return found
 
     def _shortcut(self, spool: Spool) -> Inspection | None:
-        """The inspection of a plain-text mail, found on the event loop without decomposing
-        (:func:`inspect_plain_text`: bounded, at most :data:`SHORTCUT_MAX` bytes); None for
-        anything else, which goes to the workers."""
-        if not spool.in_memory or spool.size > SHORTCUT_MAX:
+        """The inspection of a simple mail, found on the event loop without decomposing
+        (:func:`inspect_simple_mail`: bounded, at most
+        :data:`~avgate.content.simplemail.MAX_SIZE` bytes); None for anything else, which
+        goes to the workers."""
+        from .content.simplemail import MAX_SIZE
+
+        if not spool.in_memory or spool.size > MAX_SIZE:
             return None
-        found = inspect_plain_text(spool.getvalue(), self.matchers, self.limits)
+        found = inspect_simple_mail(spool.getvalue(), self.matchers, self.limits)
         if found is not None:
             self.shortcuts += 1
         return found

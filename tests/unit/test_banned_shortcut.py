@@ -1,7 +1,8 @@
-"""The banned-type check's shortcut on the event loop (avgate.banned.plain_text_body): a
-plain-text mail is matched as its two parts without a worker round trip, and the shortcut
-never answers differently from the full decomposition (hypothesis, over mutated mails that
-an attacker would shape to slip something past it).
+"""The banned-type check's shortcut on the event loop (avgate.banned.inspect_simple_mail):
+a simple mail is matched as its parts without a worker round trip, and the shortcut never
+answers differently from the full decomposition (hypothesis, over mutated mails that an
+attacker would shape to slip something past it). The parts themselves are held to
+decompose() in tests/unit/test_simplemail.py.
 """
 
 from __future__ import annotations
@@ -16,22 +17,32 @@ from hypothesis import strategies as st
 
 from avgate import config
 from avgate.banned import (
-    SHORTCUT_MAX,
     BannedCheck,
     BannedSettings,
+    Inspection,
+    Matcher,
     compile_rules,
     inspect_bytes,
-    inspect_plain_text,
-    plain_text_body,
+    inspect_simple_mail,
 )
+from avgate.content import Part
+from avgate.content.simplemail import MAX_SIZE, simple_mail_parts
 from avgate.context import Context
 from avgate.limits import Limits
 from avgate.result import ScanStatus
 from avgate.scan import ScanService, VerdictCache
 from avgate.spool import Spool
 from tests.unit.test_scan_service import CountingEngine
+from tests.unit.test_simplemail import full, long_way
 
 LIMITS = Limits()
+
+
+def long_inspection(data: bytes, matchers: tuple[Matcher, ...], limits: Limits) -> Inspection:
+    """The workers' answer, from the decomposers (not decompose()'s own shortcut)."""
+    with long_way():
+        return inspect_bytes(data, matchers, limits)
+
 SMTP = Context("smtp", sender="someone@example.org", recipients=["user@example.com"])
 EXAMPLES = int(os.environ.get("AVGATE_FUZZ_EXAMPLES", "200"))
 
@@ -61,24 +72,25 @@ def text_mail(body: str = "Hello,\nsee you at noon.\n") -> bytes:
 def test_plain_text_mail_is_matched_without_decomposing() -> None:
     for data in (PLAIN, PLAIN.replace(b"\r\n", b"\n"), text_mail(),
                  b"Subject: x\n\n", b"From: a@example.org\n\nno type at all\n"):
-        found = plain_text_body(data, LIMITS)
-        assert found is not None, data
+        found = simple_mail_parts(data, LIMITS)
+        assert found is not None and len(found) == 2, data
         for matchers in (MATCHERS, DEFAULT_MATCHERS):
-            assert inspect_plain_text(data, matchers, LIMITS) == inspect_bytes(
+            assert inspect_simple_mail(data, matchers, LIMITS) == long_inspection(
                 data, matchers, LIMITS)
-    assert plain_text_body(PLAIN, LIMITS) == (b"Hello,\r\n\r\nsee you at noon.\r\n",
-                                              "text/plain")
-    assert plain_text_body(b"Subject: x\n\nbody\n", LIMITS) == (b"body\n", "")
+    assert simple_mail_parts(PLAIN, LIMITS) == (
+        Part("", PLAIN, 0), Part("1", b"Hello,\r\n\r\nsee you at noon.\r\n", 1, "text/plain"))
+    assert simple_mail_parts(b"Subject: x\n\nbody\n", LIMITS) == (
+        Part("", b"Subject: x\n\nbody\n", 0), Part("1", b"body\n", 1))
 
 
 def test_a_plain_text_mail_that_a_rule_bans_is_still_banned() -> None:
     # a rule over the declared type, and a body detected as a disk image (printable magic)
-    inspection = inspect_plain_text(PLAIN, MATCHERS, LIMITS)
+    inspection = inspect_simple_mail(PLAIN, MATCHERS, LIMITS)
     assert inspection is not None and [p for p, _ in inspection.hits] == ["1"]
     vhd = PLAIN.replace(b"Hello,", b"conectix", 1)
-    disk = inspect_plain_text(vhd, compile_rules(BannedSettings.model_validate(
+    disk = inspect_simple_mail(vhd, compile_rules(BannedSettings.model_validate(
         {"rules": [{"name": "disk", "detected_type": "img"}]}))[0], LIMITS)
-    assert disk is not None and disk == inspect_bytes(vhd, compile_rules(
+    assert disk is not None and disk == long_inspection(vhd, compile_rules(
         BannedSettings.model_validate({"rules": [{"name": "disk", "detected_type": "img"}]}))[0],
         LIMITS)
     assert [p for p, _ in disk.hits] == ["1"]
@@ -108,17 +120,19 @@ def test_a_plain_text_mail_that_a_rule_bans_is_still_banned() -> None:
     b" folded: first\r\n\r\nbody\r\n",
     b"From sender Mon Jan  1 00:00:00 2024\r\nSubject: x\r\n\r\nbody\r\n",  # mbox From_
     b"\r\nbody only\r\n",
-    PLAIN + b"x" * SHORTCUT_MAX,  # too big for the event loop
+    PLAIN + b"x" * MAX_SIZE,  # too big for the event loop
 ])
 def test_anything_else_goes_to_the_workers(data: bytes) -> None:
-    assert plain_text_body(data, LIMITS) is None
-    assert inspect_plain_text(data, MATCHERS, LIMITS) is None
+    assert simple_mail_parts(data, LIMITS) is None
+    assert inspect_simple_mail(data, MATCHERS, LIMITS) is None
 
 
 def test_limits_that_would_refuse_the_parts_disable_it() -> None:
-    assert plain_text_body(PLAIN, Limits(max_file_size=len(PLAIN) - 1)) is None
-    assert plain_text_body(PLAIN, Limits(max_recursion=1)) is None
-    assert plain_text_body(PLAIN, Limits(max_files=1)) is None
+    assert simple_mail_parts(PLAIN, Limits(max_file_size=len(PLAIN) - 1)) is None
+    assert simple_mail_parts(PLAIN, Limits(max_scan_size=len(PLAIN) + 5)) is None
+    # the tightest limits that still let both parts through: the same parts as decompose()
+    for limits in (Limits(max_recursion=1), Limits(max_files=1)):
+        assert simple_mail_parts(PLAIN, limits) == full(PLAIN, limits)
 
 
 # -- hypothesis: the shortcut never says anything else than the full check ----------------------
@@ -162,10 +176,10 @@ def mutated_mails(draw: st.DrawFn) -> bytes:
 @given(mutated_mails())
 def test_shortcut_never_disagrees_with_the_full_check(data: bytes) -> None:
     for matchers in (MATCHERS, DEFAULT_MATCHERS):
-        shortcut = inspect_plain_text(data, matchers, LIMITS)
+        shortcut = inspect_simple_mail(data, matchers, LIMITS)
         if shortcut is not None:
             # the same hits, part by part, and no problem the full check would report
-            assert shortcut == inspect_bytes(data, matchers, LIMITS)
+            assert shortcut == long_inspection(data, matchers, LIMITS)
 
 
 # -- in the service: no worker for a plain-text mail, the workers for the rest -----------------
@@ -187,3 +201,26 @@ async def test_service_decides_plain_text_on_the_event_loop() -> None:
         with Spool.from_bytes(text_mail() + b"begin 644 a.exe\n`\nend\n") as spool:
             await service.scan(spool, SMTP)
         assert check.shortcuts == 1 and check._pool.stats().tasks == 1
+
+
+async def test_service_bans_an_attachment_of_a_simple_multipart_without_a_worker() -> None:
+    from tests.unit.test_simplemail import TEXT, b64, multipart
+
+    exe = ([b'Content-Type: application/octet-stream; name="Invoice.pdf.exe"',
+            b"Content-Transfer-Encoding: base64"], b64(b"MZ\x90\x00" + bytes(200)))
+    cfg = config.loads("[scan]\nworkers = 1\n")
+    check = BannedCheck.from_config(cfg, workers=1)
+    assert check is not None
+    service = ScanService([CountingEngine("clamd", ScanStatus.CLEAN)], cache=VerdictCache(),
+                          banned=check)
+    async with service:
+        with Spool.from_bytes(multipart([TEXT, exe])) as spool:
+            result = await service.scan(spool, SMTP)
+        assert result.status is ScanStatus.INFECTED
+        # the built-in set: the name has a double extension (the bytes are no whole PE)
+        assert result.virus_names == ("Banned.double-extension",)
+        assert [f.part for f in result.findings] == ["2/Invoice.pdf.exe"]
+        with Spool.from_bytes(multipart([TEXT])) as spool:
+            assert (await service.scan(spool, SMTP)).status is ScanStatus.CLEAN
+        assert check.shortcuts == 2 and check._pool is not None
+        assert check._pool.stats().tasks == 0  # no worker was asked

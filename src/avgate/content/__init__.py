@@ -143,6 +143,10 @@ def _decomposers() -> dict[Kind, _Decomposer]:
 
 
 _DECOMPOSERS: dict[Kind, _Decomposer] | None = None
+#: read a simple mail's parts in a few passes (:mod:`.simplemail`, the same parts, held to
+#: the decomposers by hypothesis); False decomposes every object the long way
+SIMPLE_MAIL = True
+SIMPLE_MAIL_MAX = 64 * 1024  # simplemail.MAX_SIZE (checked equal in its tests)
 
 
 def decompose(data: bytes, limits: Limits, name: str = "") -> Iterator[Part | Problem]:
@@ -155,6 +159,13 @@ def decompose(data: bytes, limits: Limits, name: str = "") -> Iterator[Part | Pr
     global _DECOMPOSERS
     if _DECOMPOSERS is None:
         _DECOMPOSERS = _decomposers()
+    if SIMPLE_MAIL and len(data) <= SIMPLE_MAIL_MAX:
+        from .simplemail import simple_mail_parts  # it imports Part from here
+
+        simple = simple_mail_parts(bytes(data), limits, name)
+        if simple is not None:
+            yield from simple
+            return
     budget = Budget(limits)
     root = Part(name, bytes(data), 0)
     problem = budget.refuse(name, len(root.data))
