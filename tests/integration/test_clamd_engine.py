@@ -327,6 +327,61 @@ async def test_clamd_restart_breaks_the_session_not_the_scan(
     await eng.close()
 
 
+async def test_an_idle_session_clamd_closed_is_marked_dead_by_its_reader(
+        clamd_alive: ClamdDaemon) -> None:
+    """The session's reader stays registered while it is idle in the pool: clamd closing
+    it is noticed without a scan; a reply's leftover poll report does not kill a live one."""
+    eng = ClamdEngine(ClamdEngineSettings(servers=clamd_alive.unix, scan_timeout=20,
+                                          fildes="off"), CTX)
+    await _scan_mixed(eng, 2)
+    [session] = eng.servers[0].idle
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not session.dead and eng.servers[0].sessions_opened == 1
+    clamd_alive.restart()
+    assert await async_wait_until(lambda: session.dead)
+    await _scan_mixed(eng, 1)
+    assert eng.servers[0].sessions_opened == 2 and eng.servers[0].failures == 0
+    await eng.close()
+
+
+async def test_a_session_reply_is_bounded_by_its_own_scan_timeout(tmp_path: Path) -> None:
+    """A session reply that never comes ends the scan after that scan's own scan_timeout
+    (not at an earlier scan's deadline, not never), as an error, never clean."""
+    path = str(tmp_path / "mute.sock")
+    handlers_done = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal handlers_done
+        answered = False
+        try:
+            while data := await reader.read(65536):
+                if not answered and data.endswith(b"\0\0\0\0"):  # the first INSTREAM's end
+                    writer.write(b"1: stream: OK\0")  # the second is never answered
+                    answered = True
+        finally:
+            writer.close()
+            handlers_done += 1
+
+    server = await asyncio.start_unix_server(handle, path)
+    eng = ClamdEngine(ClamdEngineSettings(servers=f"unix:{path}", scan_timeout=0.3,
+                                          fildes="off", max_failures=100), CTX)
+    try:
+        assert (await eng.scan(Spool.from_bytes(b"clean"))).status is ScanStatus.CLEAN
+        await asyncio.sleep(0.2)  # the first reply's timer is due 0.1 s into the next scan
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        result = await eng.scan(Spool.from_bytes(b"never answered"))
+        elapsed = loop.time() - started
+        assert result.status is ScanStatus.ERROR and "no reply within" in result.reason
+        assert 0.25 <= elapsed < 5
+        assert eng.servers[0].sessions_opened == 1  # both went on the one session
+    finally:
+        await eng.close()
+        server.close()
+    assert await async_wait_until(lambda: handlers_done == 1)
+
+
 @pytest.fixture
 def fd_passed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the objects that went out by FILDES."""

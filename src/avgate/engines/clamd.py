@@ -87,6 +87,7 @@ from pydantic import (
     field_validator,
 )
 
+from .. import observability
 from ..errors import EngineError, EngineProtocolError, EngineTimeout, EngineUnavailable
 from ..limits import GiB, KiB, MiB
 from ..protocols import clamd as proto
@@ -253,16 +254,72 @@ class ClamdServer(Upstream):
 
 @dataclass(slots=True, eq=False)
 class Session:
-    """One IDSESSION connection: the socket, its codec, and since when it is idle."""
+    """One IDSESSION connection: the socket, its codec, and since when it is idle.
+
+    The socket's reader stays registered for the session's life (no epoll registration per
+    reply): while a reply is awaited it wakes :meth:`recv_more`; otherwise readiness with
+    something to read (a peek tells it from a report made before the last reply was read)
+    means clamd closed the session or said something unasked, and marks it dead.
+    """
 
     sock: socket.socket
     codec: proto.ClientSession
+    loop: asyncio.AbstractEventLoop
     idle_since: float = 0.0  # event-loop time
     scans: int = 0
+    dead: bool = False  # readable while idle: closed by clamd, or garbage
+    _waiter: asyncio.Future[None] | None = None
+    _watched: bool = False
+
+    def _readable(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+            return
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # reported by the poll before the last reply was read: nothing new
+        except OSError:
+            pass
+        self.dead = True  # closed, or something unasked: the session is not usable any more
+        self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watched:
+            self._watched = False
+            self.loop.remove_reader(self.sock.fileno())
+
+    async def recv_more(self, pending: bytes) -> bytes:
+        """The next bytes of a reply (waits for them first: a reply is never there the
+        moment its request left); a lost or closed connection is a protocol error."""
+        if not self._watched:
+            self.loop.add_reader(self.sock.fileno(), self._readable)
+            self._watched = True
+        while True:
+            self._waiter = self.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+            try:
+                data = self.sock.recv(_READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
+                raise EngineProtocolError(f"connection lost: {exc.strerror or exc}") from exc
+            if not data:
+                detail = f" after {pending[:80]!r}" if pending else ""
+                raise EngineProtocolError(f"connection closed without a reply{detail}")
+            return data
 
     def alive(self) -> bool:
         """Nothing to read and not closed: clamd has not dropped it (ReadTimeout, restart)
-        nor sent anything unasked. One non-blocking peek."""
+        nor sent anything unasked. Known from the reader, else one non-blocking peek (the
+        loop may not have polled since)."""
+        if self.dead:
+            return False
         try:
             data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -274,6 +331,7 @@ class Session:
     def close(self, end: bool) -> None:
         """Close; with ``end`` say ``zEND`` first when the session is clean (best effort,
         never blocks)."""
+        self._unwatch()
         if end and self.codec.idle:
             with contextlib.suppress(OSError):
                 self.sock.send(self.codec.end(), socket.MSG_DONTWAIT)
@@ -528,8 +586,9 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
                     # a reused session clamd dropped (ReadTimeout, restart, MaxQueue, ...)
                     # or that said something we did not ask for: redo on a plain connection
                 else:
-                    self._debug(server, command, started, size=spool.size, session=True,
-                                reused=reused, reply=reply.text[:200])
+                    if observability.debug_enabled():  # the hot path: no fields built else
+                        self._debug(server, command, started, size=spool.size, session=True,
+                                    reused=reused, reply=reply.text[:200])
                     if not (fildes and self._fildes_refused(server, reply)):
                         return reply
                     command = "INSTREAM"
@@ -566,7 +625,7 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         sock = await self._connect(server, deadline)
         server.sessions += 1
         server.sessions_opened += 1
-        session = Session(sock, proto.ClientSession())
+        session = Session(sock, proto.ClientSession(), loop)
         # IDSESSION itself has no reply: it goes out with the first command
         return session
 
@@ -621,7 +680,7 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
                 except OSError as exc:
                     raise EngineProtocolError(
                         f"connection lost while streaming: {exc.strerror or exc}") from exc
-                reply = await _read_session_reply(session.sock, codec, command)
+                reply = await _read_session_reply(session, command)
                 if reply.session_id != request_id:  # the codec allows only outstanding ids
                     raise UnparseableReply(f"reply for request {reply.session_id}, "
                                            f"expected {request_id}")
@@ -658,7 +717,8 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         except EngineError as exc:
             self._debug(server, command, started, size=spool.size, error=str(exc))
             raise
-        self._debug(server, command, started, size=spool.size, reply=reply.text[:200])
+        if observability.debug_enabled():
+            self._debug(server, command, started, size=spool.size, reply=reply.text[:200])
         return reply
 
     def _debug(self, server: ClamdServer, command: str, started: float, **fields: Any) -> None:
@@ -794,10 +854,10 @@ async def _recv_more(sock: socket.socket, pending: bytes) -> bytes:
     return data
 
 
-async def _read_session_reply(sock: socket.socket, codec: proto.ClientSession,
-                              command: str) -> proto.Reply:
+async def _read_session_reply(session: Session, command: str) -> proto.Reply:
     """Read the next reply of an IDSESSION connection: one that carries the id of a request
     we sent, else UnparseableReply (the codec says why); EOF first is a protocol error."""
+    codec = session.codec
     while True:
         try:
             reply = codec.next_reply()
@@ -805,7 +865,7 @@ async def _read_session_reply(sock: socket.socket, codec: proto.ClientSession,
             raise UnparseableReply(f"unexpected {command} reply {exc}") from exc
         if reply is not None:
             return reply
-        codec.receive_data(await _recv_more(sock, codec.pending))
+        codec.receive_data(await session.recv_more(codec.pending))
 
 
 def _spool_fd(spool: Spool) -> int:

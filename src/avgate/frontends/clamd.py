@@ -6,8 +6,10 @@ from the next command (the listen addresses and ``max_connections`` only from a 
 
 The bytes ⇄ events work is :mod:`avgate.protocols.clamd`; this module only moves bytes
 between sockets and the codec and calls ``gateway.process`` (``Context(frontend="clamd")``).
-It uses plain non-blocking sockets (``loop.sock_*``): the unix socket needs ``recvmsg`` for
-the file descriptors FILDES passes, and one code path for both keeps the hot path lean.
+It uses plain non-blocking sockets (reader callbacks, no transports): the unix socket needs
+``recvmsg`` for the file descriptors FILDES passes, and one code path for both keeps the hot
+path lean. The listening socket is watched by a callback that accepts what is pending; each
+connection keeps its reader registered between waits and one deadline timer (:class:`Readable`).
 Sockets are opened by :func:`avgate.frontends.listen.bind`.
 
 Beside it: :mod:`.clamd_scan` (verdict words, file snapshots, path scans below
@@ -41,6 +43,7 @@ import stat
 import time
 import traceback
 from datetime import datetime
+from typing import Any
 
 from pydantic import Field, field_validator
 
@@ -62,6 +65,7 @@ __all__ = ["ClamdListener", "ClamdListenerSettings", "as_clamd_verdict", "start"
 
 _RECV = 256 * 1024
 _FDS_PER_MESSAGE = 4  # ancillary room per recvmsg; the kernel closes what does not fit
+_ACCEPT_BATCH = 64  # connections accepted per readiness report of the listening socket
 COMMANDS = ("SCAN QUIT RELOAD PING CONTSCAN VERSIONCOMMANDS VERSION END SHUTDOWN MULTISCAN "
             "FILDES STATS IDSESSION INSTREAM ALLMATCHSCAN")
 
@@ -112,20 +116,86 @@ class ClamdListenerSettings(Section):
 _DEFAULTS = ClamdListenerSettings()
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    """Wait until ``sock`` has data (asyncio has no sock_recvmsg before Python 3.13)."""
-    fut: asyncio.Future[None] = loop.create_future()
+class Readable:
+    """Waits for one client socket to have data (asyncio has no sock_recvmsg before Python
+    3.13), up to a deadline.
 
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
+    The reader stays registered while the connection waits again and again (it is removed
+    only when new bytes come while nobody waits, and at :meth:`close`; a readiness report
+    made before the last read is told apart by a peek), and the deadline is one timer
+    handle per connection, moved rather than re-armed: no epoll registration and no timer
+    per wait.
+    """
 
-    fd = sock.fileno()
-    loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
+    __slots__ = ("_deadline", "_fd", "_loop", "_reading", "_sock", "_timer", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._reading = False
+        self._waiter: asyncio.Future[bool] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+
+    async def wait(self, deadline: float) -> bool:
+        """True once the socket is readable (the caller reads without blocking and waits
+        again if nothing is there: a poll's report can predate the last read); False when
+        ``deadline`` (loop time) comes first."""
+        loop = self._loop
+        if loop.time() >= deadline:
+            return False
+        self._waiter = waiter = loop.create_future()
+        if not self._reading:
+            loop.add_reader(self._fd, self._ready)
+            self._reading = True
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._expired)
+        try:
+            ready: bool = await waiter
+        finally:
+            self._waiter = None
+        return ready
+
+    def _ready(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(True)
+            return
+        try:  # nobody waits: a report from before the last read, or new bytes?
+            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing new: keep watching
+        except OSError:
+            pass
+        # bytes (or EOF) while a command is in progress: stop watching until the next wait
+        # (epoll is level-triggered: it would report them on every turn)
+        self._loop.remove_reader(self._fd)
+        self._reading = False
+
+    def _expired(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now: the next wait sets the timer again
+        if self._loop.time() < self._deadline:  # moved by progress since it was set
+            self._timer = self._loop.call_at(self._deadline, self._expired)
+            return
+        waiter.set_result(False)
+
+    def close(self) -> None:
+        """Stop watching (before the socket is closed)."""
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class ClamdListener:
@@ -137,10 +207,12 @@ class ClamdListener:
         self.sock = sock
         self.unix_path = unix_path
         self.name = name
-        self._slots = asyncio.Semaphore(self.settings().max_connections)
+        #: clients served at once (more wait in the backlog); read at start only
+        self._max_connections = self.settings().max_connections
         self._conns: set[Conn] = set()
         self._closing = False
-        self._accept_task: asyncio.Task[None] | None = None
+        self._accepting = False  # the listening socket is watched
+        self._backoff: asyncio.TimerHandle | None = None  # accept failed: watch again later
         self._versions: dict[str, tuple[int, str]] = {}
         self.started = time.time()
         self.served = 0
@@ -161,14 +233,15 @@ class ClamdListener:
         return int(self.sock.getsockname()[1])
 
     def start(self) -> None:
-        self._accept_task = asyncio.ensure_future(self._accept_loop())
+        self._watch_accept()
 
     async def aclose(self) -> None:
         """Stop accepting; end idle connections; let commands in progress finish."""
         self._closing = True
-        if self._accept_task is not None:
-            self._accept_task.cancel()
-            await asyncio.gather(self._accept_task, return_exceptions=True)
+        self._unwatch_accept()
+        if self._backoff is not None:
+            self._backoff.cancel()
+            self._backoff = None
         self.sock.close()
         if self.unix_path is not None:
             with contextlib.suppress(OSError):
@@ -179,31 +252,51 @@ class ClamdListener:
         tasks = [c.task for c in self._conns if c.task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        unix = self.unix_path is not None
-        while True:
-            await self._slots.acquire()
+    # -- accepting ------------------------------------------------------------------------
+    # The listening socket is watched by a reader callback that accepts what is pending (no
+    # task and no future per accept); it stops watching while max_connections are served.
+    def _watch_accept(self) -> None:
+        if not self._accepting and not self._closing and self._backoff is None:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._accept_ready)
+            self._accepting = True
+
+    def _unwatch_accept(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+    def _accept_ready(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            if len(self._conns) >= self._max_connections:
+                self._unwatch_accept()  # watched again when a connection ends
+                return
             try:
-                sock, addr = await loop.sock_accept(self.sock)
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
-                self._slots.release()
                 accounting.log.log(f"accept:{exc.errno}", f"avgate: clamd listener "
                                    f"{self.describe()}: accept failed: {exc}")
-                await asyncio.sleep(0.05)  # EMFILE and friends: back off, keep serving
-                continue
-            except BaseException:
-                self._slots.release()
-                raise
-            sock.setblocking(False)
-            if unix:
-                peer, client = "local", accounting.peer_uid(sock)
-            else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                peer, client = f"{addr[0]}:{addr[1]}", str(addr[0])
-            conn = Conn(sock, unix, peer, client, self.settings())
-            self._conns.add(conn)
-            conn.task = asyncio.ensure_future(self._serve(conn))
+                # EMFILE and friends: back off, keep serving
+                self._unwatch_accept()
+                self._backoff = asyncio.get_running_loop().call_later(0.05, self._retry_accept)
+                return
+            self._admit(sock, addr)
+
+    def _retry_accept(self) -> None:
+        self._backoff = None
+        self._watch_accept()
+
+    def _admit(self, sock: socket.socket, addr: Any) -> None:
+        sock.setblocking(False)
+        if self.unix_path is not None:
+            peer, client = "local", accounting.peer_uid(sock)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer, client = f"{addr[0]}:{addr[1]}", str(addr[0])
+        conn = Conn(sock, self.unix_path is not None, peer, client, self.settings())
+        self._conns.add(conn)
+        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
 
     # -- one connection -----------------------------------------------------------------
     def _recv_ready(self, conn: Conn) -> bytes | None:
@@ -224,14 +317,6 @@ class ClamdListener:
                     return None
         return data
 
-    async def _recv(self, conn: Conn) -> bytes | None:
-        """Bytes from the client (b"" at EOF), or None when only descriptors arrived."""
-        while True:
-            try:
-                return self._recv_ready(conn)
-            except (BlockingIOError, InterruptedError):
-                await _readable(asyncio.get_running_loop(), conn.sock)
-
     async def _send(self, conn: Conn, data: bytes) -> None:
         """Send, or give up (TimeoutError) when the client does not read for idle_timeout.
         A reply the socket takes at once (the usual case: a few dozen bytes) is sent
@@ -247,6 +332,7 @@ class ClamdListener:
 
     async def _serve(self, conn: Conn) -> None:
         loop = asyncio.get_running_loop()
+        conn.readable = readable = Readable(loop, conn.sock)
         parser = proto.ServerParser(stream_max_length=conn.settings.stream_max_length)
         spool: Spool | None = None
         instream: proto.Command | None = None
@@ -267,10 +353,8 @@ class ClamdListener:
                         # what is there already is taken without arming the timeout
                         data = self._recv_ready(conn)
                     except (BlockingIOError, InterruptedError):
-                        try:  # nothing yet: wait for it (then read it on the next turn)
-                            async with asyncio.timeout_at(deadline):
-                                await _readable(loop, conn.sock)
-                        except TimeoutError:
+                        # nothing yet: wait for it (then read it on the next turn)
+                        if not await readable.wait(deadline):
                             return
                         continue
                     if data is None:
@@ -338,11 +422,12 @@ class ClamdListener:
                                + traceback.format_exc())
             return
         finally:
+            readable.close()
             if spool is not None:
                 spool.close()
             conn.release()
             self._conns.discard(conn)
-            self._slots.release()
+            self._watch_accept()  # when it had stopped at max_connections
 
     async def _reply(self, conn: Conn, command: proto.Command, lines: list[str]) -> None:
         glog = self.gateway.log
@@ -420,16 +505,20 @@ class ClamdListener:
     async def _fildes(self, conn: Conn, parser: proto.ServerParser) -> list[str]:
         if not conn.unix:
             return [proto.error_reply("FILDES: only on the unix socket")]
-        if not conn.fds:
+        if not conn.fds and conn.readable is not None:
             # the descriptor may arrive just after the command: read (and buffer) until then
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(conn.settings.idle_timeout):
-                    while not conn.fds and not conn.dropped:
-                        data = await self._recv(conn)
-                        if data is not None:
-                            parser.receive_data(data)
-                        if data == b"":
-                            break
+            deadline = asyncio.get_running_loop().time() + conn.settings.idle_timeout
+            while not conn.fds and not conn.dropped:
+                try:
+                    data = self._recv_ready(conn)
+                except (BlockingIOError, InterruptedError):
+                    if not await conn.readable.wait(deadline):
+                        break
+                    continue
+                if data is not None:
+                    parser.receive_data(data)
+                if data == b"":
+                    break
         if not conn.fds:
             if conn.dropped:  # it came, but over max_fds / max_fds_per_connection
                 conn.dropped -= 1

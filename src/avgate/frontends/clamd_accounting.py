@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..observability import RateLimitedLog
 
 if TYPE_CHECKING:
-    from .clamd import ClamdListenerSettings
+    from .clamd import ClamdListenerSettings, Readable
 
 _RELOAD_MIN_INTERVAL = 1.0  # coalesced reloads start at least this far apart
 
@@ -136,8 +136,8 @@ class Conn:
     """State of one client connection: its socket, and what it holds of the process's
     descriptor and session budgets (given back by :meth:`release`)."""
 
-    __slots__ = ("busy", "client", "dropped", "fds", "peer", "session", "settings", "sock",
-                 "task", "unix")
+    __slots__ = ("busy", "client", "dropped", "fds", "peer", "readable", "session", "settings",
+                 "sock", "task", "unix")
 
     def __init__(self, sock: socket.socket, unix: bool, peer: str, client: str,
                  settings: ClamdListenerSettings) -> None:
@@ -153,6 +153,7 @@ class Conn:
         self.peer = peer
         self.client = client  # per-client limits: "uid:N" (unix socket) or the IP address
         self.session = False  # holds an IDSESSION slot
+        self.readable: Readable | None = None  # waits for the client's bytes (set by _serve)
 
     def adopt_fds(self, received: list[int], truncated: bool, now: float) -> None:
         """Keep received descriptors within the per-connection and per-process caps; close

@@ -1,8 +1,11 @@
 """ICAP server front-end (RFC 3507) for proxies such as Squid: OPTIONS, RESPMOD, REQMOD.
 
-A thin asyncio adapter: bytes go into :class:`avgate.protocols.icap.IcapParser`, the body
-streams into a :class:`~avgate.spool.Spool` as it arrives, and :meth:`Gateway.process` gives the
-decision, which is answered in ICAP:
+A thin asyncio adapter: each connection is an :class:`asyncio.Protocol` whose bytes go into
+:class:`avgate.protocols.icap.IcapParser` as they arrive (no stream reader; one idle-deadline
+timer per connection, moved rather than re-armed per read; reading pauses while more than
+256 KiB wait behind a request in progress), the body streams into a
+:class:`~avgate.spool.Spool`, and :meth:`Gateway.process` gives the decision, which is answered
+in ICAP:
 
 ==========================  ===============================================================
 decision                    ICAP answer
@@ -66,7 +69,7 @@ import hashlib
 import logging
 import os
 from email.utils import formatdate
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from pydantic import Field, field_validator
 
@@ -90,7 +93,8 @@ if TYPE_CHECKING:
     from ..gateway import Gateway, Outcome
     from ..spool import Spool
 
-READ_SIZE = 64 * KiB
+#: request bytes buffered while the connection is busy before reading pauses
+_READ_AHEAD = 256 * KiB
 SEND_CHUNK = 64 * KiB
 
 
@@ -138,9 +142,8 @@ class IcapServer:
         self.options = options
         self.address: Address = settings.listen.resolve(options.base_dir)
         self._server: asyncio.Server | None = None
-        self._active = 0
-        self._busy: set[asyncio.Task[Any]] = set()
-        self._idle: set[asyncio.Task[Any]] = set()
+        #: connections being served (``idle``: waiting for their next request)
+        self._conns: set[_Conn] = set()
         self._closing = False
         self._istag_src = ""
         self._istag = ""
@@ -178,8 +181,9 @@ class IcapServer:
         sock = bind(self.address, what="icap listen", options=self.options)
         if not self.address.is_unix and self.address.port == 0:  # tests: a free port
             self.address = dataclasses.replace(self.address, port=sock.getsockname()[1])
-        self._server = await asyncio.start_server(self._connection, sock=sock,
-                                                  backlog=DEFAULT_BACKLOG)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Conn(self), sock=sock,
+                                                backlog=DEFAULT_BACKLOG)
         return self
 
     @property
@@ -195,13 +199,14 @@ class IcapServer:
         self._closing = True
         if self._server is not None:
             self._server.close()
-        for task in list(self._idle):
-            task.cancel()
-        busy = [t for t in self._busy if not t.done()]
+        for conn in list(self._conns):
+            if conn.idle:
+                conn.cancel()
+        busy = [c.task for c in self._conns if c.task is not None and not c.task.done()]
         if busy:
             await asyncio.wait(busy, timeout=self.options.drain_timeout)
-        for task in list(self._busy | self._idle):
-            task.cancel()
+        for conn in list(self._conns):
+            conn.cancel()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -235,61 +240,172 @@ class IcapServer:
             head = self._constant[istag, last] = proto.encode_response(204, headers)
         return head
 
-    # -- connections -------------------------------------------------------------------
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if self._active >= self.settings.max_connections or self._closing:
-            writer.write(proto.encode_response(503, [*self._common(), ("Connection", "close")]))
-            await self._close(writer)
-            return
-        self._active += 1
-        peer = writer.get_extra_info("peername")
-        client = peer[0] if isinstance(peer, tuple) else ""
-        conn = _Conn(self, reader, writer, client, task)
-        try:
-            await conn.run()
-        except asyncio.CancelledError:
-            pass  # aclose() ends idle connections (and busy ones after the grace period)
-        finally:
-            self._active -= 1
-            self._busy.discard(task)
-            self._idle.discard(task)
-            await self._close(writer)
+class _Conn(asyncio.Protocol):
+    """One client connection: an :class:`asyncio.Protocol` that feeds the sans-IO parser
+    as bytes arrive, and a task that serves its requests in a row on that parser.
 
-    @staticmethod
-    async def _close(writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(Exception):
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), 5)
+    No stream reader and no timer per read: the task waits on one future that
+    ``data_received`` completes, and the idle deadline is one timer handle per connection,
+    moved (not re-armed) while data keeps coming. Writes go straight to the transport;
+    :meth:`_drain` waits only while the transport has paused writing.
+    """
 
-
-class _Conn:
-    """One client connection: a loop of requests on one parser."""
-
-    def __init__(self, server: IcapServer, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, client: str, task: asyncio.Task[Any]) -> None:
+    def __init__(self, server: IcapServer) -> None:
         self.server = server
         self.s = server.settings
         self.gateway = server.gateway
-        self.reader = reader
-        self.writer = writer
-        self.client = client
-        self.task = task
+        self.loop = asyncio.get_running_loop()
         self.parser = proto.IcapParser("server", max_header_size=self.s.max_header_size)
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.client = ""
+        #: waiting for the next request (``aclose`` ends such connections at once)
+        self.idle = True
         #: the answer to the request in progress has begun: an error can only close
         self.answered = False
+        self._waiter: asyncio.Future[None] | None = None  # the task waits for bytes
+        self._drainer: asyncio.Future[None] | None = None  # the task waits to write
+        self._closed: asyncio.Future[None] | None = None  # the task waits for the close
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # the wait for bytes in progress ends here (idle_timeout)
+        self._eof = False  # the client shut its side (or the connection is gone)
+        self._lost = False
+        self._write_paused = False
+        self._read_paused = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream transport (asyncio's or uvloop's, which does not subclass asyncio.Transport)
+        self.transport = transport = cast(asyncio.Transport, transport)
+        server = self.server
+        if len(server._conns) >= self.s.max_connections or server._closing:
+            transport.write(proto.encode_response(
+                503, [*server._common(), ("Connection", "close")]))
+            transport.close()
+            return
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if isinstance(peer, tuple) else ""
+        server._conns.add(self)
+        self.task = self.loop.create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.receive_data(data)
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.parser.buffered > _READ_AHEAD and self.transport is not None:
+            # busy (scanning, or writing to a slow client): hold the client back; the next
+            # wait for bytes reads on
+            self.transport.pause_reading()
+            self._read_paused = True
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake(self._waiter)
+        return True  # keep our side open: the answer may still be written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._wake(self._waiter, ConnectionResetError("connection lost"))
+        self._wake(self._drainer, ConnectionResetError("connection lost"))
+        self._wake(self._closed)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake(self._drainer)
+
+    @staticmethod
+    def _wake(fut: asyncio.Future[None] | None, exc: BaseException | None = None) -> None:
+        if fut is not None and not fut.done():
+            if exc is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(exc)
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    # -- I/O for the task ------------------------------------------------------------------
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def _drain(self) -> None:
+        """Wait while the transport holds more than its high-water mark."""
+        if self._lost:
+            raise ConnectionResetError("connection lost")
+        if self._write_paused:
+            self._drainer = self.loop.create_future()
+            try:
+                await self._drainer
+            finally:
+                self._drainer = None
+
+    async def _wait_data(self) -> None:
+        """Wait for more bytes, at most ``idle_timeout`` (TimeoutError)."""
+        loop = self.loop
+        self._deadline = deadline = loop.time() + self.s.idle_timeout
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+        if self._read_paused:
+            self._read_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        self._waiter = loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting for bytes now: the next wait sets its own deadline
+        if self.loop.time() < self._deadline:  # a later wait moved the deadline
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        waiter.set_exception(TimeoutError())
+
+    async def _serve(self) -> None:
+        try:
+            await self.run()
+        except asyncio.CancelledError:
+            pass  # aclose() ends idle connections (and busy ones after the grace period)
+        finally:
+            self.server._conns.discard(self)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            transport = self.transport
+            if transport is not None:
+                transport.close()  # what is written still goes out first
+                if transport.get_write_buffer_size() and not self._lost:
+                    # like the stream writer's wait_closed: aclose() waits for the flush
+                    self._closed = self.loop.create_future()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closed, 5)
 
     async def run(self) -> None:
         served = 0
         try:
             while not self.server._closing:
-                self._set_idle(True)
+                self.idle = True
                 ev = await self._event(idle=True)
                 if ev is None:
                     return
-                self._set_idle(False)
+                self.idle = False
                 if not isinstance(ev, proto.Request):
                     raise proto.IcapProtocolError(f"unexpected {type(ev).__name__}")
                 self.s = self.server.settings  # per request: follows a reload
@@ -298,7 +414,7 @@ class _Conn:
                 last = (served >= self.s.max_requests_per_connection or not ev.keep_alive
                         or self.server._closing)
                 keep = await self._request(ev, last)
-                await self.writer.drain()
+                await self._drain()
                 if not keep or last:
                     return
         except proto.IcapProtocolError as exc:
@@ -306,27 +422,30 @@ class _Conn:
         except TimeoutError:
             if not self.parser.idle:
                 await self._error(408, "idle timeout in the middle of a request")
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except ConnectionError:
             pass
         except AvgateError as exc:  # spool failure (disk full, ...): nothing was scanned
             await self._error(500, str(exc))
 
-    def _set_idle(self, idle: bool) -> None:
-        (self.server._idle if idle else self.server._busy).add(self.task)
-        (self.server._busy if idle else self.server._idle).discard(self.task)
-
     async def _event(self, idle: bool = False) -> proto.Event | None:
-        """The next parser event, reading as needed; None on a clean close between requests."""
+        """The next parser event, waiting for bytes as needed; None on a clean close
+        between requests."""
         parser = self.parser
         while True:
             ev = parser.next_event()
             if ev is not proto.NEED_DATA:
                 return ev  # type: ignore[return-value]
-            async with asyncio.timeout(self.s.idle_timeout):
-                data = await self.reader.read(READ_SIZE)
-            if not data and parser.idle:
-                return None
-            parser.receive_data(data)
+            if self._eof:
+                if self._lost:
+                    raise ConnectionResetError("connection lost")
+                if parser.idle:
+                    return None
+                parser.receive_data(b"")  # the parser says where the message was cut
+                ev = parser.next_event()
+                if ev is not proto.NEED_DATA:
+                    return ev  # type: ignore[return-value]
+                raise ConnectionResetError("connection closed in the middle of a request")
+            await self._wait_data()
 
     async def _rest_of_body(self, *, forward: bool) -> None:
         """Read the body's remaining chunks to its end, each sent back at once when
@@ -334,8 +453,8 @@ class _Conn:
         ev = await self._event()
         while isinstance(ev, proto.BodyChunk):
             if forward:
-                self.writer.write(proto.encode_chunk(ev.data))
-                await self.writer.drain()
+                self._write(proto.encode_chunk(ev.data))
+                await self._drain()
             ev = await self._event()
         if not isinstance(ev, proto.BodyEnd):
             raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
@@ -347,8 +466,8 @@ class _Conn:
         detail = message[:200].replace("\r", " ").replace("\n", " ")
         headers = [*self.server._common(), ("Connection", "close"), ("X-Avgate-Error", detail)]
         with contextlib.suppress(Exception):
-            self.writer.write(proto.encode_response(status, headers))
-            await self.writer.drain()
+            self._write(proto.encode_response(status, headers))
+            await self._drain()
 
     # -- requests ----------------------------------------------------------------------
     async def _request(self, req: proto.Request, last: bool) -> bool:
@@ -366,7 +485,7 @@ class _Conn:
             return False
         if req.method == "OPTIONS":
             await self._drain_body(req)
-            self.writer.write(self._options(last))
+            self._write(self._options(last))
             return True
         return await self._modify(req, last)
 
@@ -424,10 +543,10 @@ class _Conn:
                     elif claimed and media_agrees(claimed, body.head):
                         self.parser.skip_body()
                         self._log_skip(req, claimed)
-                        self.writer.write(self._no_content(last))
+                        self._write(self._no_content(last))
                         return True
                     else:
-                        self.writer.write(proto.CONTINUE)
+                        self._write(proto.CONTINUE)
                         self.parser.continue_body()
                         in_preview = False
                         if gate is not None:
@@ -566,19 +685,19 @@ class _Conn:
         if upto <= stream.relay.sent or not stream.flowing:
             return
         if not stream.answered:
-            self.writer.write(self._echo_head(stream.req, last))
+            self._write(self._echo_head(stream.req, last))
             stream.answered = self.answered = True
         data = stream.relay.take(upto)
         if data:
-            self.writer.write(proto.encode_chunk(data))
-        await self.writer.drain()
+            self._write(proto.encode_chunk(data))
+        await self._drain()
 
     async def _send_rest(self, stream: _Stream) -> None:
         """Everything not sent yet (the spool is finished), then the last chunk."""
         for data in stream.relay.rest(SEND_CHUNK):
-            self.writer.write(proto.encode_chunk(data))
-            await self.writer.drain()
-        self.writer.write(proto.LAST_CHUNK)
+            self._write(proto.encode_chunk(data))
+            await self._drain()
+        self._write(proto.LAST_CHUNK)
 
     async def _trickle_verdict(self, stream: _Stream, gate: Gate, last: bool) -> Outcome:
         """Scan; meanwhile go on trickling. No verdict within ``patience``: an error result
@@ -630,16 +749,16 @@ class _Conn:
         sent: _Sent | None = None
         try:
             if accept and not stream.answered:
-                self.writer.write(self._echo_head(req, last))
+                self._write(self._echo_head(req, last))
                 stream.answered = self.answered = True
             for data in relay.rest(SEND_CHUNK) if accept else ():
-                self.writer.write(proto.encode_chunk(data))
-                await self.writer.drain()
+                self._write(proto.encode_chunk(data))
+                await self._drain()
             if accept:
-                self.writer.write(proto.encode_chunk(overflow))
+                self._write(proto.encode_chunk(overflow))
             await self._rest_of_body(forward=accept)
             if accept:
-                self.writer.write(proto.LAST_CHUNK)
+                self._write(proto.LAST_CHUNK)
                 sent = (200, None, False)
             else:
                 sent = await self._answer(req, relay.spool, outcome, False, last)
@@ -685,19 +804,19 @@ class _Conn:
         try:
             if after_preview:
                 if accept:
-                    self.writer.write(self._no_content(last))
+                    self._write(self._no_content(last))
                     sent = 204, None, False
                 else:
                     sent = await self._answer(req, body.spool, outcome, True, last)
                 return
             self.answered = True  # from here an error can only close the connection
             if accept:
-                self.writer.write(self._echo_head(req, last))
+                self._write(self._echo_head(req, last))
             else:
                 sent = await self._answer(req, body.spool, outcome, False, last)
             await self._rest_of_body(forward=accept)
             if accept:
-                self.writer.write(proto.LAST_CHUNK)
+                self._write(proto.LAST_CHUNK)
                 sent = (200, None, False)
         finally:
             self._log_outcome(outcome, sent)
@@ -733,7 +852,7 @@ class _Conn:
             else:
                 self.parser.skip_body()
             if accept:
-                self.writer.write(self._no_content(last))
+                self._write(self._no_content(last))
                 return 204, None, False
             return await self._answer(req, body.spool, outcome, True, last)
         if accept and not may_204:
@@ -745,7 +864,7 @@ class _Conn:
         if not isinstance(ev, proto.BodyEnd):
             raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
         if accept:
-            self.writer.write(self._no_content(last))
+            self._write(self._no_content(last))
             return 204, None, False
         return await self._answer(req, body.spool, outcome, may_204, last)
 
@@ -753,20 +872,20 @@ class _Conn:
         """Echo an object passed unscanned: the kept bytes, then the rest as it arrives."""
         assert body.overflow is not None
         body.spool.finish()  # flushes the temp file before it is read back
-        self.writer.write(self._echo_head(req, last))
+        self._write(self._echo_head(req, last))
         self.answered = True
         for chunk in body.spool.chunks(SEND_CHUNK):
-            self.writer.write(proto.encode_chunk(chunk))
-            await self.writer.drain()
-        self.writer.write(proto.encode_chunk(body.overflow))
+            self._write(proto.encode_chunk(chunk))
+            await self._drain()
+        self._write(proto.encode_chunk(body.overflow))
         ev = await self._event()
         while isinstance(ev, proto.BodyChunk):
-            self.writer.write(proto.encode_chunk(ev.data))
-            await self.writer.drain()
+            self._write(proto.encode_chunk(ev.data))
+            await self._drain()
             ev = await self._event()
         if not isinstance(ev, proto.BodyEnd):
             raise proto.IcapProtocolError(f"unexpected {type(ev).__name__} in body")
-        self.writer.write(proto.LAST_CHUNK)
+        self._write(proto.LAST_CHUNK)
 
     def _decide_unscanned(self, req: proto.Request, result: ScanResult) -> Outcome:
         """Policy for an object that was not scanned (over max_body_size); its scan-log
@@ -852,7 +971,7 @@ class _Conn:
         if last:
             headers.append(("Connection", "close"))
         res_hdr = proto.encode_http_response(status, http_headers)
-        self.writer.write(proto.encode_response(200, headers, res_hdr=res_hdr, body="res-body")
+        self._write(proto.encode_response(200, headers, res_hdr=res_hdr, body="res-body")
                           + proto.encode_body(body))
         return 200, status, bool(extra)
 
@@ -860,20 +979,20 @@ class _Conn:
                       last: bool) -> int:
         """Pass the object: 204, or 200 echoing it; the ICAP status sent."""
         if may_204:
-            self.writer.write(self._no_content(last))
+            self._write(self._no_content(last))
             return 204
         head = self._echo_head(req, last)
         if not req.has_body:
-            self.writer.write(head)
+            self._write(head)
             return 200
         if spool.size <= SEND_CHUNK:
-            self.writer.write(head + proto.encode_body(spool.getvalue()))
+            self._write(head + proto.encode_body(spool.getvalue()))
             return 200
-        self.writer.write(head)
+        self._write(head)
         for chunk in spool.chunks(SEND_CHUNK):
-            self.writer.write(proto.encode_chunk(chunk))
-            await self.writer.drain()
-        self.writer.write(proto.LAST_CHUNK)
+            self._write(proto.encode_chunk(chunk))
+            await self._drain()
+        self._write(proto.LAST_CHUNK)
         return 200
 
 

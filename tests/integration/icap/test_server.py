@@ -19,6 +19,7 @@ from avgate.gateway import Gateway
 from avgate.limits import MiB
 from avgate.protocols import icap as proto
 from tests.clamd_daemon import EICAR
+from tests.helpers import async_wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -336,3 +337,107 @@ async def test_unix_socket_listener(tmp_path: Path) -> None:
         await srv.aclose()
         await gw.close()
     assert not path.exists()
+
+
+# -- the connection protocol: half-close, the idle deadline, bounded read-ahead ------------------
+async def _read_answers(r: asyncio.StreamReader, count: int) -> list[object]:
+    """Events of ``count`` ICAP answers (each up to its BodyEnd, or a 204's head)."""
+    p = proto.IcapParser("client")
+    out: list[object] = []
+    done = 0
+    while done < count:
+        chunk = await asyncio.wait_for(r.read(65536), 10)
+        assert chunk, f"closed after {done} of {count} answers"
+        p.receive_data(chunk)
+        for ev in p:
+            out.append(ev)
+            if isinstance(ev, proto.BodyEnd) or (
+                    isinstance(ev, proto.Response) and not ev.has_body):
+                done += 1
+    return out
+
+
+async def test_half_closed_client_still_gets_its_answer(server: fe.IcapServer) -> None:
+    """A client that shuts its sending side after the request (``shutdown(SHUT_WR)``) is
+    answered before the connection is closed."""
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    w.write(respmod(b"clean bytes") + proto.encode_body(b"clean bytes"))
+    w.write_eof()
+    evs = await _read_answers(r, 1)
+    assert [x.status for x in responses(evs)] == [204]
+    assert await asyncio.wait_for(r.read(), 5) == b""  # then closed, no error answer
+    w.close()
+
+
+async def test_slow_but_steady_client_is_not_cut_by_the_idle_timeout(
+        server: fe.IcapServer) -> None:
+    """``idle_timeout`` (2 s here) bounds each silence, not the request: a request whose
+    parts come 0.8 s apart over 3 s is answered (the one deadline is moved, not fired)."""
+    wire = respmod(b"x" * 40) + proto.encode_body(b"x" * 40)
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    step = len(wire) // 4 + 1
+    for i in range(0, len(wire), step):
+        w.write(wire[i:i + step])
+        await w.drain()
+        if i + step < len(wire):
+            await asyncio.sleep(0.8)
+    evs = await _read_answers(r, 1)
+    assert [x.status for x in responses(evs)] == [204]
+    w.close()
+
+
+async def test_pipelined_requests_are_read_ahead_boundedly() -> None:
+    """A second request sent at once behind the first, with a body far over the read-ahead
+    bound, is held back while the first is served (reading pauses) and is then read on:
+    both are answered, in order, byte-identical where echoed."""
+    gw, srv = await make_server()
+    try:
+        big = os.urandom(fe._READ_AHEAD * 3)
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(respmod(EICAR) + proto.encode_body(EICAR)
+                + respmod(big, allow_204=False) + proto.encode_body(big))
+        evs = await _read_answers(r, 2)
+        first = [e for e in evs if isinstance(e, proto.Response)]
+        assert [x.status for x in first] == [200, 200]
+        assert first[0].headers.get("x-virus-id")  # the first was blocked
+        echoed = b"".join(e.data for e in evs[evs.index(first[1]):]
+                          if isinstance(e, proto.BodyChunk))
+        assert echoed == big
+        w.close()
+    finally:
+        await srv.aclose()
+        await gw.close()
+
+
+async def test_reading_pauses_while_a_request_is_served() -> None:
+    """While a request is being answered, what the client sends behind it is buffered only
+    up to the read-ahead bound (then the transport stops reading), not without limit."""
+    gw, srv = await make_server()
+    entered = asyncio.Event()
+    release = asyncio.Event()
+    real = gw.process
+
+    async def slow(*args: object, **kwargs: object) -> object:
+        entered.set()
+        await release.wait()
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    gw.process = slow  # type: ignore[method-assign,assignment]
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+        w.write(respmod(b"a") + proto.encode_body(b"a"))
+        await asyncio.wait_for(entered.wait(), 10)
+        [conn] = list(srv._conns)
+        flood = b"\r\n" * (4 * fe._READ_AHEAD)  # stray CRLFs: legal between requests
+        w.write(flood)
+        # the server reads up to the bound, then stops; the rest waits in the kernel
+        assert await async_wait_until(lambda: conn._read_paused)
+        assert conn.parser.buffered <= fe._READ_AHEAD + 256 * 1024
+        release.set()
+        evs = await _read_answers(r, 1)
+        assert [x.status for x in responses(evs)] == [204]
+        w.close()
+    finally:
+        release.set()
+        await srv.aclose()
+        await gw.close()
