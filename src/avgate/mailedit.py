@@ -161,6 +161,13 @@ def _name_patterns(names: frozenset[bytes]) -> tuple[re.Pattern[bytes], re.Patte
     return field, start
 
 
+@functools.lru_cache(maxsize=64)
+def _wanted_names(names: frozenset[str]) -> frozenset[bytes]:
+    """Header names as :class:`HeaderFilter` matches them: stripped, lower-cased, ASCII."""
+    return frozenset(n.strip().lower().encode("ascii") for n in names
+                     if n.strip() and n.isascii())
+
+
 def _header_block_end(buf: bytes, pos: int) -> int:
     """Where the empty line ending the header block starts, looking from ``pos`` (a line
     start), or -1. A line is ended by CRLF, LF or a bare CR."""
@@ -186,8 +193,8 @@ class HeaderFilter:
     """
 
     def __init__(self, names: Iterable[str]) -> None:
-        wanted = frozenset(n.strip().lower().encode("ascii") for n in names
-                           if n.strip() and n.isascii())
+        # the same frozenset for every message (Policy.own_header_names): normalised once
+        wanted = _wanted_names(names if isinstance(names, frozenset) else frozenset(names))
         self._needles = tuple(wanted)
         patterns = _name_patterns(wanted) if wanted else None
         self._field: re.Pattern[bytes] | None = patterns[0] if patterns else None

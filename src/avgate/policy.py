@@ -192,11 +192,17 @@ class _Vars(dict[str, str]):
         return "{" + key + "}"
 
 
+_UNSAFE = re.compile(r"[\r\n\0]+")
+
+
 def _clean_value(s: str) -> str:
     """Header/reply-safe: no CR/LF/NUL (a virus name must never inject a header line)."""
-    return re.sub(r"[\r\n\0]+", " ", s)
+    if "\r" in s or "\n" in s or "\0" in s:
+        return _UNSAFE.sub(" ", s)
+    return s  # (most values: no regex run)
 
 
+_SCANNED_BY = f"avgate {__version__}"  # the X-Virus-Scanned value
 _STATUS_WORD = {
     ScanStatus.CLEAN: "Clean",
     ScanStatus.SKIPPED: "Skipped",
@@ -549,6 +555,8 @@ class Policy:
             return listener_direction
         if authenticated:
             return "outbound"
+        if not self.internal_networks:  # nothing is internal: no address to parse
+            return "inbound"
         try:
             addr = ipaddress.ip_address(client_addr.strip("[]"))
         except ValueError:
@@ -617,7 +625,7 @@ class Policy:
         return self._own_header_names
 
     def _style_headers(self, result: ScanResult, style: str) -> tuple[tuple[str, str], ...]:
-        v = self._vars(result)
+        # only the variables a style uses (not all of _vars: this runs for every message)
         if style == "none":
             return ()
         if style == "qhpsi":
@@ -627,7 +635,7 @@ class Policy:
             return (("X-QHPSI", word),)
         if style == "clamav-verdict":
             infected = result.infected
-            res = f"True ; {v['viruses']}" if infected else "False"
+            res = f"True ; {_clean_value(', '.join(result.virus_names))}" if infected else "False"
             mode, text = self.settings.verdict_mode, self.settings.verdict_text
             if mode == 0:
                 value = text if infected else None
@@ -638,8 +646,9 @@ class Policy:
             else:
                 value = text if infected else res
             return ((self.settings.verdict_prefix, value),) if value is not None else ()
-        return (("X-Virus-Scanned", f"avgate {__version__}"),
-                ("X-Virus-Status", v["status_word"]))
+        status_word = (_clean_value(f"Infected ({', '.join(result.virus_names)})")
+                       if result.infected else _STATUS_WORD[result.status])
+        return (("X-Virus-Scanned", _SCANNED_BY), ("X-Virus-Status", status_word))
 
     def _apply_rule(self, rule: Rule, result: ScanResult, ctx: Context,
                     refid: str = "") -> Decision:

@@ -155,6 +155,10 @@ class MilterSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
         self._busy = False  # end of message being processed: events wait in the codec
+        # reading paused because bytes came while busy (lazily: an MTA waits for the end of
+        # message reply, so mostly nothing comes and the epoll re-arm per message is saved)
+        self._held = False
+        self._eof = False  # the MTA shut its side while busy: close once answered
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._last = 0.0
@@ -231,6 +235,10 @@ class MilterSession(asyncio.Protocol):
         if not self._busy:
             self._pump()
             self._check_partial()
+        elif not self._held and self.transport is not None:
+            # scanning: this read is held in the codec, nothing more until the answer
+            self._held = True
+            self.transport.pause_reading()
 
     def _check_partial(self) -> None:
         """After the complete packets were handled: a partial one left starts its clock."""
@@ -245,6 +253,9 @@ class MilterSession(asyncio.Protocol):
             self._schedule()
 
     def eof_received(self) -> bool | None:
+        if self._busy:  # the answer still goes out, then the connection closes
+            self._eof = True
+            return True
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -478,10 +489,8 @@ class MilterSession(asyncio.Protocol):
             out.append(m.encode(m.ReplyCode(self.refused)))
             self._reset_message()
             return
-        self._busy = True
+        self._busy = True  # further bytes pause reading (data_received)
         self._flush(out)
-        assert self.transport is not None
-        self.transport.pause_reading()
         self._task = self.loop.create_task(self._process())
         self.server.tasks.add(self._task)
         self._task.add_done_callback(self.server.tasks.discard)
@@ -504,8 +513,12 @@ class MilterSession(asyncio.Protocol):
             self._busy = False
             if not self._closed and self.transport is not None:
                 self._last = self.loop.time()
-                self.transport.resume_reading()
+                if self._held:
+                    self._held = False
+                    self.transport.resume_reading()
                 self._pump()
+                if self._eof and not self._busy:  # (busy: a next message came before EOF)
+                    self.close()
                 self._check_partial()
 
     async def _decide(self, spool: Spool) -> tuple[list[m.Response], bool, Outcome | None]:

@@ -107,7 +107,7 @@ def audit_events(responses: Iterable[m.Response]) -> list[tuple[str, dict[str, A
 
 def _count(headers: Iterable[m.Header], name: str) -> int:
     lname = name.lower().encode("utf-8", "surrogateescape")
-    return sum(1 for h in headers if h.name.lower() == lname)
+    return sum(h.name.lower() == lname for h in headers)
 
 
 def _header_ops(view: MessageView, decision_headers: tuple[tuple[str, str], ...],

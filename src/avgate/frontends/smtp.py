@@ -463,6 +463,8 @@ class SMTPListener:
         self.active = 0
         self.processing = 0
         self.sessions: set[FilterSMTP] = set()
+        #: (the config's listener tables, this listener's among them): :attr:`current`
+        self._current: tuple[tuple[SmtpListenerSettings, ...], SmtpListenerSettings] | None = None
         self._tls = tls_context(settings, options.base_dir)
         hop = settings.relay_to
         self.pool = (Pool(hop[0], hop[1], settings.relay_timeout, self.hostname)
@@ -473,10 +475,17 @@ class SMTPListener:
         """This listener's table in the config in use now (``gateway.config``, looked up on
         every read, so a reload is followed); the start-up settings when a reload removed
         it (that takes a restart)."""
-        for settings in self.gateway.config.smtp_listeners:
+        tables = self.gateway.config.smtp_listeners
+        cached = self._current
+        if cached is not None and cached[0] is tables:  # the same tables: the same answer
+            return cached[1]
+        found = self.settings
+        for settings in tables:
             if settings.name == self.name:
-                return settings
-        return self.settings
+                found = settings
+                break
+        self._current = (tables, found)
+        return found
 
     @property
     def port(self) -> int:

@@ -59,16 +59,24 @@ _PLAIN_PATH = re.compile(  # <dot-atom@domain>, then nothing or parameters (no c
     re.DOTALL)
 
 
-def trusted(addr: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
-            ) -> bool:
-    """Whether a client address is in an allow-list (IPv4-mapped IPv6 counts as IPv4)."""
+@functools.lru_cache(maxsize=1024)
+def _client_ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client address parsed (IPv4-mapped IPv6 as IPv4), None if it is not one. Cached:
+    EHLO asks for two allow-lists per connection, and clients come back."""
     try:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
+        return ip.ipv4_mapped
+    return ip
+
+
+def trusted(addr: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+            ) -> bool:
+    """Whether a client address is in an allow-list (IPv4-mapped IPv6 counts as IPv4)."""
+    ip = _client_ip(addr)
+    return ip is not None and any(ip in net for net in networks)
 
 
 def peer_addr(session: _AioSession | None) -> str:

@@ -340,18 +340,32 @@ class Reply:
 
     def render(self) -> str:
         """Reply lines joined with CRLF, without the final CRLF (aiosmtpd's ``push`` adds it)."""
+        if len(self.lines) == 1:
+            return f"{self.code} {_safe_text(self.lines[0])}".rstrip()
         lines = [_safe_text(x) for x in self.lines] or [""]
         rendered = [f"{self.code}-{x}" for x in lines[:-1]] + [f"{self.code} {lines[-1]}"]
         return "\r\n".join(x.rstrip() for x in rendered)
 
 
+_UNSAFE_TEXT = re.compile(r"[\r\n\0]")
+
+
 def _safe_text(s: str) -> str:
-    return re.sub(r"[\r\n\0]", " ", s)
+    if "\r" in s or "\n" in s or "\0" in s:
+        return _UNSAFE_TEXT.sub(" ", s)
+    return s
+
+
+_LINE_BREAK = re.compile(r"\r?\n")
 
 
 def parse_reply(text: str) -> Reply:
     """Parse ``"550 5.7.1 text"`` or a multi-line ``"250-a\\r\\n250 b"``."""
-    lines = [x for x in re.split(r"\r?\n", text.strip("\r\n")) if x]
+    text = text.strip("\r\n")
+    if "\n" in text:
+        lines = [x for x in _LINE_BREAK.split(text) if x]
+    else:  # one line (most replies): no split
+        lines = [text] if text else []
     if not lines:
         raise ValueError("empty reply")
     code_s = lines[0][:3]
@@ -418,6 +432,9 @@ _XTEXT_SAFE = frozenset(range(33, 127)) - {ord("+"), ord("=")}
 
 def xtext_encode(value: str) -> str:
     """RFC 3461 xtext: ``+`` and ``=``, controls and non-ASCII as ``+HH``."""
+    if (value.isascii() and value.isprintable() and " " not in value and "+" not in value
+            and "=" not in value):
+        return value  # nothing to encode (addresses, ports, host names): no per-byte loop
     return "".join(chr(b) if b in _XTEXT_SAFE else f"+{b:02X}" for b in value.encode())
 
 

@@ -15,13 +15,20 @@ import pytest
 
 from avgate import config as config_mod
 from avgate.frontends.listen import ListenOptions
-from avgate.frontends.milter import start
+from avgate.frontends.milter import MilterListener, start
 from avgate.gateway import Gateway
 from avgate.protocols import milter as m
 from avgate.quarantine import QuarantineStore
 from tests.helpers import async_wait_until
 
-from .conftest import EICAR, POSTFIX_ACTIONS, MilterFactory, MtaClient, make_message
+from .conftest import (
+    EICAR,
+    POSTFIX_ACTIONS,
+    MilterFactory,
+    MtaClient,
+    make_message,
+    split_message,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -544,3 +551,87 @@ async def test_audit_levels_follow_the_log_level(milter: MilterFactory, tmp_path
     assert audit == ["recipient-added", "recipient-removed"]
     assert all(e["level"] == "info" for e in lines if e["event"] == "audit")
     assert [e["event"] for e in lines].count("scan") == 1
+
+
+def _gate_scans(srv: MilterListener) -> tuple[asyncio.Event, asyncio.Event]:
+    """(entered, release): the gateway's ``process`` waits for ``release`` after setting
+    ``entered``, so a test can act while a message is being scanned."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    process = srv.gateway.process
+
+    async def gated(*args: Any, **kw: Any) -> Any:
+        entered.set()
+        await release.wait()
+        return await process(*args, **kw)
+
+    srv.gateway.process = gated  # type: ignore[method-assign]
+    return entered, release
+
+
+async def test_bytes_sent_while_scanning_wait_for_the_answer(milter: MilterFactory) -> None:
+    """Reading pauses (lazily, on the first bytes that come while a message is scanned):
+    what the MTA sends meanwhile is handled after the answer, in order."""
+    srv = await milter()
+    entered, release = _gate_scans(srv)
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    first = asyncio.create_task(client.message(make_message("first", attachment=EICAR)))
+    await asyncio.wait_for(entered.wait(), 10)
+    await client.send(m.Abort())  # arrives while busy: held until the answer went out
+    await client.send(m.Macro(b"M", (("i", "HELD1"),)))
+    release.set()
+    r1 = await asyncio.wait_for(first, 10)
+    assert isinstance(r1.final, m.ReplyCode)
+    r2 = await client.message(make_message("second"))
+    assert isinstance(r2.final, m.Accept)
+    assert r2.added_headers["X-Virus-Status"] == "Clean"
+    await client.close()
+
+
+async def test_mta_shutting_its_side_while_scanning_still_gets_the_answer(
+        milter: MilterFactory) -> None:
+    """A half-close from the MTA during the scan: the answer is sent, then the connection
+    closes (as before the scan started: nothing is read while busy)."""
+    srv = await milter()
+    entered, release = _gate_scans(srv)
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    first = asyncio.create_task(client.message(make_message("virus", attachment=EICAR)))
+    await asyncio.wait_for(entered.wait(), 10)
+    client.writer.write_eof()
+    release.set()
+    r1 = await asyncio.wait_for(first, 10)
+    assert isinstance(r1.final, m.ReplyCode)
+    assert r1.final.reply.startswith("550 5.7.1 Virus found")
+    assert await client.receive() is None  # then the filter closed the connection
+    client.writer.close()
+
+
+async def test_next_message_and_half_close_while_scanning_get_both_answers(
+        milter: MilterFactory) -> None:
+    """Two messages pipelined in one write, then the MTA shuts its side while the first is
+    scanned: both are answered, in order, and only then does the connection close."""
+    srv = await milter()
+    entered, release = _gate_scans(srv)
+    client = await MtaClient.connect(srv.port)
+    await client.connect_event()
+    wire = b""
+    for qid, msg in (("FIRST", make_message("virus", attachment=EICAR)),
+                     ("SECOND", make_message("second, clean"))):
+        headers, body = split_message(msg, client.leadspc)
+        for packet in (m.Macro(b"M", (("i", qid),)), m.Mail(("<a@example.test>",)),
+                       m.Rcpt(("<b@example.test>",)), *headers, m.EndOfHeaders(),
+                       m.Body(body), m.EndOfMessage()):
+            wire += m.encode(packet)
+    client.writer.write(wire)  # the second message waits in the filter while the first scans
+    await asyncio.wait_for(entered.wait(), 10)
+    client.writer.write_eof()
+    release.set()
+    answers = []
+    while (packet := await client.receive()) is not None:
+        answers.append(packet)
+    finals = [p for p in answers if isinstance(p, m.ReplyCode | m.Accept)]
+    assert len(finals) == 2, answers
+    assert isinstance(finals[0], m.ReplyCode) and finals[0].reply.startswith("550 5.7.1 Virus")
+    assert isinstance(finals[1], m.Accept)  # the second message, then the close
+    client.writer.close()

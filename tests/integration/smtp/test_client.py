@@ -3,9 +3,12 @@ quarantine release uses them) and the pooled next-hop session (as the SMTP filte
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
 
-from avgate.smtpclient import NextHop, NextHopError, Pool, parse_next_hop, send
+from avgate.smtpclient import Connection, NextHop, NextHopError, Pool, parse_next_hop, send
 from tests.integration.smtp.conftest import RawSink, Sink, closed_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,3 +123,60 @@ async def test_pooled_next_hop_reuses_one_connection(sink: Sink) -> None:
         pool.close()
     assert sink.connections == 1
     assert [m.sender for m in sink.messages] == ["s0@example.test", "s2@example.test"]
+
+
+class _SlowServer:
+    """Greets and answers EHLO at once, then answers each command line after ``delay``."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> int:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.write(b"220 slow.test ESMTP\r\n")
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                while line := await r.readline():
+                    if line.upper().startswith(b"EHLO"):
+                        w.write(b"250-slow.test\r\n250 PIPELINING\r\n")
+                    else:
+                        await asyncio.sleep(self.delay)
+                        w.write(b"250 2.0.0 Ok\r\n")
+                    await w.drain()
+            w.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_the_timeout_is_per_exchange_not_per_connection() -> None:
+    """Each exchange has ``timeout`` seconds: five answers 0.2 s apart on a connection with
+    a 0.5 s timeout all arrive (1 s in all), however the timer is kept."""
+    async with _SlowServer(0.2) as port:
+        conn = Connection("127.0.0.1", port, timeout=0.5)
+        await conn.open("client.test")
+        try:
+            for i in range(5):
+                reply = await conn.command(f"NOOP {i}".encode())
+                assert reply.code == 250
+        finally:
+            conn.quit()
+
+
+async def test_an_exchange_over_the_timeout_fails_and_ends_the_connection() -> None:
+    async with _SlowServer(5.0) as port:
+        conn = Connection("127.0.0.1", port, timeout=0.3)
+        await conn.open("client.test")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(NextHopError, match="TimeoutError"):
+            await conn.command(b"NOOP")
+        assert 0.25 <= loop.time() - started < 2.0
+        assert not conn.alive
+        with pytest.raises(NextHopError, match="closed"):
+            await conn.command(b"NOOP")
