@@ -258,13 +258,11 @@ def _smtp_port(serve: AvgateServe) -> int:
     raise AssertionError("no SMTP listener line:\n" + serve.output())
 
 
-#: every front-end under asyncio's event loop (the default) and under uvloop ([serve] loop)
+#: every front-end under uvloop (the default) and under asyncio's own loop ([serve] loop)
 @pytest.fixture(scope="module", params=["asyncio", "uvloop"])
 def env(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
         ) -> Iterator[Env]:
     loop = request.param
-    if loop == "uvloop":
-        pytest.importorskip("uvloop", reason="the avgate[uvloop] extra is not installed")
     root = tmp_path_factory.mktemp(f"formats-{loop}")
     write_signatures(root / "sigs")
     samples_dir = root / "samples"

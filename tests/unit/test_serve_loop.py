@@ -1,4 +1,4 @@
-"""``[serve] loop``: asyncio's own event loop by default, uvloop when asked for (optional)."""
+"""``[serve] loop``: uvloop by default (a dependency), asyncio's own loop when asked for."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from avgate import config, serve
 from avgate.errors import AvgateError, ConfigError
 
 
-def test_default_is_asyncio() -> None:
+def test_default_is_uvloop_and_asyncio_can_be_chosen() -> None:
+    import uvloop
+
     cfg = config.loads("")
-    assert cfg.serve.loop == "asyncio" and serve._loop_factory(cfg) is None
+    assert cfg.serve.loop == "uvloop" and serve._loop_factory(cfg) is uvloop.new_event_loop
+    assert serve._loop_factory(config.loads('[serve]\nloop = "asyncio"\n')) is None
 
 
 def test_unknown_loop_is_refused() -> None:
@@ -24,12 +27,13 @@ def test_unknown_loop_is_refused() -> None:
 def test_uvloop_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop -> ImportError
     cfg = config.loads('[serve]\nloop = "uvloop"\n')
-    with pytest.raises(AvgateError, match=r"avgate\[uvloop\]"):
+    with pytest.raises(AvgateError, match=r'a dependency of avgate.*loop = "asyncio"'):
         serve._loop_factory(cfg)
 
 
 def test_scan_workers_run_under_uvloop() -> None:
-    uvloop = pytest.importorskip("uvloop")
+    import uvloop
+
     from avgate.workers import WorkerPool
 
     factory = serve._loop_factory(config.loads('[serve]\nloop = "uvloop"\n'))
