@@ -46,9 +46,9 @@ from .mime import (
     _OBS_HEADER,
     _PARTIAL_FIELD,
     _PARTIAL_HINT,
+    _two_boundary_params,
     decode_base64,
     header_line_budget,
-    last_boundary_view,
     part_count_problem,
 )
 
@@ -95,7 +95,7 @@ def simple_mail_parts(data: bytes, limits: Limits, name: str = "") -> tuple[Part
     if not any(name == b"content-type" and b"multipart/" in value.lower()
                for name, value in fields):
         found = _plain(fields, data[body:])
-    elif last_boundary_view(data) is None:  # else a second reading, with the last boundary
+    elif not _two_boundary_params(data):  # (else nested, or a second reading: the last one)
         found = _multipart(data, fields, body, eol)
     else:
         return None

@@ -308,11 +308,8 @@ class Session:
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as exc:
-                raise EngineProtocolError(f"connection lost: {exc.strerror or exc}") from exc
-            if not data:
-                detail = f" after {pending[:80]!r}" if pending else ""
-                raise EngineProtocolError(f"connection closed without a reply{detail}")
-            return data
+                raise _lost(exc) from exc
+            return _some(data, pending)
 
     def alive(self) -> bool:
         """Nothing to read and not closed: clamd has not dropped it (ReadTimeout, restart)
@@ -847,7 +844,17 @@ async def _recv_more(sock: socket.socket, pending: bytes) -> bytes:
     try:
         data = await asyncio.get_running_loop().sock_recv(sock, _READ_SIZE)
     except OSError as exc:
-        raise EngineProtocolError(f"connection lost: {exc.strerror or exc}") from exc
+        raise _lost(exc) from exc
+    return _some(data, pending)
+
+
+def _lost(exc: OSError) -> EngineProtocolError:
+    return EngineProtocolError(f"connection lost: {exc.strerror or exc}")
+
+
+def _some(data: bytes, pending: bytes) -> bytes:
+    """``data`` from a recv; empty (clamd closed the connection) is a protocol error that
+    names what had arrived of the reply (``pending``)."""
     if not data:
         detail = f" after {pending[:80]!r}" if pending else ""
         raise EngineProtocolError(f"connection closed without a reply{detail}")
