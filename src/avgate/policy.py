@@ -211,6 +211,18 @@ _STATUS_WORD = {
 }
 
 
+def _viruses(result: ScanResult) -> str:
+    """``{viruses}``: the finding names, header-safe."""
+    return _clean_value(", ".join(result.virus_names))
+
+
+def _status_word(result: ScanResult) -> str:
+    """``{status_word}``: "Infected (names)", or the status as a word."""
+    if result.infected:
+        return _clean_value(f"Infected ({', '.join(result.virus_names)})")
+    return _STATUS_WORD[result.status]
+
+
 # -- settings: [policy] and [[policy.rules]] ----------------------------------------------------
 # Every check of a policy key lives here, in the types below, so ``config check`` reports it
 # with the key and its line; building the Policy from validated settings checks nothing again.
@@ -568,13 +580,11 @@ class Policy:
     def _vars(self, result: ScanResult, ctx: Context | None = None,
               refid: str = "") -> _Vars:
         names = result.virus_names
-        status_word = (f"Infected ({', '.join(names)})" if result.infected
-                       else _STATUS_WORD[result.status])
         return _Vars(
             virus=_clean_value(names[0] if names else ""),
-            viruses=_clean_value(", ".join(names)),
+            viruses=_viruses(result),
             status=result.status.value,
-            status_word=_clean_value(status_word),
+            status_word=_status_word(result),
             reason=_clean_value(_shorten(result.reason)),
             version=__version__,
             engine=_clean_value(", ".join(e.name for e in result.engines)),
@@ -635,7 +645,7 @@ class Policy:
             return (("X-QHPSI", word),)
         if style == "clamav-verdict":
             infected = result.infected
-            res = f"True ; {_clean_value(', '.join(result.virus_names))}" if infected else "False"
+            res = f"True ; {_viruses(result)}" if infected else "False"
             mode, text = self.settings.verdict_mode, self.settings.verdict_text
             if mode == 0:
                 value = text if infected else None
@@ -646,9 +656,7 @@ class Policy:
             else:
                 value = text if infected else res
             return ((self.settings.verdict_prefix, value),) if value is not None else ()
-        status_word = (_clean_value(f"Infected ({', '.join(result.virus_names)})")
-                       if result.infected else _STATUS_WORD[result.status])
-        return (("X-Virus-Scanned", _SCANNED_BY), ("X-Virus-Status", status_word))
+        return (("X-Virus-Scanned", _SCANNED_BY), ("X-Virus-Status", _status_word(result)))
 
     def _apply_rule(self, rule: Rule, result: ScanResult, ctx: Context,
                     refid: str = "") -> Decision:

@@ -70,7 +70,7 @@ async def test_the_reader_stays_registered_across_waits(
     finally:
         del loop.add_reader
         r.close()
-    assert not r._reading and r._timer is None
+    assert not r._reading and r._deadline._timer is None
 
 
 async def test_a_later_wait_moves_the_deadline(
@@ -86,10 +86,10 @@ async def test_a_later_wait_moves_the_deadline(
         ours.recv(10)
         for _ in range(3):
             await asyncio.sleep(0)  # the poll's report from before the read: nothing new
-        first_timer = r._timer
+        first_timer = r._deadline._timer
         loop.call_later(0.3, theirs.send, b"b")  # after the first wait's deadline
         assert await r.wait(loop.time() + 5) is True
-        assert r._timer is not None and r._timer is not first_timer
+        assert r._deadline._timer is not None and r._deadline._timer is not first_timer
     finally:
         r.close()
 

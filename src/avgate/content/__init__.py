@@ -146,7 +146,7 @@ _DECOMPOSERS: dict[Kind, _Decomposer] | None = None
 #: read a simple mail's parts in a few passes (:mod:`.simplemail`, the same parts, held to
 #: the decomposers by hypothesis); False decomposes every object the long way
 SIMPLE_MAIL = True
-SIMPLE_MAIL_MAX = 64 * 1024  # simplemail.MAX_SIZE (checked equal in its tests)
+SIMPLE_MAIL_MAX = 64 * 1024  # the largest object it reads (simplemail.MAX_SIZE)
 
 
 def decompose(data: bytes, limits: Limits, name: str = "") -> Iterator[Part | Problem]:

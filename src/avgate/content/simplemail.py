@@ -34,20 +34,19 @@ otherwise: None. Bounded: a few passes over at most 64 KiB, so it may run on the
 
 from __future__ import annotations
 
-import binascii
 import itertools
 import re
 
 from ..limits import Limits
-from . import Part, join_path, sanitize_name
+from . import SIMPLE_MAIL_MAX, Part, join_path, sanitize_name
 from .filetype import Kind, detect
 from .mime import (
     _BEGIN,
     _OBS_HEADER,
     _PARTIAL_FIELD,
     _PARTIAL_HINT,
+    _decode,
     _two_boundary_params,
-    decode_base64,
     header_line_budget,
     part_count_problem,
 )
@@ -55,7 +54,7 @@ from .mime import (
 __all__ = ["MAX_SIZE", "simple_mail_parts"]
 
 #: the largest message looked at (every step is a bytes or regex pass over it)
-MAX_SIZE = 64 * 1024
+MAX_SIZE = SIMPLE_MAIL_MAX
 #: the most parts below the message (a multipart's parts, preamble and epilogue)
 MAX_PARTS = 64
 _PRINTABLE = b"\t\r\n" + bytes(range(0x20, 0x7F))
@@ -92,8 +91,8 @@ def simple_mail_parts(data: bytes, limits: Limits, name: str = "") -> tuple[Part
     if fields is None:
         return None
     body = end + 2 * len(eol)
-    if not any(name == b"content-type" and b"multipart/" in value.lower()
-               for name, value in fields):
+    if not any(field == b"content-type" and b"multipart/" in value.lower()
+               for field, value in fields):
         found = _plain(fields, data[body:])
     elif not _two_boundary_params(data):  # (else nested, or a second reading: the last one)
         found = _multipart(data, fields, body, eol)
@@ -191,10 +190,10 @@ def _multipart(data: bytes, fields: list[tuple[bytes, bytes]], start: int, eol: 
         if preamble.strip():
             found.append(Part("preamble", preamble, 1))
     for number, ((_, begin), (end, _)) in enumerate(itertools.pairwise(lines), 1):
-        parts = _leaf(data[begin:end], eol, str(number))
-        if parts is None:
+        part = _leaf(data[begin:end], eol, str(number))
+        if part is None:
             return None
-        found.extend(parts)
+        found.append(part)
     epilogue = data[lines[-1][1]:]
     if not _read_once(epilogue):
         return None
@@ -203,7 +202,7 @@ def _multipart(data: bytes, fields: list[tuple[bytes, bytes]], start: int, eol: 
     return found
 
 
-def _leaf(region: bytes, eol: bytes, path: str) -> list[Part] | None:
+def _leaf(region: bytes, eol: bytes, path: str) -> Part | None:
     """One part of the multipart (``region``: its header block, its body and the line break
     of the next delimiter line), decoded; None unless it is a simple leaf."""
     end = region.find(eol + eol)
@@ -256,20 +255,14 @@ def _leaf(region: bytes, eol: bytes, path: str) -> list[Part] | None:
     encoding = seen.get(b"content-transfer-encoding", b"7bit").strip().lower()
     if encoding not in _ENCODINGS:
         return None
-    if encoding == b"base64":
-        if b":" in body:  # (its bytes are otherwise only base64 letters and line ends)
-            return None
-        decoded = decode_base64(body)
-        if len(decoded) != 1:  # padding in the middle: two readings, the workers' job
-            return None
-        payload = decoded[0]
-    elif encoding == b"quoted-printable":
-        payload = binascii.a2b_qp(body)
-    else:
-        payload = body
-    if encoding != b"base64" and not _read_once(body):
+    # a base64 body without a colon cannot be read a second way (_read_once)
+    read_once = b":" not in body if encoding == b"base64" else _read_once(body)
+    if not read_once:
         return None
-    return [Part(path, payload, 1, declared)]
+    decoded = _decode(body, encoding.decode())  # the decomposer's own decoding
+    if len(decoded) != 1:  # base64 padding in the middle: two readings, the workers' job
+        return None
+    return Part(path, decoded[0], 1, declared)
 
 
 def _params(text: bytes) -> dict[bytes, bytes] | None:

@@ -272,17 +272,11 @@ class Session:
     _watched: bool = False
 
     def _readable(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._waiter is not None:
+            _wake(self._waiter)
             return
-        try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
+        if self._quiet():
             return  # reported by the poll before the last reply was read: nothing new
-        except OSError:
-            pass
         self.dead = True  # closed, or something unasked: the session is not usable any more
         self._unwatch()
 
@@ -315,15 +309,17 @@ class Session:
         """Nothing to read and not closed: clamd has not dropped it (ReadTimeout, restart)
         nor sent anything unasked. Known from the reader, else one non-blocking peek (the
         loop may not have polled since)."""
-        if self.dead:
-            return False
+        return not self.dead and self._quiet()
+
+    def _quiet(self) -> bool:
+        """One non-blocking peek: nothing to read (not closed, nothing unasked)."""
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
             return False
-        return not data  # b"": closed; data: something we did not ask for
+        return False  # b"": closed; data: something we did not ask for
 
     def close(self, end: bool) -> None:
         """Close; with ``end`` say ``zEND`` first when the session is clean (best effort,

@@ -48,6 +48,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from .. import __version__
+from ..deadline import Deadline
 from ..errors import SpoolError
 from ..gateway import Gateway
 from ..policy import Context
@@ -127,7 +128,7 @@ class Readable:
     per wait.
     """
 
-    __slots__ = ("_deadline", "_fd", "_loop", "_reading", "_sock", "_timer", "_waiter")
+    __slots__ = ("_deadline", "_fd", "_loop", "_reading", "_sock", "_waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         self._loop = loop
@@ -135,8 +136,7 @@ class Readable:
         self._fd = sock.fileno()
         self._reading = False
         self._waiter: asyncio.Future[bool] | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
+        self._deadline = Deadline(loop, self._expired)
 
     async def wait(self, deadline: float) -> bool:
         """True once the socket is readable (the caller reads without blocking and waits
@@ -149,16 +149,12 @@ class Readable:
         if not self._reading:
             loop.add_reader(self._fd, self._ready)
             self._reading = True
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._expired)
+        self._deadline.set(deadline)
         try:
             ready: bool = await waiter
         finally:
             self._waiter = None
+            self._deadline.clear()
         return ready
 
     def _ready(self) -> None:
@@ -179,23 +175,16 @@ class Readable:
         self._reading = False
 
     def _expired(self) -> None:
-        self._timer = None
         waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # not waiting now: the next wait sets the timer again
-        if self._loop.time() < self._deadline:  # moved by progress since it was set
-            self._timer = self._loop.call_at(self._deadline, self._expired)
-            return
-        waiter.set_result(False)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     def close(self) -> None:
         """Stop watching (before the socket is closed)."""
         if self._reading:
             self._loop.remove_reader(self._fd)
             self._reading = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
 
 
 class ClamdListener:

@@ -75,6 +75,7 @@ from pydantic import Field, field_validator
 
 from .. import __version__
 from ..context import Context
+from ..deadline import Deadline
 from ..errors import AvgateError, ConfigError
 from ..limits import KiB
 from ..observability import record_scan, scan_event
@@ -266,8 +267,8 @@ class _Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None  # the task waits for bytes
         self._drainer: asyncio.Future[None] | None = None  # the task waits to write
         self._closed: asyncio.Future[None] | None = None  # the task waits for the close
-        self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0  # the wait for bytes in progress ends here (idle_timeout)
+        #: the wait for bytes in progress ends here (idle_timeout)
+        self._deadline = Deadline(self.loop, self._idle_expired)
         self._eof = False  # the client shut its side (or the connection is gone)
         self._lost = False
         self._write_paused = False
@@ -307,9 +308,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = self._lost = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         self._wake(self._waiter, ConnectionResetError("connection lost"))
         self._wake(self._drainer, ConnectionResetError("connection lost"))
         self._wake(self._closed)
@@ -352,12 +351,7 @@ class _Conn(asyncio.Protocol):
     async def _wait_data(self) -> None:
         """Wait for more bytes, at most ``idle_timeout`` (TimeoutError)."""
         loop = self.loop
-        self._deadline = deadline = loop.time() + self.s.idle_timeout
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(deadline, self._on_timer)
+        self._deadline.set(loop.time() + self.s.idle_timeout)
         if self._read_paused:
             self._read_paused = False
             assert self.transport is not None
@@ -367,16 +361,10 @@ class _Conn(asyncio.Protocol):
             await self._waiter
         finally:
             self._waiter = None
+            self._deadline.clear()
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return  # not waiting for bytes now: the next wait sets its own deadline
-        if self.loop.time() < self._deadline:  # a later wait moved the deadline
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
-            return
-        waiter.set_exception(TimeoutError())
+    def _idle_expired(self) -> None:
+        self._wake(self._waiter, TimeoutError())
 
     async def _serve(self) -> None:
         try:
@@ -385,9 +373,7 @@ class _Conn(asyncio.Protocol):
             pass  # aclose() ends idle connections (and busy ones after the grace period)
         finally:
             self.server._conns.discard(self)
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._deadline.cancel()
             transport = self.transport
             if transport is not None:
                 transport.close()  # what is written still goes out first
