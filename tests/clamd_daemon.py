@@ -192,9 +192,10 @@ class ClamdDaemon:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def start_clamd(binary: str, **kw: int) -> ClamdDaemon:
+def start_clamd(binary: str, *, stream_max_length: int = DEFAULT_STREAM_MAX_LENGTH,
+                workdir: str | None = None) -> ClamdDaemon:
     """Start a daemon; it is killed at interpreter exit even if the caller forgets."""
-    daemon = ClamdDaemon(binary, **kw)
+    daemon = ClamdDaemon(binary, stream_max_length=stream_max_length, workdir=workdir)
     atexit.register(daemon.cleanup)
     try:
         daemon.start()
