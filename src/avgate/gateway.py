@@ -153,25 +153,27 @@ class Gateway:
         nothing for an outcome whose line was already written."""
         if not outcome.event:  # not deferred, or written already
             return
-        event = dict(outcome.event)
+        event = outcome.event.copy()
         outcome.event.clear()
         if actions is not None:
             event["actions"] = list(actions)
-        event.update({k: v for k, v in protocol.items() if v is not None})
+        for k, v in protocol.items():
+            if v is not None:
+                event[k] = v
         self._log_event(event)
 
     def _event(self, ctx: Context, result: ScanResult, decision: Decision, qid: str | None,
                ids: dict[str, str] | None, elapsed: float) -> dict[str, Any]:
-        record_scan(ctx.frontend, result)
-        extra: dict[str, Any] = {}
-        if decision.reply and ctx.frontend in MAIL_FRONTENDS:
-            extra["reply"] = decision.reply
+        frontend = ctx.frontend
+        record_scan(frontend, result)
+        if qid:
+            ids = {**ids, "quarantine": qid} if ids else {"quarantine": qid}
+        event = scan_event(result, frontend=frontend, listener=ctx.listener, ids=ids,
+                           rule=decision.rule, actions=decision.actions, refid=decision.refid)
+        if decision.reply and frontend in MAIL_FRONTENDS:
+            event["reply"] = decision.reply
         if decision.would is not None:
-            extra["would"] = decision.would.to_dict()
-        event = scan_event(result, frontend=ctx.frontend, listener=ctx.listener,
-                           ids={**(ids or {}), **({"quarantine": qid} if qid else {})},
-                           rule=decision.rule, actions=decision.actions,
-                           refid=decision.refid, **extra)
+            event["would"] = decision.would.to_dict()
         event["elapsed_ms"] = round(elapsed * 1000, 3)
         return event
 

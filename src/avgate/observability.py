@@ -27,9 +27,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .result import ScanResult
+from .result import ScanResult, ScanStatus
 from .settings import Section
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
@@ -58,11 +59,11 @@ def scan_event(result: ScanResult, *, frontend: str, listener: str = "",
         "event": "scan",
         "frontend": frontend,
         "listener": listener,
-        "ids": {k: v for k, v in (ids or {}).items() if v},
+        "ids": {k: v for k, v in ids.items() if v} if ids else {},
         "sha256": result.sha256,
         "size": result.size,
-        "status": result.status.value,
-        "findings": [f.to_dict() for f in result.findings],
+        "status": _STATUS_VALUES[result.status],
+        "findings": [f.to_dict() for f in result.findings] if result.findings else [],
         "engines": [e.to_dict() for e in result.engines],
         "rule": rule,
         "actions": list(actions),
@@ -71,8 +72,13 @@ def scan_event(result: ScanResult, *, frontend: str, listener: str = "",
     }
     if result.reason:
         event["reason"] = result.reason
-    event.update(extra)
+    if extra:
+        event.update(extra)
     return event
+
+
+#: each status's value as a plain str (an enum's ``.value`` is a property: slow per object)
+_STATUS_VALUES = {s: s.value for s in ScanStatus}
 
 
 class LogSettings(Section):
@@ -114,17 +120,15 @@ class ScanLog:
         """Write one event as a JSON line (``time`` added when missing)."""
         if _LEVELS.get(level, 20) < _LEVELS[self.level]:
             return
-        if "time" not in event:
-            event = {"time": utc_now(), **event}
-        line = _ENCODER.encode(event) + "\n"  # serialised once, written in one call
+        line = encode_line(event)  # serialised once, written in one call
         with self._lock:
             if self._own:
                 # one os.write on the O_APPEND descriptor, as the line-buffered file's
                 # write + flush per line did: a line is in the kernel before log() returns,
                 # so a crash of avgate loses no line it wrote
-                _write_all(self._stream.fileno(), line.encode("utf-8", "backslashreplace"))
+                _write_all(self._stream.fileno(), line)
             else:
-                self._stream.write(line)
+                self._stream.write(line.decode("utf-8"))
                 self._stream.flush()
 
     def debug(self, event: dict[str, Any]) -> None:
@@ -147,8 +151,46 @@ class ScanLog:
                 self._stream.close()
 
 
-#: one encoder for every line (json.dumps with these options builds a new one per call)
+#: the standard library's encoder: the reference for every line, and the one that writes
+#: what orjson refuses (one encoder: json.dumps with these options builds one per call)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str, ensure_ascii=False)
+#: orjson calls ``default`` (``str``, as the reference does) for these instead of writing
+#: them its own way
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def _default(value: Any) -> Any:
+    """What orjson does not write itself: a float subclass as the number (as the standard
+    library does), anything else as ``str`` (its ``default``)."""
+    return float(value) if isinstance(value, float) else str(value)
+
+
+def _encode(event: dict[str, Any]) -> bytes:
+    """``event`` as compact UTF-8 JSON: orjson (a tenth of the standard library's CPU for a
+    scan line), which writes the bytes ``_ENCODER`` writes for what a log line holds: str,
+    int, bool, None, lists, tuples, dicts with str keys, str/int enums, floats (below 1e-4
+    the same number spelled ``0.00001`` instead of ``1e-05``; NaN and infinity, which no
+    line holds, as ``null`` instead of the non-JSON ``NaN``), anything else through ``str``
+    (a plain ``enum.Enum`` member, which no line holds either, as its value instead).
+    What orjson refuses goes to ``_ENCODER``, as before: dict keys that are not strings,
+    integers beyond 64 bits, lone surrogates (written ``\\udcXX``, the ``backslashreplace``
+    escape)."""
+    try:
+        return orjson.dumps(event, default=_default, option=_ORJSON_OPTIONS)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return _ENCODER.encode(event).encode("utf-8", "backslashreplace")
+
+
+def encode_line(event: dict[str, Any]) -> bytes:
+    """One scan-log line (with its newline): ``{"time": ..., <event>}`` when ``event`` has
+    no ``time``, else ``event`` as it is. The time goes in front of the encoded event's
+    bytes, not into a copy of the event."""
+    data = _encode(event)
+    if "time" in event:
+        return data + b"\n"
+    if not event:
+        return b'{"time":"' + utc_now().encode("ascii") + b'"}\n'
+    return b'{"time":"' + utc_now().encode("ascii") + b'",' + data[1:] + b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -279,9 +321,10 @@ def child(metric: Any, *labels: str) -> Any:
 
 def record_scan(frontend: str, result: ScanResult) -> None:
     """Update the scan metrics for one merged result."""
-    child(scans_total, frontend, result.status.value).inc()
-    for name in result.virus_names:
-        child(findings_total, name).inc()
+    child(scans_total, frontend, _STATUS_VALUES[result.status]).inc()
+    if result.findings:
+        for name in result.virus_names:
+            child(findings_total, name).inc()
     if result.cached:
         cache_hits_total.inc()
     # engine latency and errors are recorded per engine by BaseEngine.scan, from that

@@ -57,7 +57,6 @@ cannot render (a stray brace, ``{0}``) is refused when the config is loaded.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import ipaddress
 import re
@@ -558,7 +557,7 @@ class Policy:
         headers = d.headers
         if name and refid and d.disposition is Disposition.ACCEPT:
             headers = (*headers, (name, refid))  # after the verdict headers
-        return dataclasses.replace(d, refid=refid, refid_header=name, headers=headers)
+        return d.with_refid(refid, name, headers)
 
     def direction_for(self, listener_direction: str, client_addr: str = "",
                       authenticated: bool = False) -> str:
@@ -708,15 +707,18 @@ class Policy:
 
     def _default(self, result: ScanResult, ctx: Context, refid: str = "") -> Decision:
         """No rule fired: the shortcut actions of the settings."""
-        s, status, tag = self.settings, result.status, self.headers_for(result, refid)
+        s, status = self.settings, result.status
+        if status is ScanStatus.CLEAN and result.limit is None:  # the common case first
+            return Decision(Disposition.ACCEPT, headers=self.headers_for(result, refid),
+                            rule="default:clean")
         if result.banned_only:  # banned file types and no virus
-            return self._shortcut(s.banned_action, "default:banned", result, ctx, tag,
+            return self._shortcut(s.banned_action, "default:banned", result, ctx,
                                   s.banned_reply, DEFAULT_BANNED_TEMPFAIL_REPLY, refid)
         if status is ScanStatus.INFECTED:
-            return self._shortcut(s.virus_action, "default:infected", result, ctx, tag,
+            return self._shortcut(s.virus_action, "default:infected", result, ctx,
                                   s.reject_reply, DEFAULT_VIRUS_TEMPFAIL_REPLY, refid)
         if status is ScanStatus.ERROR:
-            return self._shortcut(s.failure_action, "default:error", result, ctx, tag,
+            return self._shortcut(s.failure_action, "default:error", result, ctx,
                                   DEFAULT_FAILURE_REJECT_REPLY, s.tempfail_reply, refid)
         if result.limit is not None:  # skipped/unknown because a limit was hit
             kind = result.limit.value
@@ -725,14 +727,15 @@ class Policy:
             if action == "auto":  # size: refused in mail, passed with a tag elsewhere
                 action = "reject" if ctx.frontend in MAIL_FRONTENDS else "keep"
             reply = DEFAULT_STRUCTURAL_REPLY if structural else DEFAULT_SIZE_REPLY
-            return self._shortcut(action, f"default:{kind}-limit", result, ctx, tag, reply,
+            return self._shortcut(action, f"default:{kind}-limit", result, ctx, reply,
                                   s.tempfail_reply, refid)
-        return Decision(Disposition.ACCEPT, headers=tag, rule=f"default:{status.value}")
+        return Decision(Disposition.ACCEPT, headers=self.headers_for(result, refid),
+                        rule=f"default:{status.value}")
 
     def _shortcut(self, action: str, rule: str, result: ScanResult, ctx: Context,
-                  tag: tuple[tuple[str, str], ...], reject_reply: str,
-                  tempfail_reply: str, refid: str = "") -> Decision:
-        """reject | tempfail | discard | quarantine | keep as a Decision."""
+                  reject_reply: str, tempfail_reply: str, refid: str = "") -> Decision:
+        """reject | tempfail | discard | quarantine | keep (the verdict headers: built only
+        here, not for the other actions) as a Decision."""
         if action == "reject":
             return Decision(Disposition.REJECT, self.render(reject_reply, result, ctx, refid),
                             rule=rule)
@@ -743,7 +746,8 @@ class Policy:
             return Decision(Disposition.DISCARD, rule=rule)
         if action == "quarantine":
             return Decision(Disposition.DISCARD, quarantine=True, rule=rule)
-        return Decision(Disposition.ACCEPT, headers=tag, rule=rule)  # keep
+        return Decision(Disposition.ACCEPT, headers=self.headers_for(result, refid),
+                        rule=rule)  # keep
 
 
 __all__ = ["Context", "Decision", "Disposition", "Envelope", "Policy", "PolicySettings", "Rule",

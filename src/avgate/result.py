@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 
@@ -131,7 +131,16 @@ class ScanResult:
         return tuple(seen)
 
     def with_(self, **changes: Any) -> ScanResult:
-        return replace(self, **changes)
+        """A copy with ``changes`` (``dataclasses.replace``, without its per-call field
+        introspection: this runs two or three times per object)."""
+        if not changes.keys() <= _FIELD_NAMES:
+            return replace(self, **changes)  # its TypeError names the unknown field
+        get = changes.get
+        return ScanResult(get("status", self.status), get("findings", self.findings),
+                          get("reason", self.reason), get("sha256", self.sha256),
+                          get("size", self.size), get("engines", self.engines),
+                          get("elapsed", self.elapsed), get("cached", self.cached),
+                          get("limit", self.limit), get("details", self.details))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -156,16 +165,36 @@ class ScanResult:
         return cls(ScanStatus.ERROR, reason=reason, **kw)
 
 
-def merge(results: Iterable[ScanResult], *, sha256: str = "", size: int = 0) -> ScanResult:
+_FIELD_NAMES = frozenset(f.name for f in fields(ScanResult))
+
+
+def merge(results: Iterable[ScanResult], *, sha256: str = "", size: int = 0,
+          elapsed: float | None = None) -> ScanResult:
     """Merge several engines' results on the same object into one.
 
     Infected wins; otherwise the most severe of error/unknown/skipped; clean only when
     every result is clean. Findings and engines are concatenated; reasons are joined.
+    ``elapsed``: the merged result's time (default: the longest of ``results``).
     """
     rs = list(results)
     if not rs:
         return ScanResult(ScanStatus.ERROR, reason="no engine scanned the object",
-                          sha256=sha256, size=size)
+                          sha256=sha256, size=size, elapsed=elapsed or 0.0)
+    if len(rs) == 1:  # one engine (the common case): what the general path below gives
+        r = rs[0]
+        status = r.status
+        return ScanResult(
+            status, r.findings, "" if status is ScanStatus.INFECTED else r.reason,
+            sha256 or r.sha256, size or r.size, r.engines,
+            r.elapsed if elapsed is None else elapsed, False,
+            None if status is ScanStatus.INFECTED or status is ScanStatus.ERROR else r.limit,
+            r.details)
+    return _merge_many(rs, sha256=sha256, size=size, elapsed=elapsed)
+
+
+def _merge_many(rs: list[ScanResult], *, sha256: str, size: int,
+                elapsed: float | None) -> ScanResult:
+    """:func:`merge` of a non-empty list (its one-result shortcut gives the same)."""
     status = worst(r.status for r in rs)
     findings = tuple(f for r in rs for f in r.findings)
     engines = tuple(e for r in rs for e in r.engines)
@@ -186,6 +215,6 @@ def merge(results: Iterable[ScanResult], *, sha256: str = "", size: int = 0) -> 
         sha256=sha256 or rs[0].sha256,
         size=size or rs[0].size,
         engines=engines,
-        elapsed=max(r.elapsed for r in rs),
+        elapsed=max(r.elapsed for r in rs) if elapsed is None else elapsed,
         details=tuple(d for r in rs for d in r.details),
     )

@@ -56,7 +56,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field
 
@@ -65,9 +65,14 @@ from .config import Config
 from .errors import AvgateError, ConfigError
 from .frontends.listen import Address, ListenError, ListenOptions
 from .gateway import Gateway, Outcome
-from .policy import Context
+from .policy import Context, Policy
+from .scan import ScanService
 from .settings import Section
 from .spool import Spool
+
+if TYPE_CHECKING:
+    from .observability import ScanLog
+    from .quarantine import Store
 
 FRONTENDS: dict[str, str] = {
     "smtp": "avgate.frontends.smtp:start",
@@ -155,7 +160,9 @@ def mode_warnings(config: Config) -> list[str]:
 class GatewayRef:
     """The current Gateway, swappable at run time; what front-ends receive from ``serve``.
 
-    Attribute reads are forwarded to :attr:`current`; :meth:`process` and
+    Attribute reads are forwarded to :attr:`current`: the ones front-ends read per request
+    (``config``, ``scanner``, ``policy``, ``log``, ``store``, ``log_outcome``) are
+    properties, any other name goes through ``__getattr__``. :meth:`process` and
     :meth:`new_spool` are explicit so that in-flight scans are counted per Gateway.
     """
 
@@ -164,13 +171,41 @@ class GatewayRef:
         self.current = gateway
         self._reload = reload
         self._inflight: dict[int, int] = {}
+        #: an Event per Gateway someone waits on (``wait_idle``), set when its count is 0
         self._idle: dict[int, asyncio.Event] = {}
 
     def __getattr__(self, name: str) -> Any:
-        # only called for names GatewayRef itself lacks: config, scanner, policy, store, log
+        # only called for names GatewayRef itself lacks (the common ones are properties)
         if name == "current":  # not set yet (copy, pickle): no endless recursion
             raise AttributeError(name)
         return getattr(self.current, name)
+
+    # the attributes front-ends read per request: no failed lookup before __getattr__
+    @property
+    def config(self) -> Config:
+        return self.current.config
+
+    @property
+    def scanner(self) -> ScanService:
+        return self.current.scanner
+
+    @property
+    def policy(self) -> Policy:
+        return self.current.policy
+
+    @property
+    def log(self) -> ScanLog | None:
+        return self.current.log
+
+    @property
+    def store(self) -> Store:
+        return self.current.store
+
+    @property
+    def log_outcome(self) -> Callable[..., None]:
+        """``Gateway.log_outcome`` of the current Gateway (its bound method: no second call
+        with the protocol's keywords packed again)."""
+        return self.current.log_outcome
 
     def new_spool(self) -> Spool:
         return self.current.new_spool()
@@ -180,15 +215,17 @@ class GatewayRef:
         """``Gateway.process`` on the current Gateway, counted for drain and retirement."""
         gw = self.current
         key = id(gw)
-        self._inflight[key] = self._inflight.get(key, 0) + 1
-        self._idle.setdefault(key, asyncio.Event()).clear()
+        inflight = self._inflight
+        inflight[key] = inflight.get(key, 0) + 1
         try:
             return await gw.process(spool, ctx, ids, store_quarantine=store_quarantine,
                                     defer_log=defer_log)
         finally:
-            self._inflight[key] -= 1
-            if not self._inflight[key]:
-                self._idle[key].set()
+            left = inflight[key] = inflight[key] - 1
+            if not left:
+                idle = self._idle.get(key)
+                if idle is not None:
+                    idle.set()
 
     def inflight(self, gateway: Gateway | None = None) -> int:
         """Scans running now (on ``gateway``, or on any Gateway)."""
@@ -200,7 +237,10 @@ class GatewayRef:
         """Return once no scan runs on ``gateway``."""
         key = id(gateway)
         while self._inflight.get(key, 0):
-            await self._idle[key].wait()
+            idle = self._idle.get(key)
+            if idle is None or idle.is_set():  # set when the count last reached 0
+                idle = self._idle[key] = asyncio.Event()
+            await idle.wait()
         self._inflight.pop(key, None)
         self._idle.pop(key, None)
 
