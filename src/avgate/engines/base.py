@@ -95,6 +95,7 @@ class BaseEngine(abc.ABC):
         #: network engines' :meth:`db_version`, so that such a verdict, which says nothing
         #: about the object, is never served again from the verdict cache
         self.unparseable_replies = 0
+        self._info: EngineInfo | None = None  # the last one made (one per version)
 
     @classmethod
     @abc.abstractmethod
@@ -115,7 +116,13 @@ class BaseEngine(abc.ABC):
         return self.db_version()
 
     def info(self) -> EngineInfo:
-        return EngineInfo(self.name, self.version())
+        """Name and version (made again only when the version changed: it goes into every
+        scan's result)."""
+        version = self.version()
+        info = self._info
+        if info is None or info.version != version or info.name != self.name:
+            info = self._info = EngineInfo(self.name, version)
+        return info
 
     async def health(self) -> dict[str, Any]:
         return {"name": self.name, "type": self.type_name, "ok": True}
@@ -128,8 +135,11 @@ class BaseEngine(abc.ABC):
         deadline = asyncio.get_running_loop().time() + self.timeouts.scan
         failed = True
         try:
-            async with asyncio.timeout_at(None if self.own_timeout else deadline):
+            if self.own_timeout:  # every wait inside is bounded already: no Timeout per scan
                 result = await self._scan(spool, deadline)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    result = await self._scan(spool, deadline)
             failed = result.status is ScanStatus.ERROR
         except TimeoutError:
             result = ScanResult.error(f"{self.name}: scan timeout after {self.timeouts.scan:g}s")

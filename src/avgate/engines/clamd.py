@@ -41,8 +41,11 @@ INSTREAM 472 µs, IDSESSION 341 µs, sealed-memfd FILDES 451 µs, both 354 µs (
 CPU, so in-memory objects are streamed unless ``fildes = "always"``. Objects on disk —
 INSTREAM 475 µs, IDSESSION 355 µs, FILDES 368 µs, both 298 µs.
 
-Small objects go out as one write (command + chunk + terminator); larger ones are streamed
-from the spool in ``stream_chunk_size`` pieces, never held in memory whole.
+Small objects go out as one write (command + chunk + terminator; on a session one
+``sendmsg`` of the head, the spool's own buffer and the terminator: the object is not
+copied into a joined request); larger ones are streamed from the spool in
+``stream_chunk_size`` pieces, never held in memory whole. A session scan is bounded by one
+timer handle on its reply wait (no ``asyncio.timeout`` per scan).
 
 Servers, failover, retry and health: :mod:`avgate.engines.upstream`. A failed attempt
 (refused, timeout, garbage, closed mid-stream) moves the same scan to the next server; an
@@ -99,6 +102,10 @@ from .upstream import Bound, Clock, Upstream, UpstreamEngine, UpstreamSettings
 
 VERSION_TTL = 60.0  # seconds between lazy VERSION re-queries (db change → cache invalidation)
 _READ_SIZE = 4096
+#: socket flags as plain ints: an operation on the IntFlag members builds an enum each time
+#: (about 3 µs here), on the hot path of every scan
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 # after clamd closes mid-stream (StreamMaxLength), how long to wait for its reply
 _REPLY_AFTER_RESET = 1.0
 
@@ -285,18 +292,23 @@ class Session:
             self._watched = False
             self.loop.remove_reader(self.sock.fileno())
 
-    async def recv_more(self, pending: bytes) -> bytes:
+    async def recv_more(self, pending: bytes, when: float) -> bytes:
         """The next bytes of a reply (waits for them first: a reply is never there the
-        moment its request left); a lost or closed connection is a protocol error."""
+        moment its request left), by ``when`` (loop time; TimeoutError after it: one timer
+        handle on the wait, no ``asyncio.Timeout`` per scan); a lost or closed connection is
+        a protocol error."""
+        loop = self.loop
         if not self._watched:
-            self.loop.add_reader(self.sock.fileno(), self._readable)
+            loop.add_reader(self.sock.fileno(), self._readable)
             self._watched = True
         while True:
-            self._waiter = self.loop.create_future()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_at(when, _expire, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                timer.cancel()
             try:
                 data = self.sock.recv(_READ_SIZE)
             except (BlockingIOError, InterruptedError):
@@ -314,7 +326,7 @@ class Session:
     def _quiet(self) -> bool:
         """One non-blocking peek: nothing to read (not closed, nothing unasked)."""
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self.sock.recv(1, _PEEK)
         except (BlockingIOError, InterruptedError):
             return True
         except OSError:
@@ -327,7 +339,7 @@ class Session:
         self._unwatch()
         if end and self.codec.idle:
             with contextlib.suppress(OSError):
-                self.sock.send(self.codec.end(), socket.MSG_DONTWAIT)
+                self.sock.send(self.codec.end(), _DONTWAIT)
         self.sock.close()
 
 
@@ -606,8 +618,10 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
     async def _session(self, server: ClamdServer, deadline: float) -> Session | None:
         """An idle session that is still alive, else a new one while the pool has room,
         else None (the scan takes a plain connection; nobody waits for a session)."""
-        loop = asyncio.get_running_loop()
-        self._expire(server, loop.time())
+        if server.idle:
+            # the loop of the sessions (asyncio.get_running_loop() costs a getpid() system
+            # call: only asked for a new session)
+            self._expire(server, server.idle[-1].loop.time())
         while server.idle:
             session = server.idle.pop()  # the most recently used: least likely dropped
             if session.alive():
@@ -618,7 +632,7 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         sock = await self._connect(server, deadline)
         server.sessions += 1
         server.sessions_opened += 1
-        session = Session(sock, proto.ClientSession(), loop)
+        session = Session(sock, proto.ClientSession(), asyncio.get_running_loop())
         # IDSESSION itself has no reply: it goes out with the first command
         return session
 
@@ -627,7 +641,7 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         if not session.codec.idle:
             self._drop(server, session, end=False)
             return
-        loop = asyncio.get_running_loop()
+        loop = session.loop  # (asyncio.get_running_loop() costs a getpid() system call)
         session.idle_since = loop.time()
         server.idle.append(session)
         if server.prune is None:
@@ -656,41 +670,42 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         """One scan on a session: INSTREAM, or FILDES of ``fd``."""
         command = "INSTREAM" if fd is None else "FILDES"
         codec = session.codec
-        loop = asyncio.get_running_loop()
         clean = False
         try:
-            async with asyncio.timeout_at(bound.when):
-                head = b"" if codec.opened else codec.open()
-                request_id, request = codec.request(command)
-                try:
-                    if fd is not None:
-                        await _send_fd(session.sock, head + request, fd)
-                    else:
-                        await loop.sock_sendall(
-                            session.sock, head + request + proto.chunk_header(spool.size)
-                            + spool.getbuffer() + proto.INSTREAM_END
-                            if spool.size else head + request + proto.INSTREAM_END)
-                except OSError as exc:
-                    raise EngineProtocolError(
-                        f"connection lost while streaming: {exc.strerror or exc}") from exc
-                reply = await _read_session_reply(session, command)
-                if reply.session_id != request_id:  # the codec allows only outstanding ids
-                    raise UnparseableReply(f"reply for request {reply.session_id}, "
-                                           f"expected {request_id}")
-                if reply.kind is proto.ReplyKind.ERROR and session.scans \
-                        and not reply.size_limit_exceeded \
-                        and not (command == "FILDES" and not reply.path.startswith("fd[")):
-                    # MaxQueue, a temporary failure, ...: clamd's word about this session,
-                    # not necessarily about the object; the plain retry decides
-                    raise EngineProtocolError(f"session reply {reply.text[:80]!r}")
-                if reply.kind not in (proto.ReplyKind.OK, proto.ReplyKind.FOUND,
-                                      proto.ReplyKind.ERROR) and \
-                        not (command == "FILDES" and reply.kind is proto.ReplyKind.OTHER):
-                    # (UNKNOWN COMMAND to FILDES is a refusal: the caller falls back)
-                    raise UnparseableReply(f"unexpected {command} reply {reply.text[:80]!r}")
-                session.scans += 1
-                clean = reply.kind is not proto.ReplyKind.OTHER  # a refusal ends it
-                return reply
+            head = b"" if codec.opened else codec.open()
+            request_id, request = codec.request(command)
+            try:
+                # one sendmsg from the spool's buffer (no joined copy of the object); a
+                # socket that does not take it all at once gets the rest within the bound
+                if fd is not None:
+                    await _send_fd(session.sock, head + request, fd, bound.when)
+                elif spool.size:
+                    await _send_parts(session.sock, [head + request + proto.chunk_header(
+                        spool.size), spool.getbuffer(), proto.INSTREAM_END], bound.when)
+                else:
+                    await _send_parts(session.sock, [head + request + proto.INSTREAM_END],
+                                      bound.when)
+            except OSError as exc:
+                raise EngineProtocolError(
+                    f"connection lost while streaming: {exc.strerror or exc}") from exc
+            reply = await _read_session_reply(session, command, bound.when)
+            if reply.session_id != request_id:  # the codec allows only outstanding ids
+                raise UnparseableReply(f"reply for request {reply.session_id}, "
+                                       f"expected {request_id}")
+            if reply.kind is proto.ReplyKind.ERROR and session.scans \
+                    and not reply.size_limit_exceeded \
+                    and not (command == "FILDES" and not reply.path.startswith("fd[")):
+                # MaxQueue, a temporary failure, ...: clamd's word about this session,
+                # not necessarily about the object; the plain retry decides
+                raise EngineProtocolError(f"session reply {reply.text[:80]!r}")
+            if reply.kind not in (proto.ReplyKind.OK, proto.ReplyKind.FOUND,
+                                  proto.ReplyKind.ERROR) and \
+                    not (command == "FILDES" and reply.kind is proto.ReplyKind.OTHER):
+                # (UNKNOWN COMMAND to FILDES is a refusal: the caller falls back)
+                raise UnparseableReply(f"unexpected {command} reply {reply.text[:80]!r}")
+            session.scans += 1
+            clean = reply.kind is not proto.ReplyKind.OTHER  # a refusal ends it
+            return reply
         except TimeoutError:
             raise EngineTimeout(f"no reply within {bound}") from None
         finally:
@@ -857,9 +872,10 @@ def _some(data: bytes, pending: bytes) -> bytes:
     return data
 
 
-async def _read_session_reply(session: Session, command: str) -> proto.Reply:
+async def _read_session_reply(session: Session, command: str, when: float) -> proto.Reply:
     """Read the next reply of an IDSESSION connection: one that carries the id of a request
-    we sent, else UnparseableReply (the codec says why); EOF first is a protocol error."""
+    we sent, else UnparseableReply (the codec says why); EOF first is a protocol error;
+    TimeoutError at ``when`` (loop time)."""
     codec = session.codec
     while True:
         try:
@@ -868,7 +884,7 @@ async def _read_session_reply(session: Session, command: str) -> proto.Reply:
             raise UnparseableReply(f"unexpected {command} reply {exc}") from exc
         if reply is not None:
             return reply
-        codec.receive_data(await session.recv_more(codec.pending))
+        codec.receive_data(await session.recv_more(codec.pending, when))
 
 
 def _spool_fd(spool: Spool) -> int:
@@ -902,27 +918,70 @@ def _spool_fd(spool: Spool) -> int:
     return fd
 
 
-async def _send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+async def _send_fd(sock: socket.socket, data: bytes, fd: int, when: float | None = None
+                   ) -> None:
     """Send ``data`` with ``fd`` as SCM_RIGHTS (clamd gets its own copy of the descriptor;
-    ours stays open for a retry and is closed by the caller)."""
+    ours stays open for a retry and is closed by the caller); waits for the socket by
+    ``when`` (loop time, TimeoutError after it; None: unbounded here, the caller bounds)."""
     loop = asyncio.get_running_loop()
     fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
     while True:
         try:
             sent = sock.sendmsg([data], fds)
         except (BlockingIOError, InterruptedError):
-            waiter: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(sock.fileno(), _wake, waiter)
-            try:
-                await waiter
-            finally:
-                loop.remove_writer(sock.fileno())
+            await _writable(loop, sock, when)
             continue
         if sent < len(data):  # the descriptor went with the first byte
-            await loop.sock_sendall(sock, data[sent:])
+            await _send_parts(sock, [data[sent:]], when)
         return
+
+
+async def _send_parts(sock: socket.socket, parts: list[bytes | memoryview],
+                      when: float | None) -> None:
+    """Send ``parts`` in order with ``sendmsg`` (gathered by the kernel: nothing joined
+    here); the usual case is one call that takes everything. What the socket does not take
+    at once is sent as it becomes writable, by ``when`` (TimeoutError after it). ``parts``
+    is consumed (emptied): no reference to a spool's buffer may outlive the send, not even
+    in a traceback's frame (a BytesIO with an export cannot be closed)."""
+    try:
+        while True:
+            try:
+                sent = sock.sendmsg(parts)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            done = 0
+            while done < len(parts) and sent >= len(parts[done]):
+                sent -= len(parts[done])
+                done += 1
+            if done == len(parts):
+                return
+            del parts[:done]
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
+            await _writable(asyncio.get_running_loop(), sock, when)
+    finally:
+        parts.clear()
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                    when: float | None) -> None:
+    """Wait until ``sock`` may be written, by ``when`` (TimeoutError after it)."""
+    waiter: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(sock.fileno(), _wake, waiter)
+    timer = loop.call_at(when, _expire, waiter) if when is not None else None
+    try:
+        await waiter
+    finally:
+        loop.remove_writer(sock.fileno())
+        if timer is not None:
+            timer.cancel()
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

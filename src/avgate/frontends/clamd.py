@@ -65,6 +65,11 @@ __all__ = ["ClamdListener", "ClamdListenerSettings", "as_clamd_verdict", "start"
            "verdict_lines"]
 
 _RECV = 256 * 1024
+#: socket flags as plain ints: an operation on the IntFlag members builds an enum each time
+#: (about 3 µs here), on the hot path of every connection
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _FDS_PER_MESSAGE = 4  # ancillary room per recvmsg; the kernel closes what does not fit
 _ACCEPT_BATCH = 64  # connections accepted per readiness report of the listening socket
 COMMANDS = ("SCAN QUIT RELOAD PING CONTSCAN VERSIONCOMMANDS VERSION END SHUTDOWN MULTISCAN "
@@ -164,7 +169,7 @@ class Readable:
                 waiter.set_result(True)
             return
         try:  # nobody waits: a report from before the last read, or new bytes?
-            self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            self._sock.recv(1, _PEEK)
         except (BlockingIOError, InterruptedError):
             return  # nothing new: keep watching
         except OSError:
@@ -202,6 +207,9 @@ class ClamdListener:
         self._closing = False
         self._accepting = False  # the listening socket is watched
         self._backoff: asyncio.TimerHandle | None = None  # accept failed: watch again later
+        #: the loop it serves in, from start(): asyncio.get_running_loop() costs a getpid()
+        #: system call, and this is per connection
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._versions: dict[str, tuple[int, str]] = {}
         self.started = time.time()
         self.served = 0
@@ -222,6 +230,7 @@ class ClamdListener:
         return int(self.sock.getsockname()[1])
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._watch_accept()
 
     async def aclose(self) -> None:
@@ -278,14 +287,15 @@ class ClamdListener:
 
     def _admit(self, sock: socket.socket, addr: Any) -> None:
         sock.setblocking(False)
+        client: str | None
         if self.unix_path is not None:
-            peer, client = "local", accounting.peer_uid(sock)
+            peer, client = "local", None  # the peer's uid: asked when a limit needs it
         else:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer, client = f"{addr[0]}:{addr[1]}", str(addr[0])
         conn = Conn(sock, self.unix_path is not None, peer, client, self.settings())
         self._conns.add(conn)
-        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+        conn.task = (self._loop or asyncio.get_running_loop()).create_task(self._serve(conn))
 
     # -- one connection -----------------------------------------------------------------
     def _recv_ready(self, conn: Conn) -> bytes | None:
@@ -294,9 +304,9 @@ class ClamdListener:
         if not conn.unix:
             return conn.sock.recv(_RECV)
         data, fds, flags, _addr = socket.recv_fds(
-            conn.sock, _RECV, _FDS_PER_MESSAGE, socket.MSG_CMSG_CLOEXEC)
-        if fds or flags & socket.MSG_CTRUNC:
-            conn.adopt_fds(fds, bool(flags & socket.MSG_CTRUNC),
+            conn.sock, _RECV, _FDS_PER_MESSAGE, _CMSG_CLOEXEC)
+        if fds or flags & _CTRUNC:
+            conn.adopt_fds(fds, bool(flags & _CTRUNC),
                            asyncio.get_running_loop().time())
             # clamdscan sends the descriptor with one dummy NUL byte, the last byte of
             # the message carrying it: it is not part of any command
@@ -320,7 +330,7 @@ class ClamdListener:
             await asyncio.get_running_loop().sock_sendall(conn.sock, data[sent:])
 
     async def _serve(self, conn: Conn) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         conn.readable = readable = Readable(loop, conn.sock)
         parser = proto.ServerParser(stream_max_length=conn.settings.stream_max_length)
         spool: Spool | None = None

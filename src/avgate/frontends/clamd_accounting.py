@@ -136,10 +136,10 @@ class Conn:
     """State of one client connection: its socket, and what it holds of the process's
     descriptor and session budgets (given back by :meth:`release`)."""
 
-    __slots__ = ("busy", "client", "dropped", "fds", "peer", "readable", "session", "settings",
-                 "sock", "task", "unix")
+    __slots__ = ("_client", "busy", "dropped", "fds", "peer", "readable", "session",
+                 "settings", "sock", "task", "unix")
 
-    def __init__(self, sock: socket.socket, unix: bool, peer: str, client: str,
+    def __init__(self, sock: socket.socket, unix: bool, peer: str, client: str | None,
                  settings: ClamdListenerSettings) -> None:
         self.sock = sock
         self.unix = unix
@@ -151,9 +151,18 @@ class Conn:
         self.busy = False  # inside a command: drain waits for it; idle ones are cancelled
         self.task: asyncio.Task[None] | None = None
         self.peer = peer
-        self.client = client  # per-client limits: "uid:N" (unix socket) or the IP address
+        self._client = client  # None: the peer's uid, asked of the socket when first needed
         self.session = False  # holds an IDSESSION slot
         self.readable: Readable | None = None  # waits for the client's bytes (set by _serve)
+
+    @property
+    def client(self) -> str:
+        """Who the per-client limits count: ``uid:N`` (unix socket, asked of the socket
+        once, when first needed: most connections never open a session) or the IP
+        address."""
+        if self._client is None:
+            self._client = peer_uid(self.sock)
+        return self._client
 
     def adopt_fds(self, received: list[int], truncated: bool, now: float) -> None:
         """Keep received descriptors within the per-connection and per-process caps; close

@@ -143,6 +143,7 @@ class IcapServer:
         self.options = options
         self.address: Address = settings.listen.resolve(options.base_dir)
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         #: connections being served (``idle``: waiting for their next request)
         self._conns: set[_Conn] = set()
         self._closing = False
@@ -182,7 +183,7 @@ class IcapServer:
         sock = bind(self.address, what="icap listen", options=self.options)
         if not self.address.is_unix and self.address.port == 0:  # tests: a free port
             self.address = dataclasses.replace(self.address, port=sock.getsockname()[1])
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Conn(self), sock=sock,
                                                 backlog=DEFAULT_BACKLOG)
         return self
@@ -255,7 +256,8 @@ class _Conn(asyncio.Protocol):
         self.server = server
         self.s = server.settings
         self.gateway = server.gateway
-        self.loop = asyncio.get_running_loop()
+        # the server's loop: asyncio.get_running_loop() costs a getpid() system call
+        self.loop = server._loop or asyncio.get_running_loop()
         self.parser = proto.IcapParser("server", max_header_size=self.s.max_header_size)
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
@@ -508,7 +510,7 @@ class _Conn(asyncio.Protocol):
             if req.has_body:
                 in_preview = req.preview is not None
                 declared = _declared_length(req)
-                gate = self._gate(req, declared)
+                gate = self._gate(req, declared, may_204)
                 # over max_body_size by its Content-Length: decided without reading the body
                 over = declared if declared is not None and declared > body.limit else None
                 if over is not None and not in_preview and not may_204:
@@ -568,7 +570,8 @@ class _Conn(asyncio.Protocol):
             spool.close()
 
     # -- answering before the verdict ([icap.trickle]) --------------------------------------
-    def _gate(self, req: proto.Request, declared: int | None) -> Gate | None:
+    def _gate(self, req: proto.Request, declared: int | None, allow_204: bool
+              ) -> Gate | None:
         """The trickle gate of a RESPMOD body that may be answered before its verdict; None
         when nothing of it could leave early (another method, trickling off, a body declared
         smaller than ``keep_back`` or ``min_size``) or when the client allows ``204``
@@ -577,7 +580,7 @@ class _Conn(asyncio.Protocol):
         gets the usual answer after its verdict (a block page when infected)."""
         settings = self.s.trickle
         if (req.method != "RESPMOD" or not req.has_body or settings.mode == "off"
-                or req.allow_204):
+                or allow_204):
             return None
         gate = Gate(settings, declared, asyncio.get_running_loop().time())
         return gate if gate.active else None
@@ -1048,7 +1051,8 @@ def _declared_length(req: proto.Request) -> int | None:
         value = proto.HttpHead.parse(req.res_hdr).headers.get("content-length").strip()
     except proto.IcapProtocolError:
         return None
-    return int(value) if value.isdigit() and len(value) <= 18 else None
+    # (isascii: str.isdigit() also takes "²", which int() refuses)
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
 
 
 def _url_of(req: proto.Request) -> str:
@@ -1056,8 +1060,7 @@ def _url_of(req: proto.Request) -> str:
     its start line is read (the URL is for the scan log; the headers are not needed)."""
     if not req.req_hdr:
         return ""
-    line = req.req_hdr.split(b"\r\n", 1)[0].decode("latin-1")
-    return proto.HttpHead(line).url
+    return proto.request_target(req.req_hdr.split(b"\r\n", 1)[0].decode("latin-1"))
 
 
 async def start(gateway: Gateway, options: ListenOptions) -> list[Listener]:

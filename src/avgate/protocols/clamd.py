@@ -212,8 +212,13 @@ def parse_reply(raw: bytes | str, *, session: bool = False) -> Reply:
     session_id: int | None = None
     if session:
         head, sep, rest = text.partition(": ")
-        if sep and head.isdigit():
+        if sep and head.isascii() and head.isdigit():
             session_id, text = int(head), rest
+    return _classify(text, session_id)
+
+
+def _classify(text: str, session_id: int | None) -> Reply:
+    """A reply's text (terminator and session id removed) into a :class:`Reply`."""
     if text == PONG:
         return Reply(ReplyKind.PONG, text, session_id=session_id)
     if text.endswith(" FOUND"):
@@ -286,11 +291,14 @@ def parse_session_reply(raw: bytes | str) -> Reply:
     """
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     text = text.rstrip("\0\n")
-    head, sep, _ = text.partition(": ")
+    head, sep, rest = text.partition(": ")
     if not sep or not head.isascii() or not head.isdigit() or head.startswith("0") \
-            or len(head) > 10 or int(head) > _MAX_SESSION_ID:
+            or len(head) > 10:
         raise ClamdProtocolError(f"{text[:80]!r} without a request id", "")
-    return parse_reply(text, session=True)
+    session_id = int(head)
+    if session_id > _MAX_SESSION_ID:
+        raise ClamdProtocolError(f"{text[:80]!r} without a request id", "")
+    return _classify(rest, session_id)
 
 
 #: the bytes of each session command, made once
@@ -582,9 +590,15 @@ class ServerParser:
     def _next_chunk_data(self) -> Event | NeedData:
         if not self._buf:
             return self._closed()
-        n = min(self._chunk_left, len(self._buf))
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
+        buf = self._buf
+        n = min(self._chunk_left, len(buf))
+        if n == len(buf):  # one copy out of the buffer (a slice then bytes() would be two)
+            data = bytes(buf)
+            buf.clear()
+        else:
+            with memoryview(buf) as view:
+                data = bytes(view[:n])
+            del buf[:n]
         self._chunk_left -= n
         if not self._chunk_left:
             self._state = _State.CHUNK_HEADER

@@ -34,6 +34,7 @@ from . import NEED_DATA as NEED_DATA  # re-exported: callers use <codec>.NEED_DA
 from . import NeedData
 
 DEFAULT_MAX_HEADER_SIZE: Final = 64 * 1024
+_HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 MAX_CHUNK_LINE: Final = 1024  # chunk-size line incl. extensions; real ones are ~10 bytes
 BODY_KINDS: Final = (b"req-body", b"res-body", b"opt-body", b"null-body")
 HEADER_KINDS: Final = (b"req-hdr", b"res-hdr")
@@ -106,20 +107,33 @@ class Headers:
         return [t.strip() for t in self.get(name).split(",") if t.strip()]
 
 
+#: what ``bytes.strip()`` strips (ASCII whitespace), for the same result on latin-1 text
+#: (``str.strip()`` would also strip \x1c-\x1f, \x85 and \xa0)
+_WS: Final = " \t\n\r\x0b\x0c"
+
+
 def parse_header_lines(lines: Sequence[bytes]) -> Headers:
     """Header field lines (no start line, no empty line) into :class:`Headers`."""
+    return _parse_header_text([line.decode("latin-1") for line in lines])
+
+
+def _parse_header_text(lines: Sequence[str]) -> Headers:
+    """:func:`parse_header_lines` on lines already decoded as latin-1 (one decode per
+    header block instead of two per line)."""
     items: list[tuple[str, str]] = []
+    ws = _WS
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
+        if line[:1] in (" ", "\t"):
             if not items:
                 raise IcapProtocolError("header continuation line before any header")
             prev_name, prev_value = items[-1]
-            items[-1] = (prev_name, prev_value + "\n" + line.strip().decode("latin-1"))
+            items[-1] = (prev_name, prev_value + "\n" + line.strip(ws))
             continue
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
-            raise IcapProtocolError(f"malformed header line {line[:60]!r}")
-        items.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip(ws) or " " in name:
+            raise IcapProtocolError(
+                f"malformed header line {line[:60].encode('latin-1')!r}")
+        items.append((name, value.strip(ws)))
     return Headers(items)
 
 
@@ -144,31 +158,37 @@ class HttpHead:
     @classmethod
     def parse(cls, raw: bytes) -> HttpHead:
         """Parse ``raw`` (ends with an empty line); raises IcapProtocolError if malformed."""
-        lines = raw.split(b"\r\n")
-        while lines and lines[-1] == b"":
+        lines = raw.decode("latin-1").split("\r\n")
+        while lines and lines[-1] == "":
             lines.pop()
         if not lines or not lines[0]:
             raise IcapProtocolError("empty encapsulated HTTP header")
-        return cls(lines[0].decode("latin-1"), parse_header_lines(lines[1:]))
+        return cls(lines[0], _parse_header_text(lines[1:]))
 
     @property
     def status(self) -> int:
         """Status code of a response head (0 if this is no response)."""
         parts = self.start_line.split(None, 2)
-        if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isdigit():
+        if len(parts) >= 2 and parts[0].startswith("HTTP/") and parts[1].isascii() \
+                and parts[1].isdigit():
             return int(parts[1])
         return 0
 
     @property
     def url(self) -> str:
         """Request target of a request head ("" for a response)."""
-        parts = self.start_line.split(None, 2)
-        return parts[1] if len(parts) >= 2 and not parts[0].startswith("HTTP/") else ""
+        return request_target(self.start_line)
 
     @property
     def media_type(self) -> str:
         """``Content-Type`` without parameters, lower case."""
         return self.headers.get("content-type").split(";", 1)[0].strip().lower()
+
+
+def request_target(start_line: str) -> str:
+    """The request target of an HTTP start line ("" for a response's status line)."""
+    parts = start_line.split(None, 2)
+    return parts[1] if len(parts) >= 2 and not parts[0].startswith("HTTP/") else ""
 
 
 def encode_http_response(status: int, headers: Iterable[tuple[str, str]],
@@ -257,6 +277,22 @@ Event = Request | Response | BodyChunk | PreviewEnd | BodyEnd
 _BODY_END = BodyEnd()
 
 
+#: parsed Encapsulated values (a proxy sends few distinct ones); bounded, cleared when full
+_ENCAP_CACHE: dict[str, tuple[tuple[tuple[bytes, int], ...], BodyKind]] = {}
+_ENCAP_CACHE_SIZE: Final = 512
+
+
+def _encapsulated_entries(value: str) -> tuple[tuple[tuple[bytes, int], ...], BodyKind]:
+    """:func:`parse_encapsulated`, remembered per value (only values that parsed)."""
+    cached = _ENCAP_CACHE.get(value)
+    if cached is None:
+        entries, body = parse_encapsulated(value)
+        if len(_ENCAP_CACHE) >= _ENCAP_CACHE_SIZE:
+            _ENCAP_CACHE.clear()
+        cached = _ENCAP_CACHE[value] = (tuple(entries), body)
+    return cached
+
+
 def parse_encapsulated(value: str) -> tuple[list[tuple[bytes, int]], BodyKind]:
     """``req-hdr=0, res-hdr=137, res-body=296`` → ([(b"req-hdr", 0), ...], "res-body").
 
@@ -268,7 +304,7 @@ def parse_encapsulated(value: str) -> tuple[list[tuple[bytes, int]], BodyKind]:
     for item in value.split(","):
         key, sep, num = item.strip().partition("=")
         num = num.strip()
-        if not sep or not num.isdigit() or len(num) > 12:
+        if not sep or not (num.isascii() and num.isdigit()) or len(num) > 12:
             raise IcapProtocolError(f"malformed Encapsulated entry {item.strip()[:40]!r}")
         entries.append((key.strip().lower().encode("ascii", "replace"), int(num)))
     *heads, (body_name, _) = entries
@@ -303,8 +339,10 @@ class IcapParser:
         self.max_header_size = max_header_size
         self._buf = bytearray()
         self._state = _HEAD
-        self._head: Request | Response | None = None
-        self._encap: list[tuple[bytes, int]] = []
+        self._head: Response | None = None  # a response head (client side)
+        #: a request head's fields until its encapsulated headers are read (server side)
+        self._request: tuple[str, str, Headers, int | None, str] = ("", "", Headers(), None, "")
+        self._encap: tuple[tuple[bytes, int], ...] = ()
         self._encap_len = 0
         self._body: BodyKind = "null-body"
         self._remaining = 0  # bytes left in the current chunk
@@ -403,20 +441,21 @@ class IcapParser:
             return NEED_DATA
         if end + 4 > self.max_header_size:
             raise IcapProtocolError(f"ICAP header larger than {self.max_header_size} bytes")
-        lines = bytes(buf[:end]).split(b"\r\n")
+        lines = buf[:end].decode("latin-1").split("\r\n")
         del buf[:end + 4]
-        head = self._start(lines[0], parse_header_lines(lines[1:]))
-        return head
+        return self._start(lines[0], _parse_header_text(lines[1:]))
 
-    def _start(self, line: bytes, headers: Headers) -> Event | NeedData:
-        parts = line.split(b" ", 2)
+    def _start(self, text: str, headers: Headers) -> Event | NeedData:
+        """The start line (decoded as latin-1 with its header block) and the headers."""
+        line = text.encode("latin-1")  # (error messages show it as bytes)
+        parts = text.split(" ", 2)
         if len(parts) < 2:
             raise IcapProtocolError(f"malformed start line {line[:60]!r}")
         encap = headers.get("encapsulated")
         if self.role == "server":
             if len(parts) != 3:
                 raise IcapProtocolError(f"malformed request line {line[:60]!r}")
-            method, uri, version = (p.decode("latin-1") for p in parts)
+            method, uri, version = parts
             if not version.startswith("ICAP/"):
                 raise IcapProtocolError(f"not an ICAP request line {line[:60]!r}")
             if version != "ICAP/1.0":
@@ -426,16 +465,20 @@ class IcapParser:
             preview: int | None = None
             pv = headers.get("preview")
             if pv:
-                if not pv.isdigit() or len(pv) > 12:
+                # (isascii: str.isdigit() also takes "²", which int() refuses)
+                if not (pv.isascii() and pv.isdigit()) or len(pv) > 12:
                     raise IcapProtocolError(f"malformed Preview header {pv[:20]!r}")
                 preview = int(pv)
-            self._head = Request(method, uri, headers, preview=preview, version=version)
+            # the Request itself is made once its encapsulated headers are read
+            self._request = (method, uri, headers, preview, version)
+            self._head = None
         else:
-            version = parts[0].decode("latin-1")
+            version = parts[0]
             code = parts[1]
-            if not version.startswith("ICAP/") or not code.isdigit() or len(code) != 3:
+            if not version.startswith("ICAP/") or not (code.isascii() and code.isdigit()) \
+                    or len(code) != 3:
                 raise IcapProtocolError(f"malformed status line {line[:60]!r}")
-            reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+            reason = parts[2] if len(parts) > 2 else ""
             status = int(code)
             self._head = Response(status, reason, headers, version=version)
             if status in (100, 204) or not encap:
@@ -444,7 +487,7 @@ class IcapParser:
                     # no encapsulated data follows 100/204, whatever the header claims
                     self._state = _HEAD
                     return self._head
-        entries, body = parse_encapsulated(encap or "null-body=0")
+        entries, body = _encapsulated_entries(encap or "null-body=0")
         self._encap = entries
         self._body = body
         self._encap_len = entries[-1][1]
@@ -468,21 +511,21 @@ class IcapParser:
                 raise IcapProtocolError(
                     f"encapsulated {name.decode()} does not end with an empty line")
             sections[name] = section
-        head = self._head
-        assert head is not None
-        if isinstance(head, Request):
-            head = Request(head.method, head.uri, head.headers, sections.get(b"req-hdr", b""),
-                           sections.get(b"res-hdr", b""), self._body, head.preview,
-                           head.version)
-            if head.method == "REQMOD" and b"res-hdr" in sections:
+        response = self._head
+        head: Request | Response
+        if response is None:  # a request (server side)
+            method, uri, headers, preview, version = self._request
+            if method == "REQMOD" and b"res-hdr" in sections:
                 raise IcapProtocolError("REQMOD must not encapsulate res-hdr")
-            if head.body == "opt-body" and head.method != "OPTIONS":
+            if self._body == "opt-body" and method != "OPTIONS":
                 raise IcapProtocolError("opt-body only belongs to OPTIONS")
-            self._preview = head.preview if head.has_body else None
+            head = Request(method, uri, headers, sections.get(b"req-hdr", b""),
+                           sections.get(b"res-hdr", b""), self._body, preview, version)
+            self._preview = preview if self._body != "null-body" else None
         else:
-            head = Response(head.status, head.reason, head.headers,
+            head = Response(response.status, response.reason, response.headers,
                             sections.get(b"req-hdr", b""), sections.get(b"res-hdr", b""),
-                            self._body, head.version)
+                            self._body, response.version)
             self._preview = None
         self._state = _CHUNK_SIZE if self._body != "null-body" else _HEAD
         return head
@@ -496,6 +539,17 @@ class IcapParser:
             return self._need("in chunked body")
         line = bytes(buf[:end])
         del buf[:end + 2]
+        if 0 < end <= 16 and not line.translate(None, _HEX_DIGITS):
+            # the usual line: hex digits alone
+            size = int(line, 16)
+            if size:
+                self._remaining = size
+                self._state = _CHUNK_DATA
+                return self._chunk_data()
+            self._state = _TRAILER
+            self._ieof = False
+            self._trailer_len = 0
+            return self._trailer()
         size_part, _, ext = line.partition(b";")
         size_part = size_part.strip()
         try:
@@ -649,7 +703,7 @@ def threats_from_headers(headers: Headers) -> list[str]:
     vio = headers.get("x-violations-found")
     if vio:
         lines = [ln.strip() for ln in vio.split("\n")]
-        count = int(lines[0]) if lines[0].isdigit() else 0
+        count = int(lines[0]) if lines[0].isascii() and lines[0].isdigit() else 0
         for i in range(count):
             idx = 2 + 4 * i
             if idx < len(lines) and lines[idx]:

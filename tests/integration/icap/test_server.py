@@ -441,3 +441,24 @@ async def test_reading_pauses_while_a_request_is_served() -> None:
         release.set()
         await srv.aclose()
         await gw.close()
+
+
+async def test_non_ascii_digits_are_bad_input_not_a_crash(server: fe.IcapServer) -> None:
+    """``str.isdigit()`` takes "²" (latin-1 \\xb2), which ``int()`` refuses: a Content-Length
+    of "²" is no length (the object is read and scanned as usual), a Preview of "²" is a 400
+    — never an exception that ends the connection without an answer."""
+    hdr = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: \xb2\r\n\r\n"
+
+    def request(body: bytes, allow_204: bool) -> bytes:
+        headers = [("Host", "t")] + ([("Allow", "204")] if allow_204 else [])
+        return proto.encode_request("RESPMOD", "icap://t/avscan", headers, req_hdr=REQ_HDR,
+                                    res_hdr=hdr, body="res-body") + proto.encode_body(body)
+
+    evs, _ = await exchange(server, request(b"clean data", True) + OPTIONS_CLOSE)
+    assert [r.status for r in responses(evs)] == [204, 200]
+    evs, _ = await exchange(server, request(EICAR, False) + OPTIONS_CLOSE)
+    rs = responses(evs)
+    assert [r.status for r in rs] == [200, 200] and rs[0].headers.get("x-virus-id")
+    evs, closed = await exchange(server, b"RESPMOD icap://t/avscan ICAP/1.0\r\nPreview: \xb2\r\n"
+                                         b"Encapsulated: null-body=0\r\n\r\n")
+    assert [r.status for r in responses(evs)] == [400] and closed

@@ -129,3 +129,10 @@ def test_parse_session_reply() -> None:
     reply = p.parse_session_reply(b"12: /a: b: Win.Test-1 FOUND\0")
     assert (reply.session_id, reply.path, reply.virus) == (12, "/a: b", "Win.Test-1")
     assert p.parse_session_reply("4294967295: PONG").kind is ReplyKind.PONG
+
+
+def test_a_non_ascii_digit_is_no_session_id() -> None:
+    """"²" is a digit to ``str.isdigit()`` but not to ``int()``: no id, never a ValueError."""
+    assert p.parse_reply("\u00b2: stream: OK", session=True).session_id is None
+    with pytest.raises(ClamdProtocolError):
+        p.parse_session_reply("\u00b2: stream: OK".encode())

@@ -313,3 +313,102 @@ def test_http_head_helpers() -> None:
 def test_encode_headers_refuses_injection() -> None:
     with pytest.raises(ValueError):
         proto.encode_headers([("X-Virus-ID", "a\r\nInjected: yes")])
+
+
+# -- the fast paths (issue 19): the same results as the general ones ----------------------------
+@pytest.mark.parametrize(("line", "size"), [(b"a", 10), (b"A", 10), (b"00ff", 255),
+                                            (b"F" * 16, 16**16 - 1), (b"10; ext=1", 16)])
+def test_chunk_size_lines_accepted(line: bytes, size: int) -> None:
+    body = b"x" * min(size, 300)
+    p = IcapParser("server", max_header_size=1 << 20)
+    p.receive_data(b"RESPMOD icap://i/s ICAP/1.0\r\nEncapsulated: res-body=0\r\n\r\n"
+                   + line + b"\r\n" + body)
+    assert isinstance(p.next_event(), Request)
+    assert p.next_event() == BodyChunk(body)
+    assert p._remaining == size - len(body)
+
+
+@pytest.mark.parametrize("line", [b"0x10", b"0X10", b"1_0", b"+10", b"-1", b" 10x",
+                                  b"1" * 17, b"g", b"10;ieof"])
+def test_chunk_size_lines_refused(line: bytes) -> None:
+    p = IcapParser("server")
+    p.receive_data(b"RESPMOD icap://i/s ICAP/1.0\r\nEncapsulated: res-body=0\r\n\r\n"
+                   + line + b"\r\nxxxxxxxxxxxxxxxx\r\n0\r\n\r\n")
+    with pytest.raises(IcapProtocolError):
+        list(p)
+
+
+def test_header_values_strip_ascii_whitespace_only() -> None:
+    """Headers are decoded once per block as latin-1; stripping stays ``bytes.strip()``'s
+    (a latin-1 no-break space or \\x1c is part of the value, as before)."""
+    head = proto.HttpHead.parse(b"HTTP/1.1 200 OK\r\nX-A: \xa0v\xa0 \t\r\nX-B:\x1cw\r\n"
+                                b"X-C: one\r\n \t two\r\n\r\n")
+    assert head.headers.get("x-a") == "\xa0v\xa0"
+    assert head.headers.get("x-b") == "\x1cw"
+    assert head.headers.get("x-c") == "one\ntwo"
+    with pytest.raises(IcapProtocolError):
+        proto.HttpHead.parse(b"HTTP/1.1 200 OK\r\nX-A : v\r\n\r\n")
+    with pytest.raises(IcapProtocolError):
+        proto.HttpHead.parse(b"HTTP/1.1 200 OK\r\n\xa0X-A: v\r\n\r\n".replace(b"\xa0", b" "))
+
+
+def test_encapsulated_values_are_remembered_and_errors_are_not() -> None:
+    value = "req-hdr=0, res-hdr=7, res-body=19"
+    proto._ENCAP_CACHE.clear()
+    first = proto._encapsulated_entries(value)
+    assert first == (((b"req-hdr", 0), (b"res-hdr", 7), (b"res-body", 19)), "res-body")
+    assert proto._encapsulated_entries(value) is first
+    assert first == (tuple(proto.parse_encapsulated(value)[0]), "res-body")
+    for _ in range(2):  # a bad value fails every time (nothing cached for it)
+        with pytest.raises(IcapProtocolError):
+            proto._encapsulated_entries("res-body=1, res-hdr=0")
+    assert len(proto._ENCAP_CACHE) == 1
+    for i in range(proto._ENCAP_CACHE_SIZE + 5):  # bounded: distinct values do not pile up
+        proto._encapsulated_entries(f"req-hdr=0, res-body={i + 1}")
+    assert len(proto._ENCAP_CACHE) <= proto._ENCAP_CACHE_SIZE
+
+
+def test_requests_in_a_row_keep_their_own_fields() -> None:
+    """The request head's fields wait in the parser until its encapsulated headers come:
+    a request never gets the fields of the one before it."""
+    p = IcapParser("server")
+    p.receive_data(b"REQMOD icap://i/a ICAP/1.0\r\nPreview: 4\r\nEncapsulated: req-hdr=0, "
+                   b"req-body=%d\r\n\r\n" % len(REQ_HDR) + REQ_HDR[:10])
+    assert p.next_event() is proto.NEED_DATA
+    p.receive_data(REQ_HDR[10:] + b"0; ieof\r\n\r\n"
+                   b"OPTIONS icap://i/b ICAP/1.0\r\nEncapsulated: null-body=0\r\n\r\n")
+    first = p.next_event()
+    assert isinstance(first, Request)
+    assert (first.method, first.service, first.preview, first.req_hdr, first.body) == \
+        ("REQMOD", "a", 4, REQ_HDR, "req-body")
+    assert list(p)[:2] == [PreviewEnd(ieof=True), BodyEnd()]
+    p.receive_data(b"RESPMOD icap://i/c ICAP/1.0\r\nEncapsulated: res-hdr=0, null-body=%d"
+                   b"\r\n\r\n" % len(RES_HDR) + RES_HDR)
+    second = p.next_event()
+    assert isinstance(second, Request)
+    assert (second.method, second.service, second.preview, second.res_hdr, second.body) == \
+        ("RESPMOD", "c", None, RES_HDR, "null-body")
+
+
+@pytest.mark.parametrize("wire", [
+    b"RESPMOD icap://i/s ICAP/1.0\r\nPreview: \xb2\r\nEncapsulated: null-body=0\r\n\r\n",
+    b"RESPMOD icap://i/s ICAP/1.0\r\nEncapsulated: res-body=\xb2\r\n\r\n",
+])
+def test_non_ascii_digits_are_a_400(wire: bytes) -> None:
+    """latin-1 "²" is a digit to ``str.isdigit()`` but not to ``int()``: a clear 400, never a
+    ValueError."""
+    p = IcapParser("server")
+    p.receive_data(wire)
+    with pytest.raises(IcapProtocolError) as info:
+        list(p)
+    assert info.value.status == 400
+
+
+def test_non_ascii_digits_in_responses_and_heads() -> None:
+    p = IcapParser("client")
+    p.receive_data(b"ICAP/1.0 2\xb20 OK\r\nEncapsulated: null-body=0\r\n\r\n")
+    with pytest.raises(IcapProtocolError):
+        list(p)
+    assert proto.HttpHead.parse(b"HTTP/1.1 2\xb20 OK\r\n\r\n").status == 0
+    assert proto.threats_from_headers(Headers([("X-Violations-Found", "\xb2\nf\nEICAR\n0\n0"),
+                                               ("X-Virus-ID", "V")])) == ["V"]
