@@ -114,6 +114,14 @@ class _ReplyProtocol(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
+    async def wait(self) -> None:
+        """Until more bytes arrive or the connection ends."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
     async def drain(self) -> None:
         if self._paused and not self.closed:
             self._drain = asyncio.get_running_loop().create_future()
@@ -121,22 +129,21 @@ class _ReplyProtocol(asyncio.Protocol):
         if self.closed:
             raise ConnectionResetError("next hop closed the connection")
 
+    def take(self) -> Reply | None:
+        """The next complete reply (all its lines) if it is here, else None."""
+        try:
+            reply = take_reply(self.buf)
+        except ValueError as exc:
+            raise NextHopError(f"next hop: {exc}") from None
+        if reply is None and self.closed:
+            raise NextHopError("next hop closed the connection")
+        return reply
+
     async def reply(self) -> Reply:
         """The next complete reply (all its lines)."""
-        while True:
-            try:
-                reply = take_reply(self.buf)
-            except ValueError as exc:
-                raise NextHopError(f"next hop: {exc}") from None
-            if reply is not None:
-                return reply
-            if self.closed:
-                raise NextHopError("next hop closed the connection")
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        while (reply := self.take()) is None:
+            await self.wait()
+        return reply
 
 
 class Connection:
@@ -192,17 +199,29 @@ class Connection:
         transport = self.proto.transport
         if transport is None or self.proto.closed:
             raise NextHopError("next hop connection closed")
+        loop = asyncio.get_running_loop()
         deadline = self._deadline
         if deadline is None:
-            deadline = self._deadline = Deadline(asyncio.get_running_loop(), self._timed_out)
-        deadline.set(asyncio.get_running_loop().time() + self.timeout)
+            deadline = self._deadline = Deadline(loop, self._timed_out)
+        deadline.set(loop.time() + self.timeout)
+        proto = self.proto
         try:
             if lines:
                 transport.write(b"\r\n".join(lines) + b"\r\n")
             for piece in payload:
                 transport.write(piece)
-                await self.proto.drain()
-            return [await self.proto.reply() for _ in lines or (b"",)]
+                if proto._paused or proto.closed:  # else drain() has nothing to do
+                    await proto.drain()
+            replies = []
+            for _ in lines or (b"",):  # proto.reply(), without two coroutines per reply
+                while (reply := proto.take()) is None:
+                    proto._waiter = waiter = loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        proto._waiter = None
+                replies.append(reply)
+            return replies
         except (OSError, NextHopError) as exc:
             self.abort()
             if self._expired:
@@ -376,7 +395,7 @@ class NextHop:
         if conn is None:
             raise NextHopError("no next-hop connection")
         try:
-            return await conn.command(rcpt_command(recipient))
+            return (await conn.send([rcpt_command(recipient)]))[0]
         except NextHopError:
             self.conn, self.in_transaction = None, False
             raise
@@ -390,12 +409,13 @@ class NextHop:
             raise NextHopError("no next-hop connection")
         self.in_transaction = False
         try:
-            replies = await conn.group([*map(rcpt_command, copy_to), b"DATA"])
+            lines = [*map(rcpt_command, copy_to), b"DATA"]
+            replies = await (conn.send(lines) if len(lines) == 1 else conn.group(lines))
             go = replies[-1]
             if go.code != 354:
                 self.release()  # still dirty: RSET before the next transaction
                 return replies[:-1], go
-            reply = await conn.stream(pieces)
+            reply = (await conn.send([], pieces))[0]
         except NextHopError:
             self.conn = None
             raise

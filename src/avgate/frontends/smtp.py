@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
 import logging
@@ -251,18 +252,13 @@ class FilterHandler:
     async def handle_EHLO(self, server: FilterSMTP, session: _AioSession, envelope: _AioEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        # we take no AUTH (aiosmtpd offers it after STARTTLS); advertise XFORWARD/XCLIENT
-        # instead, to the clients allowed to use them
-        out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
         settings = self.listener.current
         addr = peer_addr(session)
-        if settings.xforward and trusted(addr, settings.xforward_hosts):
-            out.insert(len(out) - 1, "250-XFORWARD " + " ".join(XFORWARD_ATTRS))
-        if trusted(addr, settings.xclient_hosts):
-            out.insert(len(out) - 1, "250-XCLIENT " + " ".join(XCLIENT_ATTRS))
+        reply = _ehlo_reply(tuple(responses),
+                            settings.xforward and trusted(addr, settings.xforward_hosts),
+                            trusted(addr, settings.xclient_hosts))
         await self.abort()
-        # one reply, one write (aiosmtpd pushes each list item on its own: a send() each)
-        return ["\r\n".join(out)]
+        return [reply]
 
     async def handle_MAIL(self, server: FilterSMTP, session: _AioSession,
                           envelope: _AioEnvelope, address: str, options: list[str]) -> str:
@@ -417,9 +413,10 @@ def _wire_pieces(spool: Spool, decision: Any, result: Any,
     head = b""
     if decision.headers:
         head = encoder.feed(add_headers(b"\r\n", decision.headers)[:-2])
-    if spool.in_memory:
+    if spool.in_memory:  # one piece, the message copied once more (into the join)
         data = strip.feed(spool.getvalue())
-        yield head + encoder.feed(data + strip.finish()) + encoder.finish()
+        tail = strip.finish()
+        yield b"".join((head, encoder.feed(data + tail if tail else data), encoder.finish()))
         return
     if head:
         yield head
@@ -427,6 +424,20 @@ def _wire_pieces(spool: Spool, decision: Any, result: Any,
         while chunk := f.read(RELAY_CHUNK):
             yield encoder.feed(strip.feed(chunk))
     yield encoder.feed(strip.finish()) + encoder.finish()
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo_reply(responses: tuple[str, ...], xforward: bool, xclient: bool) -> str:
+    """The EHLO reply from aiosmtpd's lines, as one string (aiosmtpd pushes each list item
+    on its own: a send() each). We take no AUTH (aiosmtpd offers it after STARTTLS);
+    XFORWARD/XCLIENT are advertised instead, to the clients allowed to use them. Cached: the
+    lines are the same for every session of a listener."""
+    out = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+    if xforward:
+        out.insert(len(out) - 1, "250-XFORWARD " + " ".join(XFORWARD_ATTRS))
+    if xclient:
+        out.insert(len(out) - 1, "250-XCLIENT " + " ".join(XCLIENT_ATTRS))
+    return "\r\n".join(out)
 
 
 def _client_reply(reply: Reply) -> str:

@@ -24,10 +24,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, AnyStr, ClassVar
 
 from aiosmtpd.smtp import (
+    ALLOWED_BEFORE_STARTTLS,
+    BOGUS_LIMIT,
     DATA_SIZE_DEFAULT,
+    TLSSetupException,
     _AuthMechAttr,
     login_always_fail,
     make_loop,
+    sanitized_log,
     syntax,
 )
 from aiosmtpd.smtp import SMTP as _AioSMTP
@@ -118,6 +122,7 @@ class _Tables:
     handler class): taken once from the first instance aiosmtpd built itself."""
 
     smtp: tuple[tuple[str, Callable[[Any, str], Awaitable[None]]], ...]  # verb, traced
+    plain: dict[str, Callable[[Any, str | None], Awaitable[None]]]  # verb: smtp_<verb>
     auth: tuple[tuple[str, str, bool], ...]  # mechanism, attribute, builtin (on the session)
     hooks: tuple[str, ...]  # the handler's handle_* attributes
     ehlo_hook_ver: str | None
@@ -131,6 +136,8 @@ class _Tables:
             auth.append((mech, name, impl.is_builtin))
         return cls(smtp=tuple((verb, _traced(verb, getattr(type(smtp), f"smtp_{verb}")))
                               for verb in smtp._smtp_methods),
+                   plain={verb: getattr(type(smtp), f"smtp_{verb}")
+                          for verb in smtp._smtp_methods},
                    auth=tuple(auth),
                    hooks=tuple(f"handle_{verb}" for verb in smtp._handle_hooks),
                    ehlo_hook_ver=smtp._ehlo_hook_ver)
@@ -153,6 +160,12 @@ class AiosmtpdAdapter(_AioSMTP):
       the first session of each kind, which aiosmtpd builds itself (:class:`_Tables`).
     * ``_getaddr`` has a fast path for a plain ``<dot-atom@domain>`` (aiosmtpd's builds a
       class and runs the RFC 5322 header parser per call); anything else goes to aiosmtpd's.
+    * ``_handle_client`` runs the adapter's command loop (:meth:`_command_loop`: aiosmtpd's,
+      without the PROXY handshake and call limits avgate never sets): aiosmtpd's per-line
+      log calls (a regex each to hide AUTH data) only when its logger is enabled, and the
+      command called without the trace wrapper when not tracing. ``push`` writes the reply
+      itself (:meth:`write_reply`) and calls ``StreamWriter.drain()`` only when it has
+      something to do (writing paused, connection lost, reader failed).
     * Hooks for the session: :meth:`admit` before the greeting, :meth:`session_closed`
       after the last command, :meth:`transaction_reset` whenever aiosmtpd starts a new
       envelope; :meth:`start_over` (RSET state), :meth:`end_transaction` (post-DATA state),
@@ -182,6 +195,7 @@ class AiosmtpdAdapter(_AioSMTP):
                 self._tables[key] = tables
         # every command through one wrapper: a debug line per command when level = debug
         self._smtp_methods = {verb: traced.__get__(self) for verb, traced in tables.smtp}
+        self._plain_methods = tables.plain  # the same, unwrapped: the loop's when not tracing
 
     def _init(self, handler: Any, tables: _Tables, *,
               data_size_limit: int | None = DATA_SIZE_DEFAULT, enable_SMTPUTF8: bool = False,
@@ -253,12 +267,28 @@ class AiosmtpdAdapter(_AioSMTP):
         return log if log is not None and log.debug_enabled else None
 
     async def push(self, status: AnyStr) -> None:
+        if self.write_reply(status):
+            await self._writer.drain()
+
+    def write_reply(self, status: AnyStr) -> bool:
+        """aiosmtpd's ``push`` up to its ``StreamWriter.drain()``, and whether that is needed:
+        drain() only waits while writing is paused, and raises when the connection is lost
+        or the reader failed (asyncio's FlowControlMixin flags, pinned by
+        ``test_aiosmtpd_adapter.py``); otherwise it is two coroutines for nothing."""
         log = self.tracing
         if log is not None:
             text = status if isinstance(status, str) else status.decode("utf-8", "replace")
             log.debug({"event": "smtp_reply", **self.trace_fields(),
                        "reply": text[:TRACE_TEXT]})
-        await super().push(status)
+        response = (status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")
+                    if isinstance(status, str) else status)
+        writer = self._writer
+        writer.write(response + b"\r\n")
+        if _aiosmtpd_log.isEnabledFor(logging.DEBUG):
+            assert self.session is not None
+            _aiosmtpd_log.debug("%r << %r", self.session.peer, response)
+        return bool(self._paused or self._connection_lost  # type: ignore[attr-defined]
+                    or writer.transport.is_closing() or self._reader.exception() is not None)
 
     # hooks and helpers for subclasses --------------------------------------------------------
     async def admit(self) -> bool:
@@ -301,9 +331,120 @@ class AiosmtpdAdapter(_AioSMTP):
                 self.transport.close()
             return
         try:
-            await super()._handle_client()
+            if self._proxy_timeout is None and not self._enforce_call_limit:
+                await self._command_loop()
+            else:  # PROXY protocol or call limits (avgate sets neither): aiosmtpd's own loop
+                await super()._handle_client()
         finally:
             self.session_closed()
+
+    async def _command_loop(self) -> None:
+        """aiosmtpd's ``_handle_client`` (1.4.6) without the PROXY handshake and call limits
+        (never set here), with two changes: its debug/info lines of each command line (a
+        regex each, to hide AUTH data) only when aiosmtpd's logger is enabled for them, and
+        the command called directly, not through the trace wrapper, when not tracing."""
+        reader = self._reader  # (STARTTLS keeps the reader, and starts a new session)
+        plain = self._plain_methods
+        _aiosmtpd_log.info("%r handling connection", getattr(self.session, "peer", None))
+        await self.push(f"220 {self.hostname} {self.__ident__}")
+        bogus_budget = BOGUS_LIMIT
+        while self.transport is not None:
+            try:
+                try:
+                    line: bytes = await reader.readuntil()
+                except asyncio.LimitOverrunError as error:
+                    # Line too long: read to its end, then answer 500.
+                    await reader.read(error.consumed)
+                    while True:
+                        try:
+                            await reader.readuntil()
+                            break
+                        except asyncio.LimitOverrunError as e:
+                            await reader.read(e.consumed)
+                    await self.push("500 Command line too long")
+                    continue
+                session = self.session  # (a new one if STARTTLS completed meanwhile)
+                assert session is not None
+                if _aiosmtpd_log.isEnabledFor(logging.DEBUG):
+                    sanitized_log(_aiosmtpd_log.debug, "_handle_client readline: %r", line)
+                line = line.rstrip(b"\r\n")
+                if _aiosmtpd_log.isEnabledFor(logging.INFO):
+                    sanitized_log(_aiosmtpd_log.info, "%r >> %r", session.peer, line)
+                if not line:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode(encoding="ascii")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                arg: str | None
+                if not arg_bytes:
+                    arg = None
+                else:
+                    arg_bytes = arg_bytes.strip()
+                    if self.enable_SMTPUTF8:
+                        arg = str(arg_bytes, encoding="utf-8", errors="surrogateescape")
+                    else:
+                        try:
+                            arg = str(arg_bytes, encoding="ascii", errors="strict")
+                        except UnicodeDecodeError:
+                            await self.push("500 Error: strict ASCII mode")
+                            continue
+                max_sz = (self.command_size_limits[command] if session.extended_smtp
+                          else self.command_size_limit)
+                if len(line) > max_sz:
+                    await self.push("500 Command line too long")
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 Command refused due to lack of security")
+                    continue
+                if (self.require_starttls and not self._tls_protocol
+                        and command not in ALLOWED_BEFORE_STARTTLS):
+                    await self.push("530 Must issue a STARTTLS command first")
+                    continue
+                method = self._smtp_methods.get(command)
+                if method is None:
+                    _aiosmtpd_log.warning("%r unrecognised: %s", session.peer, command)
+                    bogus_budget -= 1
+                    if bogus_budget < 1:
+                        _aiosmtpd_log.warning("%r too many bogus commands", session.peer)
+                        await self.push("502 5.5.1 Too many unrecognized commands, goodbye.")
+                        self.transport.close()
+                        continue
+                    await self.push(f'500 Error: command "{command}" not recognized')
+                    continue
+                self._reset_timeout()
+                self.tracing = self.debug_log()
+                if self.tracing is None:
+                    await plain[command](self, arg)
+                else:
+                    await method(arg)
+            except (asyncio.CancelledError, ConnectionResetError):
+                # the connection was lost (during DATA, or a reply's drain)
+                _aiosmtpd_log.info("%r Connection lost during _handle_client()",
+                                   getattr(self.session, "peer", None))
+                self._writer.close()
+                raise
+            except Exception as error:
+                status = None
+                try:
+                    status = await self.handle_exception(error)
+                except Exception as inner_error:
+                    try:
+                        _aiosmtpd_log.exception("%r Exception in handle_exception()",
+                                                getattr(self.session, "peer", None))
+                        status = (f"500 Error: ({inner_error.__class__.__name__}) "
+                                  f"{inner_error}")
+                    except Exception:
+                        status = "500 Error: Cannot describe error"
+                finally:
+                    if isinstance(error, TLSSetupException):
+                        self.transport.close()
+                        self.connection_lost(error)
+                    else:
+                        await self.push(status)  # type: ignore[type-var]
 
     def _set_post_data_state(self) -> None:
         super()._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -405,8 +546,11 @@ class FilterSMTP(AiosmtpdAdapter):
     async def push(self, status: AnyStr) -> None:
         """Every reply; error replies to commands are counted (``max_errors``)."""
         first = status[:1]
-        if self._count_errors and first in ("4", "5", b"4", b"5") and status[:3] not in (
-                "421", b"421"):
+        if first not in ("4", "5", b"4", b"5"):  # the adapter's push, one coroutine less
+            if self.write_reply(status):
+                await self._writer.drain()
+            return
+        if self._count_errors and status[:3] not in ("421", b"421"):
             self._errors += 1
             if self._errors > self.listener.current.max_errors:
                 log.warning("%s: %s: too many errors, closing", self.listener.name,

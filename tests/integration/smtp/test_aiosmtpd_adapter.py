@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiosmtpd
@@ -278,5 +281,124 @@ async def test_help_lists_the_commands(serve: Serve) -> None:
         reply = await c.cmd("HELP")
         assert reply.startswith("250 Supported commands:") and "MAIL" in reply.split()
         assert await c.cmd("HELP NOOP") == "250 Syntax: NOOP [ignored]"
+    finally:
+        await c.close()
+
+
+async def test_replies_drain_only_when_asyncio_says_so(serve: Serve) -> None:
+    """``write_reply`` skips ``StreamWriter.drain()`` unless it has something to do: it reads
+    asyncio's FlowControlMixin flags ``_paused`` (writing paused) and ``_connection_lost``
+    (an asyncio upgrade that renames them fails here), the transport's closing state and
+    the reader's exception."""
+    c = await RawClient.connect(await serve())
+    try:
+        [probe] = Probe.instances
+        assert probe._paused is False and probe._connection_lost is False
+        assert probe.write_reply("250 a") is False
+        probe._paused = True  # as pause_writing() leaves it
+        try:
+            assert probe.write_reply("250 b") is True
+        finally:
+            probe._paused = False
+        assert await c.reply() == "250 a" and await c.reply() == "250 b"
+        probe.pause_writing()
+        assert probe.write_reply("250 c") is True
+        probe.resume_writing()
+        assert await c.reply() == "250 c"
+    finally:
+        await c.close()
+    assert await async_wait_until(lambda: probe.closed, timeout=5)
+    assert probe._connection_lost is True
+    assert probe.write_reply("250 gone") is True  # drain() raises ConnectionResetError
+
+
+async def test_command_loop_keeps_aiosmtpds_answers(serve: Serve) -> None:
+    """The adapter's command loop (aiosmtpd's, without PROXY and call limits) answers bad
+    lines as aiosmtpd does: empty line, over-long line (read to its end first), a non-ASCII
+    verb, unknown verbs (five end the session), a command over its size limit."""
+    c = await RawClient.connect(await serve())
+    try:
+        assert await c.cmd("") == "500 Error: bad syntax"
+        assert await c.cmd(b"NOOP " + b"x" * 70_000 + b"\r\n") == "500 Command line too long"
+        assert await c.cmd("NOOP") == "250 OK"  # the rest of the long line was skipped
+        assert await c.cmd("NO\xe9P".encode("latin-1") + b"\r\n") == "500 Error: bad syntax"
+        assert await c.cmd("EHLO client.test") != ""
+        assert await c.cmd("NOOP " + "x" * 600) == "500 Command line too long"
+        for _ in range(4):
+            assert await c.cmd("BOGUS") == '500 Error: command "BOGUS" not recognized'
+        assert await c.cmd("BOGUS") == "502 5.5.1 Too many unrecognized commands, goodbye."
+        with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+            await c.reply(timeout=10)
+    finally:
+        await c.close()
+
+
+async def test_command_lines_logged_by_aiosmtpd_only_when_enabled(
+        serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    """aiosmtpd's own debug/info lines of each command line are written when its logger is
+    enabled for them (and AUTH data still hidden by its sanitizer), and skipped otherwise."""
+    port = await serve()
+    with caplog.at_level(logging.WARNING, logger="mail.log"):
+        c = await RawClient.connect(port)
+        try:
+            assert await c.cmd("NOOP quiet") == "250 OK"
+        finally:
+            await c.close()
+    assert not [r for r in caplog.records if "quiet" in r.getMessage()]
+    with caplog.at_level(logging.DEBUG, logger="mail.log"):
+        c = await RawClient.connect(port)
+        try:
+            assert await c.cmd("NOOP loud") == "250 OK"
+            await c.cmd("AUTH PLAIN c2VjcmV0")
+        finally:
+            await c.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "NOOP loud" in text and "readline" in text
+    assert "c2VjcmV0" not in text and "AUTH PLAIN ********" in text
+
+
+async def test_proxy_protocol_sessions_use_aiosmtpds_loop() -> None:
+    """A session with aiosmtpd's PROXY protocol or call limits (avgate sets neither) runs
+    aiosmtpd's own command loop, which handles them."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: Probe(hostname="probe.test", ident="probe", loop=loop,
+                      command_call_limit=2), "127.0.0.1", 0)
+    try:
+        c = await RawClient.connect(int(server.sockets[0].getsockname()[1]))
+        try:
+            assert await c.cmd("NOOP") == "250 OK"
+            assert await c.cmd("NOOP") == "250 OK"
+            assert await c.cmd("NOOP") == "421 4.7.0 NOOP sent too many times"
+        finally:
+            await c.close()
+    finally:
+        server.close()
+
+
+async def test_session_after_starttls_is_the_new_one(serve: Serve, tmp_path: Path) -> None:
+    """STARTTLS gives aiosmtpd a new session (not extended until EHLO again): the command
+    loop reads the session for each command, so MAIL's size limit is the plain 512 bytes
+    until the client says EHLO over TLS, then 512 + SIZE + SMTPUTF8 again."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    openssl = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+               "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=probe.test",
+               "-keyout", str(key), "-out", str(cert)]
+    await asyncio.to_thread(subprocess.run, openssl, check=True, capture_output=True,
+                            timeout=60)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    client_ctx.check_hostname = False
+    mail = "MAIL FROM:<" + "a" * 520 + "@b.example>"  # 542 bytes: over 512, within 548
+    c = await RawClient.connect(await serve(tls_context=server_ctx, data_size_limit=1000,
+                                            enable_SMTPUTF8=True))
+    try:
+        assert "STARTTLS" in await c.cmd("EHLO client.test")
+        assert (await c.cmd("STARTTLS")).startswith("220")
+        await c.writer.start_tls(client_ctx)
+        assert await c.cmd(mail) == "500 Command line too long"
+        assert (await c.cmd("EHLO client.test")).startswith("250")
+        assert (await c.cmd(mail)).startswith("250")
     finally:
         await c.close()
