@@ -96,3 +96,27 @@ def test_command_streams_round_trip_in_any_split(events: list[m.Packet], step: i
         while (ev := s.next_event()) is not None:
             got.append(ev)
     assert got == events
+
+
+@FUZZ
+@given(st.lists(commands, max_size=12), st.lists(st.integers(1, 80), min_size=1, max_size=8),
+       st.sampled_from([bytes, bytearray, memoryview]))
+def test_reads_of_any_size_and_buffer_type_give_the_events(
+        events: list[m.Packet], steps: list[int], kind: type) -> None:
+    """Reads of varying sizes (whole packets, several, a packet split across reads) as
+    bytes, bytearray or memoryview: the same events, and the caller may reuse its buffer."""
+    wire = b"".join(m.encode(e) for e in events)
+    s = m.MilterServer()
+    s.negotiated = m.OptNeg(6, 0, 0)
+    got = []
+    pos = i = 0
+    while pos < len(wire):
+        step = steps[i % len(steps)]
+        chunk = bytearray(wire[pos:pos + step])
+        s.receive_data(kind(chunk))
+        chunk[:] = b"\0" * len(chunk)  # reused by the caller before the events are read
+        while (ev := s.next_event()) is not None:
+            got.append(ev)
+        pos += step
+        i += 1
+    assert got == events and s.buffered == 0

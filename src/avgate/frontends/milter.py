@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -129,6 +130,7 @@ WANTED_MACROS: tuple[tuple[int, str], ...] = (
 )
 # Stages whose macros belong to one message (forgotten at end of message / abort).
 _MESSAGE_STAGES = (b"M", b"R", b"T", b"L", b"N", b"B", b"E")
+_CONNECTION_STAGES = frozenset((b"C", b"H"))
 # Newest first: a macro set at a later stage wins.
 _LOOKUP_ORDER = (b"E", b"B", b"N", b"L", b"T", b"R", b"M", b"H", b"C")
 
@@ -171,17 +173,18 @@ class MilterSession(asyncio.Protocol):
         self._admitted = False
         # connection state
         self.macros: dict[bytes, dict[str, str]] = {}
+        self._message_macros = False  # macros of a message stage are in self.macros
         self.connect: m.Connect | None = None
         self.helo = ""
+        self.spool: Spool | None = None
         self._reset_message()
 
     # message state -----------------------------------------------------------------------
     def _reset_message(self, keep_macros: bool = False) -> None:
-        spool = getattr(self, "spool", None)
-        if spool is not None:
-            spool.close()
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
         self.s = self.server.settings  # a reload applies from the next message
-        self.spool: Spool | None = None
         self.sender = ""
         self.recipients: list[str] = []
         self.headers: list[m.Header] = []
@@ -190,8 +193,9 @@ class MilterSession(asyncio.Protocol):
         self.in_body = False
         # a per-message limit was hit: the reply for end of message; nothing more is kept
         self.refused = ""
-        if keep_macros:
+        if keep_macros or not self._message_macros:
             return
+        self._message_macros = False
         for stage in _MESSAGE_STAGES:
             self.macros.pop(stage, None)
 
@@ -262,8 +266,9 @@ class MilterSession(asyncio.Protocol):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self._task is None or self._task.done():
-            self._reset_message()
+        if (self._task is None or self._task.done()) and self.spool is not None:
+            self.spool.close()  # (nothing else of the message matters any more)
+            self.spool = None
         # else: a scan in progress finishes (and is logged); its reply is dropped and the
         # MTA, which gave up on us, applies its milter_default_action.
         if self._admitted:
@@ -316,47 +321,51 @@ class MilterSession(asyncio.Protocol):
         """Handle every complete event; replies go out in one write."""
         out: list[bytes] = []
         codec = self.codec
+        next_event = codec.next_event
         glog = self.gateway.log
         trace = glog is not None and glog.debug_enabled
         try:
             while not self._busy and not self._closed:
-                event = codec.next_event()
+                # Any: dispatched on its exact type below (the codec makes no subclasses),
+                # which saves an isinstance call per test
+                event: Any = next_event()
                 if event is None:
                     break
                 if trace:
                     self._trace(event)
                 self._packet_start = None  # a whole packet: the next one has its own clock
                 # most frequent first: one packet per header, one per 64 KiB of body
-                if isinstance(event, m.Header):
+                kind = type(event)
+                if kind is m.Header:
                     self._header(event)
-                elif isinstance(event, m.Body):
+                elif kind is m.Body:
                     self._body(event.chunk)
-                elif isinstance(event, m.Macro):
+                elif kind is m.Macro:
                     self._macro(event)
-                elif isinstance(event, m.EndOfMessage):
+                elif kind is m.EndOfMessage:
                     self._end_of_message(event, out)
                     continue  # answered (or being scanned: the loop stops while busy)
-                elif isinstance(event, m.OptNeg):
-                    out.append(m.encode(codec.negotiate(
+                elif kind is m.OptNeg:
+                    out.append(_optneg_wire(codec.negotiate(
                         event, actions=WANTED_ACTIONS, protocol=WANTED_PROTOCOL,
                         macros=WANTED_MACROS)))
                     continue
-                elif isinstance(event, m.Mail):
+                elif kind is m.Mail:
                     self._reset_message(keep_macros=True)  # MAIL's macros came just before
                     self.sender = event.sender
-                elif isinstance(event, m.Rcpt):
+                elif kind is m.Rcpt:
                     self._rcpt(event)
-                elif isinstance(event, m.Connect):
+                elif kind is m.Connect:
                     self.connect = event
-                elif isinstance(event, m.Helo):
+                elif kind is m.Helo:
                     self.helo = event.name
-                elif isinstance(event, m.Abort):
+                elif kind is m.Abort:
                     self._reset_message()
-                elif isinstance(event, m.Quit):
+                elif kind is m.Quit:
                     self._flush(out)
                     self.close()
                     return
-                elif isinstance(event, m.QuitNewConnection):
+                elif kind is m.QuitNewConnection:
                     self._reset_message()
                     self.macros.clear()
                     self.connect = None
@@ -403,7 +412,10 @@ class MilterSession(asyncio.Protocol):
         out.clear()
 
     def _macro(self, event: m.Macro) -> None:
-        self.macros[event.stage] = {_macro_name(k): v for k, v in event.macros}
+        stage = event.stage
+        if stage not in _CONNECTION_STAGES:
+            self._message_macros = True
+        self.macros[stage] = {_macro_name(k): v for k, v in event.macros}
 
     def _refuse(self, reply: str, detail: str) -> None:
         """A per-message limit was hit: drop what we hold, answer ``reply`` at end of
@@ -551,7 +563,9 @@ class MilterSession(asyncio.Protocol):
                                     own_headers=gateway.policy.own_header_names())
             # the scan log records what the responses do, then each modification
             gateway.log_outcome(outcome, actions=applied.actions, reply=applied.reply or None)
-            for level, fields in audit_events(applied.responses):
+            glog = gateway.log
+            debug = glog is not None and glog.debug_enabled
+            for level, fields in audit_events(applied.responses, debug=debug):
                 self._audit(fields.pop("action"), level=level, ids=ids,
                             refid=outcome.refid, **fields)
             return applied.responses, applied.hold, outcome
@@ -603,6 +617,12 @@ class MilterSession(asyncio.Protocol):
 
 
 _CONTINUE = m.encode(m.Continue())
+
+
+@functools.lru_cache(maxsize=64)
+def _optneg_wire(reply: m.OptNeg) -> bytes:
+    """Our OPTNEG reply's bytes: the same few offers come on every connection."""
+    return m.encode(reply)
 
 
 class MilterListener:

@@ -76,12 +76,16 @@ class Applied:
     hold: bool = False
 
 
-def audit_events(responses: Iterable[m.Response]) -> list[tuple[str, dict[str, Any]]]:
-    """(level, event fields) of each modification in ``responses``, for the scan log."""
+def audit_events(responses: Iterable[m.Response], *, debug: bool = True
+                 ) -> list[tuple[str, dict[str, Any]]]:
+    """(level, event fields) of each modification in ``responses``, for the scan log;
+    ``debug=False`` leaves out the debug-level ones (not written: not built either)."""
     out: list[tuple[str, dict[str, Any]]] = []
 
     def add(action: str, **fields: Any) -> None:
-        out.append((AUDIT_LEVELS[action], {"action": action, **fields}))
+        level = AUDIT_LEVELS[action]
+        if debug or level != "debug":
+            out.append((level, {"action": action, **fields}))
 
     body = 0
     for r in responses:
@@ -105,9 +109,17 @@ def audit_events(responses: Iterable[m.Response]) -> list[tuple[str, dict[str, A
     return out
 
 
-def _count(headers: Iterable[m.Header], name: str) -> int:
-    lname = name.lower().encode("utf-8", "surrogateescape")
-    return sum(h.name.lower() == lname for h in headers)
+def _name_counts(headers: Iterable[m.Header]) -> dict[bytes, int]:
+    """How many headers of each name (ASCII lower case, as the MTA compares) there are."""
+    counts: dict[bytes, int] = {}
+    for h in headers:
+        name = h.name.lower()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _count(counts: dict[bytes, int], name: str) -> int:
+    return counts.get(name.lower().encode("utf-8", "surrogateescape"), 0)
 
 
 def _header_ops(view: MessageView, decision_headers: tuple[tuple[str, str], ...],
@@ -121,6 +133,7 @@ def _header_ops(view: MessageView, decision_headers: tuple[tuple[str, str], ...]
     lead = " " if view.leadspc else ""
     can_add = bool(actions & m.SMFIF_ADDHDRS)
     can_change = bool(actions & m.SMFIF_CHGHDRS)
+    counts = _name_counts(view.headers) if can_change else {}
     if can_change and own:
         ours = {name.lower() for name, _ in decision_headers}
         forged: dict[str, str] = {}  # lower-cased name → the name as it came in
@@ -130,10 +143,9 @@ def _header_ops(view: MessageView, decision_headers: tuple[tuple[str, str], ...]
                 forged.setdefault(name.lower(), name)
         for name in forged.values():
             # highest index first, so the remaining indexes stay valid
-            ops.extend(m.ChangeHeader(i, name, "")
-                       for i in range(_count(view.headers, name), 0, -1))
+            ops.extend(m.ChangeHeader(i, name, "") for i in range(_count(counts, name), 0, -1))
     for name, value in decision_headers:
-        n = _count(view.headers, name) if can_change else 0
+        n = _count(counts, name)
         if n:
             # clamav-milter style: our verdict replaces what came in (a sender must not be
             # able to pre-set "X-Virus-Status: Clean"); extra copies are deleted, highest

@@ -61,6 +61,7 @@ Text is decoded as UTF-8 with ``surrogateescape``, so every byte string round-tr
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -137,11 +138,13 @@ def _b(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def _cstrings(payload: bytes, what: str) -> list[bytes]:
-    """NUL-terminated strings; the payload must end in NUL (an unterminated one is truncated)."""
-    if not payload.endswith(b"\0"):
+def _cstrings(payload: bytes, what: str) -> list[str]:
+    """NUL-terminated strings, decoded; the payload must end in NUL (an unterminated one is
+    truncated). Decoded at once, then split: NUL is never part of a UTF-8 sequence, so this
+    is the same as decoding each string, with one decode per packet."""
+    if payload[-1:] != b"\0":
         raise _err(f"{what}: string not NUL-terminated")
-    return payload[:-1].split(b"\0")
+    return payload[:-1].decode("utf-8", "surrogateescape").split("\0")
 
 
 def _nostr(s: str, what: str) -> bytes:
@@ -565,8 +568,7 @@ def _d_macro(p: bytes) -> Macro:
     items = _cstrings(rest, "MACRO")
     if len(items) % 2:
         raise _err("MACRO: name without value")
-    return Macro(stage, tuple((_s(items[i]), _s(items[i + 1]))
-                              for i in range(0, len(items), 2)))
+    return Macro(stage, tuple(zip(items[::2], items[1::2], strict=True)))
 
 
 def _d_connect(p: bytes) -> Connect:
@@ -592,11 +594,11 @@ def _one_string(p: bytes, what: str) -> str:
     items = _cstrings(p, what)
     if len(items) != 1:
         raise _err(f"{what}: expected one string, got {len(items)}")
-    return _s(items[0])
+    return items[0]
 
 
 def _d_args(p: bytes, what: str) -> tuple[str, ...]:
-    return tuple(_s(x) for x in _cstrings(p, what))
+    return tuple(_cstrings(p, what))
 
 
 def _d_header(p: bytes) -> Header:
@@ -621,10 +623,10 @@ def _empty(cls: Callable[[], Packet], name: str) -> Callable[[bytes], Packet]:
 def _d_two(p: bytes, what: str, optional_second: bool = False) -> tuple[str, str]:
     items = _cstrings(p, what)
     if len(items) == 1 and optional_second:
-        return _s(items[0]), ""
+        return items[0], ""
     if len(items) != 2:
         raise _err(f"{what}: expected 2 strings, got {len(items)}")
-    return _s(items[0]), _s(items[1])
+    return items[0], items[1]
 
 
 def _d_indexed(p: bytes, what: str) -> tuple[int, str, str]:
@@ -685,7 +687,12 @@ RESPONSES: Final[dict[int, Decoder]] = {
 
 
 class PacketReader:
-    """Splits a byte stream into packets and decodes them with a command table."""
+    """Splits a byte stream into packets and decodes them with a command table.
+
+    The buffer is the received ``bytes`` object itself while it holds only whole packets
+    (the usual case: an MTA writes whole packets), so a payload is one slice of what was
+    read; only a packet split across reads is gathered in a ``bytearray``.
+    """
 
     def __init__(self, table: dict[int, Decoder], *, max_packet: int = DEFAULT_MAX_PACKET,
                  side: str = "packet") -> None:
@@ -694,7 +701,7 @@ class PacketReader:
         self._table = table
         self._max = max_packet
         self._side = side
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
         self._error: ProtocolError | None = None
@@ -711,14 +718,19 @@ class PacketReader:
             return
         if self._eof:
             raise RuntimeError("receive_data after end of stream")
-        if self._pos and self._pos == len(self._buf):
-            # everything consumed: start over instead of growing the buffer forever
-            self._buf.clear()
+        buf = self._buf
+        pos = self._pos
+        if pos == len(buf):  # everything consumed: the new bytes are the buffer
+            self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
-        elif self._pos > 65536:
-            del self._buf[:self._pos]
+        elif isinstance(buf, bytes):  # a partial packet: gather it and what follows
+            self._buf = bytearray(buf[pos:] if pos else buf) + data
             self._pos = 0
-        self._buf += data
+        else:
+            if pos > 65536:  # do not grow the buffer forever
+                del buf[:pos]
+                self._pos = 0
+            buf += data
 
     def next_event(self) -> Packet | None:
         """The next decoded packet, or None when more data is needed.
@@ -739,17 +751,21 @@ class PacketReader:
             raise self._fail("zero-length packet")
         if length > self._max:
             raise self._fail(f"packet of {length} bytes is over the limit of {self._max}")
-        if avail < 4 + length:
+        end = pos + 4 + length
+        if end > len(buf):
             if self._eof:
                 raise self._fail(f"connection closed after {avail - 4} of {length} bytes "
                                  "of a packet")
             return None
         code = buf[pos + 4]
-        # one copy out of the buffer (a bytearray slice then bytes() would be two); the
-        # view is released before the buffer can be resized again
-        with memoryview(buf) as view:
-            payload = bytes(view[pos + 5:pos + 4 + length])
-        self._pos = pos + 4 + length
+        if type(buf) is bytes:
+            payload = buf[pos + 5:end]
+        else:
+            # one copy out of the buffer (a bytearray slice then bytes() would be two); the
+            # view is released before the buffer can be resized again
+            with memoryview(buf) as view:
+                payload = bytes(view[pos + 5:end])
+        self._pos = end
         decoder = self._table.get(code)
         if decoder is None:
             raise self._fail(f"unknown {self._side} {chr(code)!r} (0x{code:02x})")
@@ -772,6 +788,15 @@ _NO_REPLY_FLAG: Final[dict[type, int]] = {
     EndOfHeaders: SMFIP_NR_EOH, Body: SMFIP_NR_BODY,
 }
 _NEVER_REPLY: Final = (Macro, Abort, Quit, QuitNewConnection)
+_COMMAND_TYPES: Final = (OptNeg, Macro, Connect, Helo, Mail, Rcpt, Data, Header, EndOfHeaders,
+                         Body, EndOfMessage, Abort, Quit, QuitNewConnection, Unknown)
+
+
+@functools.lru_cache(maxsize=64)
+def _replied(protocol: int) -> frozenset[type]:
+    """The command types a filter answers under the negotiated ``protocol`` flags."""
+    return frozenset(t for t in _COMMAND_TYPES if t not in _NEVER_REPLY
+                     and not protocol & _NO_REPLY_FLAG.get(t, 0))
 
 
 class MilterServer:
@@ -782,15 +807,22 @@ class MilterServer:
 
     def __init__(self, *, max_packet: int = DEFAULT_MAX_PACKET) -> None:
         self._reader = PacketReader(COMMANDS, max_packet=max_packet, side="command")
-        self.negotiated: OptNeg | None = None
+        self._negotiated: OptNeg | None = None
+        self.actions = 0  #: the negotiated SMFIF_* actions (0 before OPTNEG)
+        self.protocol = 0  #: the negotiated SMFIP_* protocol flags (0 before OPTNEG)
+        self._replied = _replied(0)
 
     @property
-    def actions(self) -> int:
-        return self.negotiated.actions if self.negotiated else 0
+    def negotiated(self) -> OptNeg | None:
+        """Our OPTNEG reply (what was negotiated), None before option negotiation."""
+        return self._negotiated
 
-    @property
-    def protocol(self) -> int:
-        return self.negotiated.protocol if self.negotiated else 0
+    @negotiated.setter
+    def negotiated(self, reply: OptNeg | None) -> None:
+        self._negotiated = reply
+        self.actions = reply.actions if reply else 0
+        self.protocol = reply.protocol if reply else 0
+        self._replied = _replied(self.protocol)
 
     @property
     def buffered(self) -> int:
@@ -801,7 +833,7 @@ class MilterServer:
 
     def next_event(self) -> Command | None:
         event = self._reader.next_event()
-        if event is not None and self.negotiated is None and type(event) is not OptNeg:
+        if self._negotiated is None and event is not None and type(event) is not OptNeg:
             raise self._reader._fail(
                 f"{type(event).__name__} before option negotiation")
         return event  # type: ignore[return-value]  # the command table yields Commands
@@ -825,10 +857,7 @@ class MilterServer:
 
     def needs_reply(self, event: Command) -> bool:
         """Whether the MTA waits for a reply to ``event`` (OPTNEG and EOM always do)."""
-        flag = _NO_REPLY_FLAG.get(type(event))
-        if flag is not None:
-            return not self.protocol & flag
-        return not isinstance(event, _NEVER_REPLY)
+        return type(event) in self._replied
 
     def send(self, response: Response) -> bytes:
         return encode(response)

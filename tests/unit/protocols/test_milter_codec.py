@@ -149,6 +149,48 @@ def test_body_packet_then_part_of_the_next_then_more_data() -> None:
     assert s.next_event() == m.Body(chunk) and s.buffered == 0
 
 
+def test_buffer_taken_over_from_bytearray_and_memoryview_is_a_copy() -> None:
+    """Whole packets from a bytes read are sliced from it directly; any other buffer type is
+    copied first, so the caller reusing its buffer cannot change events not yet returned."""
+    wire = bytearray(pkt(b"L", b"Subject\0hi\0") + pkt(b"B", b"body"))
+    s = server()
+    s.receive_data(wire)
+    wire[:] = b"\xff" * len(wire)  # the caller reuses its buffer
+    view = memoryview(bytearray(pkt(b"B", b"more") + pkt(b"L", b"To\0x\0")[:6]))
+    assert s.next_event() == m.Header(b"Subject", b"hi")
+    s.receive_data(view)  # a partial packet after unread ones: gathered in a bytearray
+    view[:] = b"\xff" * len(view)
+    got = [s.next_event(), s.next_event(), s.next_event()]
+    assert got == [m.Body(b"body"), m.Body(b"more"), None]
+    assert all(type(e.chunk) is bytes for e in got[:2])  # type: ignore[union-attr]
+    s.receive_data(pkt(b"L", b"To\0x\0")[6:])
+    assert s.next_event() == m.Header(b"To", b"x") and s.buffered == 0
+    s.receive_data(pkt(b"E"))  # everything was consumed: the next read is the buffer
+    assert s.next_event() == m.EndOfMessage() and s.next_event() is None
+
+
+def test_needs_reply_follows_negotiated_however_it_is_set() -> None:
+    s = m.MilterServer()
+    assert s.needs_reply(m.Header(b"a", b"b")) and s.actions == 0 and s.protocol == 0
+    s.negotiated = m.OptNeg(6, m.SMFIF_ADDHDRS, m.SMFIP_NR_HDR | m.SMFIP_NR_BODY)
+    assert (s.actions, s.protocol) == (m.SMFIF_ADDHDRS, m.SMFIP_NR_HDR | m.SMFIP_NR_BODY)
+    assert not s.needs_reply(m.Header(b"a", b"b")) and not s.needs_reply(m.Body(b"x"))
+    assert s.needs_reply(m.Rcpt(("<x>",))) and s.needs_reply(m.EndOfMessage())
+    s.negotiated = None
+    assert s.needs_reply(m.Body(b"x")) and s.protocol == 0
+
+
+def test_strings_of_a_packet_decode_like_each_string_alone() -> None:
+    """One decode per packet, then split at NUL: invalid UTF-8 next to a NUL is escaped
+    exactly as when each string is decoded by itself (NUL is never inside a sequence)."""
+    raw = [b"<\xc3@x>", b"\xe2\x82", b"SIZE=\xff1", b""]
+    s = server()
+    s.receive_data(pkt(b"M", b"\0".join(raw) + b"\0"))
+    ev = s.next_event()
+    assert isinstance(ev, m.Mail)
+    assert ev.args == tuple(r.decode("utf-8", "surrogateescape") for r in raw)
+
+
 def test_envelope_helpers() -> None:
     assert m.Mail(("<a@b>", "SIZE=1")).sender == "a@b"
     assert m.Mail(("<>",)).sender == ""
