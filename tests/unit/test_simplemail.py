@@ -134,6 +134,8 @@ def test_text_and_attachments_are_decoded_with_names_and_types() -> None:
     multipart([([b"Content-Type: text/plain"], b"begin 644 a.exe\r\n#0V%T\r\n`\r\nend")]),
     # what makes the decomposer read the message a second way
     multipart([TEXT]).replace(b'boundary="=_b1234"', b'boundary="x"; boundary="=_b1234"'),
+    # (a plain mail too: the decomposer reads its body as a multipart on the last boundary)
+    b"From: a@b\nSubject: x\n\nhello\nContent-Type: text/plain; boundary=a; boundary=b\nbye\n",
     multipart([([b"Content-Type: text/plain"], b"Content-Type : text/plain")]),
     multipart([([b"Content-Type: text/plain"],
                 b"Content-Type: message/partial; id=1; number=1")]),

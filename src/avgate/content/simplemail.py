@@ -90,14 +90,14 @@ def simple_mail_parts(data: bytes, limits: Limits, name: str = "") -> tuple[Part
     fields = _header_fields(data[:end], eol, folding=False)
     if fields is None:
         return None
+    if _two_boundary_params(data):  # nested, or read a second way (on the last boundary)
+        return None
     body = end + 2 * len(eol)
     if not any(field == b"content-type" and b"multipart/" in value.lower()
                for field, value in fields):
         found = _plain(fields, data[body:])
-    elif not _two_boundary_params(data):  # (else nested, or a second reading: the last one)
-        found = _multipart(data, fields, body, eol)
     else:
-        return None
+        found = _multipart(data, fields, body, eol)
     if found is None or not _admitted(data, found, limits):
         return None
     if name:
