@@ -194,7 +194,7 @@ class HeaderFilter:
 
     def __init__(self, names: Iterable[str]) -> None:
         # the same frozenset for every message (Policy.own_header_names): normalised once
-        wanted = _wanted_names(names if isinstance(names, frozenset) else frozenset(names))
+        wanted = _wanted_names(frozenset(names))
         self._needles = tuple(wanted)
         patterns = _name_patterns(wanted) if wanted else None
         self._field: re.Pattern[bytes] | None = patterns[0] if patterns else None

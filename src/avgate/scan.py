@@ -130,8 +130,6 @@ class ScanService:
         self.banned = banned  # the banned-type check (avgate.banned), run when a ctx is given
         self._started = False
         self._inflight: dict[tuple[str, str], asyncio.Future[ScanResult]] = {}
-        #: the engines and their db_version() answers seen last, their db_versions() string
-        self._versions: tuple[list[BaseEngine], list[str], str] = ([], [], "")
 
     @classmethod
     def from_config(cls, config: Config) -> ScanService:
@@ -181,19 +179,9 @@ class ScanService:
         return Spool(memory_limit=self.spool_memory, directory=self.spool_dir)
 
     def db_versions(self) -> str:
-        """All engines' DB versions in one string: the cache key's second half, the ICAP ISTag.
-
-        Every engine is asked each time (a network engine's ``db_version`` is what starts its
-        background VERSION/OPTIONS refresh, and it changes at once after a reply it could not
-        parse); the joined string is remembered, so an unchanged answer costs no
-        formatting (ICAP asks per request for its ISTag)."""
-        engines = self.engines
-        versions = [e.db_version() for e in engines]
-        known = self._versions
-        if versions != known[1] or engines != known[0]:
-            known = self._versions = (list(engines), versions, "|".join(
-                f"{e.name}={v}" for e, v in zip(engines, versions, strict=True)))
-        return known[2]
+        """All engines' DB versions in one string: the cache key's second half, the ICAP ISTag
+        (the ICAP front-end remembers the ISTag built from it)."""
+        return "|".join(f"{e.name}={e.db_version()}" for e in self.engines)
 
     async def health(self) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(e.health() for e in self.engines)))

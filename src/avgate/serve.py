@@ -65,14 +65,15 @@ from .config import Config
 from .errors import AvgateError, ConfigError
 from .frontends.listen import Address, ListenError, ListenOptions
 from .gateway import Gateway, Outcome
-from .policy import Context, Policy
-from .scan import ScanService
+from .policy import Context
 from .settings import Section
 from .spool import Spool
 
 if TYPE_CHECKING:
     from .observability import ScanLog
+    from .policy import Policy
     from .quarantine import Store
+    from .scan import ScanService
 
 FRONTENDS: dict[str, str] = {
     "smtp": "avgate.frontends.smtp:start",

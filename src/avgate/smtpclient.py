@@ -395,7 +395,7 @@ class NextHop:
         if conn is None:
             raise NextHopError("no next-hop connection")
         try:
-            return (await conn.send([rcpt_command(recipient)]))[0]
+            return await conn.command(rcpt_command(recipient))
         except NextHopError:
             self.conn, self.in_transaction = None, False
             raise
@@ -410,7 +410,7 @@ class NextHop:
         self.in_transaction = False
         try:
             lines = [*map(rcpt_command, copy_to), b"DATA"]
-            replies = await (conn.send(lines) if len(lines) == 1 else conn.group(lines))
+            replies = await conn.group(lines)
             go = replies[-1]
             if go.code != 354:
                 self.release()  # still dirty: RSET before the next transaction

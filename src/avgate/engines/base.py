@@ -120,7 +120,7 @@ class BaseEngine(abc.ABC):
         scan's result)."""
         version = self.version()
         info = self._info
-        if info is None or info.version != version or info.name != self.name:
+        if info is None or info.version != version:
             info = self._info = EngineInfo(self.name, version)
         return info
 

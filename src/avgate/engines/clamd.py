@@ -298,9 +298,10 @@ class Session:
         handle on the wait, no ``asyncio.Timeout`` per scan); a lost or closed connection is
         a protocol error."""
         loop = self.loop
-        if not self._watched:
+        if not self._watched:  # (unwatched by the reply arriving while the request was sent)
             loop.add_reader(self.sock.fileno(), self._readable)
             self._watched = True
+            self.dead = False  # a close or garbage shows in the recv below, not in `dead`
         while True:
             self._waiter = waiter = loop.create_future()
             timer = loop.call_at(when, _expire, waiter)
@@ -775,9 +776,9 @@ class ClamdEngine(UpstreamEngine[ClamdServer]):
         size = spool.size
         chunk_size = self.settings.stream_chunk_size
         if size <= chunk_size:
-            # the common case (mail parts): one send() for command, data and terminator
+            # the common case (mail parts): one sendmsg() of command, data and terminator
             head = _INSTREAM + proto.chunk_header(size) if size else _INSTREAM
-            await loop.sock_sendall(sock, head + spool.getbuffer() + proto.INSTREAM_END)
+            await _send_parts(sock, [head, spool.getbuffer(), proto.INSTREAM_END], None)
             return
         head = _INSTREAM
         sent = 0

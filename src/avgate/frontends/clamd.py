@@ -291,7 +291,11 @@ class ClamdListener:
         if self.unix_path is not None:
             peer, client = "local", None  # the peer's uid: asked when a limit needs it
         else:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # reset before it was admitted
+                sock.close()
+                return
             peer, client = f"{addr[0]}:{addr[1]}", str(addr[0])
         conn = Conn(sock, self.unix_path is not None, peer, client, self.settings())
         self._conns.add(conn)
@@ -504,7 +508,8 @@ class ClamdListener:
     async def _fildes(self, conn: Conn, parser: proto.ServerParser) -> list[str]:
         if not conn.unix:
             return [proto.error_reply("FILDES: only on the unix socket")]
-        if not conn.fds and conn.readable is not None:
+        assert conn.readable is not None  # (set by _serve)
+        if not conn.fds:
             # the descriptor may arrive just after the command: read (and buffer) until then
             deadline = asyncio.get_running_loop().time() + conn.settings.idle_timeout
             while not conn.fds and not conn.dropped:

@@ -257,7 +257,8 @@ class _Conn(asyncio.Protocol):
         self.s = server.settings
         self.gateway = server.gateway
         # the server's loop: asyncio.get_running_loop() costs a getpid() system call
-        self.loop = server._loop or asyncio.get_running_loop()
+        assert server._loop is not None  # (connections exist only after start())
+        self.loop = server._loop
         self.parser = proto.IcapParser("server", max_header_size=self.s.max_header_size)
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
@@ -582,7 +583,7 @@ class _Conn(asyncio.Protocol):
         if (req.method != "RESPMOD" or not req.has_body or settings.mode == "off"
                 or allow_204):
             return None
-        gate = Gate(settings, declared, asyncio.get_running_loop().time())
+        gate = Gate(settings, declared, self.loop.time())
         return gate if gate.active else None
 
     async def _trickle(self, req: proto.Request, body: _Body, gate: Gate, claimed: str,
@@ -597,7 +598,7 @@ class _Conn(asyncio.Protocol):
         ends before anything could leave gets the usual answer after the verdict (a block
         page when infected). False when the connection must be closed.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         window = None if gate.mode == "keep_back" else self.s.trickle.limit
         relay = Relay(self.gateway.new_spool(), window)
         stream = _Stream(req, relay)
@@ -692,7 +693,7 @@ class _Conn(asyncio.Protocol):
         """Scan; meanwhile go on trickling. No verdict within ``patience``: an error result
         that the policy decides on (by default tempfail: a 503 page, or the transfer is cut
         when the answer has begun)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         spool = stream.relay.spool
         ctx = Context(frontend="icap", listener="icap", client_addr=self.client,
                       size=spool.size)

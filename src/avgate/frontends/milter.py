@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -130,7 +129,6 @@ WANTED_MACROS: tuple[tuple[int, str], ...] = (
 )
 # Stages whose macros belong to one message (forgotten at end of message / abort).
 _MESSAGE_STAGES = (b"M", b"R", b"T", b"L", b"N", b"B", b"E")
-_CONNECTION_STAGES = frozenset((b"C", b"H"))
 # Newest first: a macro set at a later stage wins.
 _LOOKUP_ORDER = (b"E", b"B", b"N", b"L", b"T", b"R", b"M", b"H", b"C")
 
@@ -173,7 +171,6 @@ class MilterSession(asyncio.Protocol):
         self._admitted = False
         # connection state
         self.macros: dict[bytes, dict[str, str]] = {}
-        self._message_macros = False  # macros of a message stage are in self.macros
         self.connect: m.Connect | None = None
         self.helo = ""
         self.spool: Spool | None = None
@@ -193,9 +190,8 @@ class MilterSession(asyncio.Protocol):
         self.in_body = False
         # a per-message limit was hit: the reply for end of message; nothing more is kept
         self.refused = ""
-        if keep_macros or not self._message_macros:
+        if keep_macros:
             return
-        self._message_macros = False
         for stage in _MESSAGE_STAGES:
             self.macros.pop(stage, None)
 
@@ -346,7 +342,7 @@ class MilterSession(asyncio.Protocol):
                     self._end_of_message(event, out)
                     continue  # answered (or being scanned: the loop stops while busy)
                 elif kind is m.OptNeg:
-                    out.append(_optneg_wire(codec.negotiate(
+                    out.append(m.encode(codec.negotiate(
                         event, actions=WANTED_ACTIONS, protocol=WANTED_PROTOCOL,
                         macros=WANTED_MACROS)))
                     continue
@@ -412,10 +408,7 @@ class MilterSession(asyncio.Protocol):
         out.clear()
 
     def _macro(self, event: m.Macro) -> None:
-        stage = event.stage
-        if stage not in _CONNECTION_STAGES:
-            self._message_macros = True
-        self.macros[stage] = {_macro_name(k): v for k, v in event.macros}
+        self.macros[event.stage] = {_macro_name(k): v for k, v in event.macros}
 
     def _refuse(self, reply: str, detail: str) -> None:
         """A per-message limit was hit: drop what we hold, answer ``reply`` at end of
@@ -617,12 +610,6 @@ class MilterSession(asyncio.Protocol):
 
 
 _CONTINUE = m.encode(m.Continue())
-
-
-@functools.lru_cache(maxsize=64)
-def _optneg_wire(reply: m.OptNeg) -> bytes:
-    """Our OPTNEG reply's bytes: the same few offers come on every connection."""
-    return m.encode(reply)
 
 
 class MilterListener:

@@ -112,14 +112,9 @@ class Headers:
 _WS: Final = " \t\n\r\x0b\x0c"
 
 
-def parse_header_lines(lines: Sequence[bytes]) -> Headers:
-    """Header field lines (no start line, no empty line) into :class:`Headers`."""
-    return _parse_header_text([line.decode("latin-1") for line in lines])
-
-
-def _parse_header_text(lines: Sequence[str]) -> Headers:
-    """:func:`parse_header_lines` on lines already decoded as latin-1 (one decode per
-    header block instead of two per line)."""
+def parse_header_lines(lines: Sequence[str]) -> Headers:
+    """Header field lines (no start line, no empty line), decoded as latin-1 (one decode
+    per header block), into :class:`Headers`."""
     items: list[tuple[str, str]] = []
     ws = _WS
     for line in lines:
@@ -163,7 +158,7 @@ class HttpHead:
             lines.pop()
         if not lines or not lines[0]:
             raise IcapProtocolError("empty encapsulated HTTP header")
-        return cls(lines[0], _parse_header_text(lines[1:]))
+        return cls(lines[0], parse_header_lines(lines[1:]))
 
     @property
     def status(self) -> int:
@@ -330,6 +325,11 @@ def parse_encapsulated(value: str) -> tuple[list[tuple[bytes, int]], BodyKind]:
 _HEAD, _ENCAP, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _AWAIT, _ERROR = range(8)
 
 
+
+def _shown(line: str) -> str:
+    """A start line in an error message: its first 60 characters, as the bytes sent."""
+    return repr(line[:60].encode("latin-1"))
+
 class IcapParser:
     """Incremental parser of ICAP requests (``role="server"``) or responses (``"client"``)."""
 
@@ -443,21 +443,20 @@ class IcapParser:
             raise IcapProtocolError(f"ICAP header larger than {self.max_header_size} bytes")
         lines = buf[:end].decode("latin-1").split("\r\n")
         del buf[:end + 4]
-        return self._start(lines[0], _parse_header_text(lines[1:]))
+        return self._start(lines[0], parse_header_lines(lines[1:]))
 
     def _start(self, text: str, headers: Headers) -> Event | NeedData:
         """The start line (decoded as latin-1 with its header block) and the headers."""
-        line = text.encode("latin-1")  # (error messages show it as bytes)
         parts = text.split(" ", 2)
         if len(parts) < 2:
-            raise IcapProtocolError(f"malformed start line {line[:60]!r}")
+            raise IcapProtocolError(f"malformed start line {_shown(text)}")
         encap = headers.get("encapsulated")
         if self.role == "server":
             if len(parts) != 3:
-                raise IcapProtocolError(f"malformed request line {line[:60]!r}")
+                raise IcapProtocolError(f"malformed request line {_shown(text)}")
             method, uri, version = parts
             if not version.startswith("ICAP/"):
-                raise IcapProtocolError(f"not an ICAP request line {line[:60]!r}")
+                raise IcapProtocolError(f"not an ICAP request line {_shown(text)}")
             if version != "ICAP/1.0":
                 raise IcapProtocolError(f"unsupported version {version!r}", status=505)
             if not encap and method != "OPTIONS":
@@ -477,7 +476,7 @@ class IcapParser:
             code = parts[1]
             if not version.startswith("ICAP/") or not (code.isascii() and code.isdigit()) \
                     or len(code) != 3:
-                raise IcapProtocolError(f"malformed status line {line[:60]!r}")
+                raise IcapProtocolError(f"malformed status line {_shown(text)}")
             reason = parts[2] if len(parts) > 2 else ""
             status = int(code)
             self._head = Response(status, reason, headers, version=version)
@@ -539,28 +538,21 @@ class IcapParser:
             return self._need("in chunked body")
         line = bytes(buf[:end])
         del buf[:end + 2]
-        if 0 < end <= 16 and not line.translate(None, _HEX_DIGITS):
-            # the usual line: hex digits alone
-            size = int(line, 16)
-            if size:
-                self._remaining = size
-                self._state = _CHUNK_DATA
-                return self._chunk_data()
-            self._state = _TRAILER
-            self._ieof = False
-            self._trailer_len = 0
-            return self._trailer()
-        size_part, _, ext = line.partition(b";")
-        size_part = size_part.strip()
-        try:
-            if not size_part or len(size_part) > 16:
-                raise ValueError
-            size = int(size_part, 16)
-            if size_part[:1] in (b"+", b"-") or b"_" in size_part or size_part[:2].lower() == b"0x":
-                raise ValueError
-        except ValueError:
-            raise IcapProtocolError(f"malformed chunk size {line[:40]!r}") from None
-        ieof = ext.strip().lower() == b"ieof"
+        if 0 < end <= 16 and not line.translate(None, _HEX_DIGITS):  # the usual: hex alone
+            size, ieof = int(line, 16), False
+        else:
+            size_part, _, ext = line.partition(b";")
+            size_part = size_part.strip()
+            try:
+                if not size_part or len(size_part) > 16:
+                    raise ValueError
+                size = int(size_part, 16)
+                if (size_part[:1] in (b"+", b"-") or b"_" in size_part
+                        or size_part[:2].lower() == b"0x"):
+                    raise ValueError
+            except ValueError:
+                raise IcapProtocolError(f"malformed chunk size {line[:40]!r}") from None
+            ieof = ext.strip().lower() == b"ieof"
         if size:
             if ieof:
                 raise IcapProtocolError("ieof on a non-empty chunk")

@@ -724,7 +724,9 @@ class PacketReader:
             self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
         elif isinstance(buf, bytes):  # a partial packet: gather it and what follows
-            self._buf = bytearray(buf[pos:] if pos else buf) + data
+            gathered = bytearray(memoryview(buf)[pos:])
+            gathered += data
+            self._buf = gathered
             self._pos = 0
         else:
             if pos > 65536:  # do not grow the buffer forever

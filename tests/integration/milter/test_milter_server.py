@@ -568,13 +568,20 @@ def _gate_scans(srv: MilterListener) -> tuple[asyncio.Event, asyncio.Event]:
     return entered, release
 
 
-async def test_bytes_sent_while_scanning_wait_for_the_answer(milter: MilterFactory) -> None:
-    """Reading pauses (lazily, on the first bytes that come while a message is scanned):
-    what the MTA sends meanwhile is handled after the answer, in order."""
+async def _gated_client(milter: MilterFactory
+                        ) -> tuple[MtaClient, asyncio.Event, asyncio.Event]:
+    """A connected MTA client of a milter whose scans are gated (:func:`_gate_scans`)."""
     srv = await milter()
     entered, release = _gate_scans(srv)
     client = await MtaClient.connect(srv.port)
     await client.connect_event()
+    return client, entered, release
+
+
+async def test_bytes_sent_while_scanning_wait_for_the_answer(milter: MilterFactory) -> None:
+    """Reading pauses (lazily, on the first bytes that come while a message is scanned):
+    what the MTA sends meanwhile is handled after the answer, in order."""
+    client, entered, release = await _gated_client(milter)
     first = asyncio.create_task(client.message(make_message("first", attachment=EICAR)))
     await asyncio.wait_for(entered.wait(), 10)
     await client.send(m.Abort())  # arrives while busy: held until the answer went out
@@ -592,10 +599,7 @@ async def test_mta_shutting_its_side_while_scanning_still_gets_the_answer(
         milter: MilterFactory) -> None:
     """A half-close from the MTA during the scan: the answer is sent, then the connection
     closes (as before the scan started: nothing is read while busy)."""
-    srv = await milter()
-    entered, release = _gate_scans(srv)
-    client = await MtaClient.connect(srv.port)
-    await client.connect_event()
+    client, entered, release = await _gated_client(milter)
     first = asyncio.create_task(client.message(make_message("virus", attachment=EICAR)))
     await asyncio.wait_for(entered.wait(), 10)
     client.writer.write_eof()
@@ -611,10 +615,7 @@ async def test_next_message_and_half_close_while_scanning_get_both_answers(
         milter: MilterFactory) -> None:
     """Two messages pipelined in one write, then the MTA shuts its side while the first is
     scanned: both are answered, in order, and only then does the connection close."""
-    srv = await milter()
-    entered, release = _gate_scans(srv)
-    client = await MtaClient.connect(srv.port)
-    await client.connect_event()
+    client, entered, release = await _gated_client(milter)
     wire = b""
     for qid, msg in (("FIRST", make_message("virus", attachment=EICAR)),
                      ("SECOND", make_message("second, clean"))):
